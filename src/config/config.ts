@@ -1,0 +1,158 @@
+import { readFileSync } from 'node:fs';
+import ini from 'ini';
+import { UsageError } from '../errors.js';
+import { parseSize } from '../util/size.js';
+
+/**
+ * appliance.conf: INI sections like backy2's. Every option has a default and a one-line description (the
+ * same table generates `blocksafe config` output and is mirrored in appliance.conf.example). An unknown
+ * section or key, or a bad value, is an error naming the file and line.
+ */
+type Kind = 'string' | 'size' | 'int' | 'bool' | 'enum';
+interface Option {
+  kind: Kind;
+  default: string;
+  doc: string;
+  values?: readonly string[];
+  min?: number;
+  max?: number;
+}
+
+export const SCHEMA = {
+  repository: {
+    repo: { kind: 'string', default: '', doc: 'Repository used when --repo and BLOCKSAFE_REPO are not given (a directory path).' },
+  },
+  init: {
+    block_size: { kind: 'size', default: '4M', doc: 'Block size of new repositories (a power of two from 64K to 64M).' },
+    encryption: { kind: 'enum', default: 'chacha20-poly1305', values: ['chacha20-poly1305', 'none'], doc: 'Encryption of new repositories.' },
+    compression: { kind: 'enum', default: 'zstd', values: ['zstd', 'none'], doc: 'Compression of new repositories.' },
+    compression_level: { kind: 'int', default: '1', min: 1, max: 19, doc: 'zstd level of new repositories (1 is fastest).' },
+  },
+  pipeline: {
+    threads: { kind: 'int', default: '0', min: 0, max: 64, doc: 'Worker threads for checksums, compression and encryption (0 = one per core).' },
+    queue_depth: { kind: 'int', default: '0', min: 0, max: 256, doc: 'Blocks in flight at once (0 = 2 per thread + 2); memory is about 3 × depth × block size.' },
+  },
+} as const satisfies Record<string, Record<string, Option>>;
+
+type Schema = typeof SCHEMA;
+type ValueOf<O extends Option> = O['kind'] extends 'size' | 'int' ? number : O['kind'] extends 'bool' ? boolean : string;
+export type Config = { [S in keyof Schema]: { [K in keyof Schema[S]]: Schema[S][K] extends Option ? ValueOf<Schema[S][K]> : never } };
+
+export interface LoadedConfig {
+  config: Config;
+  /** The file it came from, or null when only defaults apply. */
+  file: string | null;
+}
+
+function parseValue(opt: Option, raw: string, where: string): string | number | boolean {
+  const bad = (why: string) => new UsageError(`${where}: ${why}.`);
+  switch (opt.kind) {
+    case 'string':
+      return raw;
+    case 'size':
+      try {
+        return parseSize(raw);
+      } catch {
+        throw bad(`"${raw}" is not a size (use e.g. 4M)`);
+      }
+    case 'int': {
+      if (!/^-?\d+$/.test(raw.trim())) throw bad(`"${raw}" is not a whole number`);
+      const n = Number(raw);
+      if ((opt.min !== undefined && n < opt.min) || (opt.max !== undefined && n > opt.max)) throw bad(`${n} is outside ${opt.min}..${opt.max}`);
+      return n;
+    }
+    case 'bool':
+      if (/^(true|yes|on|1)$/i.test(raw)) return true;
+      if (/^(false|no|off|0)$/i.test(raw)) return false;
+      throw bad(`"${raw}" is not true or false`);
+    case 'enum':
+      if (!opt.values!.includes(raw)) throw bad(`"${raw}" is not one of ${opt.values!.join(', ')}`);
+      return raw;
+  }
+}
+
+export function defaults(): Config {
+  const out: Record<string, Record<string, unknown>> = {};
+  for (const [section, opts] of Object.entries(SCHEMA)) {
+    out[section] = {};
+    for (const [key, opt] of Object.entries(opts as Record<string, Option>)) out[section]![key] = parseValue(opt, opt.default, `default of ${section}.${key}`);
+  }
+  return out as Config;
+}
+
+/** Line number (1-based) of `key` inside `[section]` in the INI text, for error messages. */
+function lineOf(text: string, section: string | null, key?: string): number {
+  const lines = text.split(/\r?\n/);
+  let current: string | null = null;
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i]!.trim();
+    const sec = /^\[(.*)\]$/.exec(line);
+    if (sec) {
+      current = sec[1]!.trim();
+      if (key === undefined && current === section) return i + 1;
+      continue;
+    }
+    if (key !== undefined && current === section && line.split('=')[0]!.trim() === key) return i + 1;
+  }
+  return 0;
+}
+
+export function parseConfig(text: string, file: string): Config {
+  if (text.includes('\0')) throw new UsageError(`${file} is not a text configuration file (it contains binary data).`);
+  for (const [i, raw] of text.split(/\r?\n/).entries()) {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#') || line.startsWith(';') || /^\[[^\]]+\]$/.test(line) || /^[^=\[\]]+=/.test(line)) continue;
+    throw new UsageError(`${file}:${i + 1}: cannot parse "${line.slice(0, 60)}" (expected [section] or key = value).`);
+  }
+  const parsed = ini.parse(text) as Record<string, unknown>;
+  const config = defaults() as Record<string, Record<string, unknown>>;
+  for (const [section, body] of Object.entries(parsed)) {
+    const opts = (SCHEMA as Record<string, Record<string, Option>>)[section];
+    if (typeof body !== 'object' || body === null) {
+      throw new UsageError(`${file}:${lineOf(text, null, section)}: "${section}" is outside any [section].`);
+    }
+    if (!opts) throw new UsageError(`${file}:${lineOf(text, section)}: unknown section [${section}] (known: ${Object.keys(SCHEMA).join(', ')}).`);
+    for (const [key, value] of Object.entries(body as Record<string, unknown>)) {
+      const where = `${file}:${lineOf(text, section, key)}`;
+      const opt = opts[key];
+      if (!opt) throw new UsageError(`${where}: unknown option "${key}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
+      if (typeof value !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
+      config[section]![key] = parseValue(opt, value.trim(), `${where}: ${section}.${key}`);
+    }
+  }
+  return config as Config;
+}
+
+/** Finds and reads the configuration: --config, then $BLOCKSAFE_CONFIG, then /etc/blocksafe/appliance.conf. */
+export function loadConfig(explicit?: string, env: NodeJS.ProcessEnv = process.env): LoadedConfig {
+  const candidates: [string, boolean][] = [];
+  if (explicit) candidates.push([explicit, true]);
+  else if (env.BLOCKSAFE_CONFIG) candidates.push([env.BLOCKSAFE_CONFIG, true]);
+  else candidates.push(['/etc/blocksafe/appliance.conf', false]);
+  for (const [file, required] of candidates) {
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' && !required) continue;
+      if (code === 'ENOENT') throw new UsageError(`Configuration file ${file} does not exist.`);
+      throw new UsageError(`Configuration file ${file} cannot be read (${code ?? (err as Error).message}).`);
+    }
+    return { config: parseConfig(text, file), file };
+  }
+  return { config: defaults(), file: null };
+}
+
+/** The effective configuration as INI text with each option's description. */
+export function formatConfig(loaded: LoadedConfig): string {
+  const lines = [`# effective configuration (${loaded.file ?? 'defaults only, no configuration file found'})`];
+  for (const [section, opts] of Object.entries(SCHEMA)) {
+    lines.push('', `[${section}]`);
+    for (const [key, opt] of Object.entries(opts as Record<string, Option>)) {
+      const value = (loaded.config as Record<string, Record<string, unknown>>)[section]![key];
+      lines.push(`# ${opt.doc}`, `${key} = ${value}`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}

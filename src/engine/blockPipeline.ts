@@ -1,0 +1,123 @@
+import { BlocksafeError, IntegrityError } from '../errors.js';
+import type { BlockRecord } from '../index/records.js';
+import { ObjectNames } from '../store/blobstore.js';
+import { ownArrayBuffer } from '../util/buffers.js';
+import type { Repository } from './repository.js';
+import { WorkerPool } from './workerPool.js';
+
+/**
+ * The one block pipeline: backup, restore, scrub and copy all move blocks through it. CPU work
+ * (checksum, zstd, AEAD) happens in the worker pool; the store and index are touched here.
+ */
+export class BlockPipeline {
+  /** Blocks written by this pipeline and not yet committed to the index, so concurrent duplicates are written once. */
+  private readonly inFlight = new Map<string, Promise<BlockRecord>>();
+
+  private constructor(
+    readonly repo: Repository,
+    private readonly pool: WorkerPool,
+  ) {}
+
+  static start(repo: Repository, threads?: number): BlockPipeline {
+    return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads));
+  }
+
+  get threads(): number {
+    return this.pool.size;
+  }
+
+  /** Checksum of a block, or null when it is all zeros. The buffer is handed to a worker and returned. */
+  async digest(data: Buffer): Promise<{ data: Buffer; checksum: Buffer | null }> {
+    const ab = ownArrayBuffer(data);
+    const reply = await this.pool.request({ op: 'digest', data: ab }, [ab]);
+    if (reply.op !== 'digest') throw pipelineError(reply);
+    return { data: Buffer.from(reply.data), checksum: reply.checksum ? Buffer.from(reply.checksum) : null };
+  }
+
+  /**
+   * Makes sure the block with this checksum is in the store. Returns the block record and whether this call
+   * wrote it (false: deduplicated against the index or a concurrent write). The buffer is consumed.
+   */
+  async store(data: Buffer, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
+    const known = this.repo.index.getBlock(checksum);
+    if (known && known.valid) return { record: known, written: false };
+    const hex = checksum.toString('hex');
+    const pending = this.inFlight.get(hex);
+    if (pending) return { record: await pending, written: false };
+    const job = this.write(data, checksum, hex);
+    this.inFlight.set(hex, job);
+    try {
+      return { record: await job, written: true };
+    } catch (err) {
+      this.inFlight.delete(hex);
+      throw err;
+    }
+  }
+
+  private async write(data: Buffer, checksum: Buffer, hex: string): Promise<BlockRecord> {
+    const size = data.length;
+    const ab = ownArrayBuffer(data);
+    const context = ownArrayBuffer(Buffer.from(checksum));
+    const reply = await this.pool.request({ op: 'seal', data: ab, context }, [ab, context]);
+    if (reply.op !== 'seal') throw pipelineError(reply);
+    await this.repo.store.put(ObjectNames.block(hex), new Uint8Array(reply.object));
+    return { size, stored: reply.object.byteLength, key_id: this.repo.codecKeys.currentKeyId, valid: true, verified: Date.now() };
+  }
+
+  /** Forget in-flight entries once the index holds their records. */
+  committed(checksums: Iterable<Buffer>): void {
+    for (const c of checksums) this.inFlight.delete(c.toString('hex'));
+  }
+
+  /** Reads, authenticates, decompresses and verifies one block. Throws IntegrityError naming what is wrong. */
+  async load(checksum: Buffer, size: number): Promise<Buffer> {
+    const hex = checksum.toString('hex');
+    const name = ObjectNames.block(hex);
+    const raw = await this.repo.store.tryGet(name);
+    if (!raw) throw new IntegrityError(`block ${hex.slice(0, 16)}… is missing from the store`);
+    const object = ownArrayBuffer(raw);
+    const context = ownArrayBuffer(Buffer.from(checksum));
+    const expected = ownArrayBuffer(Buffer.from(checksum));
+    const reply = await this.pool.request({ op: 'open', object, context, checksum: expected, size }, [object, context, expected]);
+    if (reply.op === 'error') throw new IntegrityError(`block ${hex.slice(0, 16)}… is damaged: ${reply.message}`);
+    if (reply.op !== 'open') throw pipelineError(reply);
+    return Buffer.from(reply.plain);
+  }
+
+  async close(): Promise<void> {
+    await this.pool.close();
+  }
+}
+
+function pipelineError(reply: { op: string; message?: string }): BlocksafeError {
+  return new BlocksafeError(`Internal error in the block pipeline: ${reply.message ?? `unexpected reply ${reply.op}`}`);
+}
+
+
+/**
+ * Runs `start(i)` for i in [0, count) with at most `depth` in flight and hands results to `finish` in
+ * order. Memory is bounded by depth, whatever count is.
+ */
+export async function orderedWindow<T>(
+  count: number,
+  depth: number,
+  start: (i: number) => Promise<T>,
+  finish: (i: number, result: T) => Promise<void> | void,
+  first = 0,
+): Promise<void> {
+  const window: Promise<T>[] = [];
+  let next = first;
+  const fill = () => {
+    while (next < count && window.length < depth) {
+      const p = start(next++);
+      p.catch(() => undefined); // observed below, in order; avoid unhandled-rejection noise meanwhile
+      window.push(p);
+    }
+  };
+  fill();
+  for (let i = first; i < count; i++) {
+    const result = await window.shift()!;
+    await finish(i, result);
+    fill();
+  }
+}

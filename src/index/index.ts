@@ -1,0 +1,177 @@
+import { mkdirSync } from 'node:fs';
+import * as path from 'node:path';
+import { open, type Database, type RootDatabase } from 'lmdb';
+import { FormatError, NotFoundError, UsageError } from '../errors.js';
+import { BlockMapChunk, CHUNK_BLOCKS } from './blockmap.js';
+import type { BlockRecord, VersionRecord } from './records.js';
+
+/** Schema version of the LMDB index; bumped with a migration in `migrate()` when the layout changes. */
+export const INDEX_SCHEMA = 1;
+
+/**
+ * The LMDB index: versions, their block maps (in chunks), and the block table keyed by checksum.
+ * Everything in it can be rebuilt from the blob store (manifests), so it is a cache with transactions,
+ * never the only copy of anything. Several processes may open it at once (LMDB's own locking).
+ */
+export class Index {
+  private readonly root: RootDatabase;
+  private readonly meta: Database<unknown, string>;
+  private readonly versions: Database<VersionRecord, string>;
+  private readonly blocks: Database<BlockRecord, Buffer>;
+  private readonly maps: Database<Buffer, Buffer>;
+
+  private constructor(dir: string, readonly repoId: string) {
+    mkdirSync(dir, { recursive: true });
+    this.root = open({ path: path.join(dir, 'index.mdb'), maxDbs: 16, compression: false });
+    this.meta = this.root.openDB<unknown, string>('meta', {});
+    this.versions = this.root.openDB<VersionRecord, string>('versions', {});
+    this.blocks = this.root.openDB<BlockRecord, Buffer>('blocks', { keyEncoding: 'binary' });
+    this.maps = this.root.openDB<Buffer, Buffer>('maps', { keyEncoding: 'binary', encoding: 'binary' });
+  }
+
+  static openAt(dir: string, repoId: string): Index {
+    const index = new Index(dir, repoId);
+    index.checkSchema();
+    return index;
+  }
+
+  private checkSchema(): void {
+    const schema = this.meta.get('schema') as number | undefined;
+    const id = this.meta.get('repo_id') as string | undefined;
+    if (schema === undefined) {
+      this.meta.transactionSync(() => {
+        this.meta.putSync('schema', INDEX_SCHEMA);
+        this.meta.putSync('repo_id', this.repoId);
+      });
+      return;
+    }
+    if (schema > INDEX_SCHEMA) {
+      throw new FormatError(`The index was written by a newer blocksafe (schema ${schema}, this one knows ${INDEX_SCHEMA}); upgrade blocksafe or run "blocksafe index rebuild".`);
+    }
+    if (id !== this.repoId) {
+      throw new FormatError(`The index belongs to another repository (${id}); remove it and run "blocksafe index rebuild".`);
+    }
+  }
+
+  close(): Promise<void> {
+    return this.root.close();
+  }
+
+  // ---- versions
+
+  getVersion(id: string): VersionRecord | undefined {
+    return this.versions.get(id);
+  }
+
+  hasVersion(id: string): boolean {
+    return this.versions.doesExist(id);
+  }
+
+  /** All versions, ordered by id (callers sort by date). Streams: never loads block maps. */
+  *allVersions(): Iterable<VersionRecord> {
+    for (const { value } of this.versions.getRange({})) yield value;
+  }
+
+  /** The version whose id is `ref` or starts with it; throws when none or several match. */
+  resolveVersion(ref: string): VersionRecord {
+    if (!/^[a-z0-9]+$/.test(ref)) throw new UsageError(`"${ref}" is not a version id (ids are lowercase letters and digits).`);
+    const exact = this.versions.get(ref);
+    if (exact) return exact;
+    const matches: VersionRecord[] = [];
+    for (const { key, value } of this.versions.getRange({ start: ref })) {
+      if (!key.startsWith(ref)) break;
+      matches.push(value);
+      if (matches.length > 5) break;
+    }
+    if (matches.length === 0) throw new NotFoundError(`No version "${ref}" in this repository; "blocksafe ls" lists the versions.`);
+    if (matches.length > 1) {
+      throw new UsageError(`Version prefix "${ref}" is ambiguous (${matches.map((m) => m.id).join(', ')}); type more characters.`);
+    }
+    return matches[0]!;
+  }
+
+  putVersion(v: VersionRecord): Promise<boolean> {
+    return this.versions.put(v.id, v);
+  }
+
+  /** Read-modify-write of a version inside one transaction. */
+  async updateVersion(id: string, change: (v: VersionRecord) => void): Promise<VersionRecord> {
+    let updated: VersionRecord | undefined;
+    await this.versions.transaction(() => {
+      const v = this.versions.get(id);
+      if (!v) throw new NotFoundError(`Version ${id} disappeared from the index (removed by another process?).`);
+      change(v);
+      updated = v;
+      this.versions.put(id, v);
+    });
+    await this.root.flushed;
+    return updated!;
+  }
+
+  /** Removes a version and its block map (blocks stay until cleanup). */
+  async removeVersion(id: string): Promise<void> {
+    await this.root.transaction(() => {
+      this.versions.remove(id);
+      for (const key of this.maps.getKeys(mapRange(id))) this.maps.remove(key);
+    });
+    await this.root.flushed;
+  }
+
+  // ---- block maps
+
+  getChunk(versionId: string, chunk: number): BlockMapChunk | undefined {
+    const buf = this.maps.get(mapKey(versionId, chunk));
+    return buf ? new BlockMapChunk(Buffer.from(buf)) : undefined;
+  }
+
+  // ---- blocks
+
+  getBlock(checksum: Uint8Array): BlockRecord | undefined {
+    return this.blocks.get(Buffer.from(checksum.buffer, checksum.byteOffset, checksum.byteLength));
+  }
+
+  *allBlocks(): Iterable<{ checksum: Buffer; record: BlockRecord }> {
+    for (const { key, value } of this.blocks.getRange({})) yield { checksum: key, record: value };
+  }
+
+  /**
+   * One durable step of a running backup: new block records, changed map chunks and the version's
+   * progress, committed together and flushed to disk before returning. The caller must have made the
+   * block objects durable in the store first, so the index never refers to an object that may vanish.
+   */
+  async commitProgress(
+    version: VersionRecord,
+    newBlocks: Iterable<[Buffer, BlockRecord]>,
+    chunks: Iterable<[number, BlockMapChunk]>,
+  ): Promise<void> {
+    await this.root.transaction(() => {
+      for (const [checksum, rec] of newBlocks) {
+        if (!this.blocks.doesExist(checksum)) this.blocks.put(checksum, rec);
+      }
+      for (const [no, chunk] of chunks) this.maps.put(mapKey(version.id, no), chunk.buf);
+      this.versions.put(version.id, version);
+    });
+    await this.root.flushed;
+  }
+
+  async updateBlocks(changes: Iterable<[Buffer, BlockRecord]>): Promise<void> {
+    await this.root.transaction(() => {
+      for (const [checksum, rec] of changes) this.blocks.put(checksum, rec);
+    });
+    await this.root.flushed;
+  }
+}
+
+function mapKey(versionId: string, chunk: number): Buffer {
+  const key = Buffer.alloc(versionId.length + 5);
+  key.write(versionId, 0, 'ascii');
+  key[versionId.length] = 0;
+  key.writeUInt32BE(chunk, versionId.length + 1);
+  return key;
+}
+
+function mapRange(versionId: string): { start: Buffer; end: Buffer } {
+  return { start: mapKey(versionId, 0), end: mapKey(versionId, 0xffffffff) };
+}
+
+export { CHUNK_BLOCKS };

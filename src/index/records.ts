@@ -1,0 +1,65 @@
+/** Records kept in the LMDB index. Field names are snake_case because they are also the JSON schema. */
+
+export interface VersionStats {
+  bytes_read: number;
+  bytes_written: number;
+  bytes_deduplicated: number;
+  bytes_sparse: number;
+  blocks_read: number;
+  blocks_written: number;
+  blocks_deduplicated: number;
+  blocks_sparse: number;
+  /** Blocks taken from the base version by reference without reading (hints). */
+  blocks_referenced: number;
+  duration_ms: number;
+}
+
+export function emptyStats(): VersionStats {
+  return {
+    bytes_read: 0,
+    bytes_written: 0,
+    bytes_deduplicated: 0,
+    bytes_sparse: 0,
+    blocks_read: 0,
+    blocks_written: 0,
+    blocks_deduplicated: 0,
+    blocks_sparse: 0,
+    blocks_referenced: 0,
+    duration_ms: 0,
+  };
+}
+
+export interface VersionRecord {
+  format: 1;
+  id: string;
+  name: string;
+  snapshot_name: string;
+  /** Creation time, ISO-8601 UTC. */
+  date: string;
+  size: number;
+  block_size: number;
+  complete: boolean;
+  valid: boolean;
+  protected: boolean;
+  tags: string[];
+  /** Expiry time, ISO-8601 UTC, or null. */
+  expire: string | null;
+  /** Number of leading blocks whose map entries are committed (resume point of an incomplete backup). */
+  blocks_done: number;
+  /** Where the data came from (path or URI), for display and deep scrub. */
+  source: string;
+  /** Version this one was taken incrementally from, if any. */
+  base: string | null;
+  stats: VersionStats;
+}
+
+export interface BlockRecord {
+  /** Plaintext length. */
+  size: number;
+  /** Object length in the store. */
+  stored: number;
+  key_id: number;
+  valid: boolean;
+  /** Last successful verification (ms since epoch); creation counts as one. */
+  verified: number;
+}

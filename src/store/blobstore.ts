@@ -1,0 +1,37 @@
+/**
+ * A blob store holds named, immutable-once-written objects: block objects, version manifests, key slots,
+ * the keyring and the repository descriptor. Names are '/'-separated relative paths such as
+ * `data/3f/3f2a…` or `manifests/k7f2m9qa`. The same interface is implemented by a directory (USB disk)
+ * and by an S3 bucket, so every command works on both.
+ */
+export interface BlobStore {
+  /** Human-readable location, for messages. */
+  readonly location: string;
+  /** Stores `data` under `name` atomically: readers see the old object or the whole new one. */
+  put(name: string, data: Uint8Array): Promise<void>;
+  /** Makes every `put` that has resolved durable (directory fsyncs); call before the index refers to them. */
+  sync(): Promise<void>;
+  /** The object, or throws NotFoundError. */
+  get(name: string): Promise<Buffer>;
+  /** The object or undefined when it does not exist. */
+  tryGet(name: string): Promise<Buffer | undefined>;
+  has(name: string): Promise<boolean>;
+  /** Stored size in bytes, or undefined when the object does not exist. */
+  size(name: string): Promise<number | undefined>;
+  delete(names: string[]): Promise<void>;
+  /** Every object name under `prefix` (e.g. "data/"), in no particular order. */
+  list(prefix: string): AsyncIterable<string>;
+  close(): Promise<void>;
+}
+
+/** Object names used by the repository (see docs/FORMAT.md). */
+export const ObjectNames = {
+  descriptor: 'blocksafe.json',
+  keyring: 'keys/keyring',
+  slot: (id: number) => `keys/slot-${id}.json`,
+  slotPrefix: 'keys/',
+  block: (checksumHex: string) => `data/${checksumHex.slice(0, 2)}/${checksumHex}`,
+  blockPrefix: 'data/',
+  manifest: (versionId: string) => `manifests/${versionId}`,
+  manifestPrefix: 'manifests/',
+};
