@@ -4,12 +4,12 @@ import { formatDuration } from '../util/time.js';
 
 /**
  * On a terminal: one self-overwriting line with bytes, throughput and ETA, at most 5 times a second.
- * Otherwise (logs, cron): a plain line every 10 %. Quiet in --json mode.
+ * Otherwise (logs, cron): a plain line per 10 %, at most every 5 s. Quiet in --json mode.
  */
 export function progressReporter(enabled: boolean, stream: NodeJS.WriteStream = process.stderr): { listener: ProgressListener; done: () => void } {
   if (!enabled) return { listener: () => undefined, done: () => undefined };
   const start = Date.now();
-  let lastPaint = 0;
+  let lastPaint = start;
   let lastDecile = -1;
   let painted = false;
   const line = (p: Progress) => {
@@ -28,9 +28,12 @@ export function progressReporter(enabled: boolean, stream: NodeJS.WriteStream = 
       stream.write(`\r\x1b[K${line(p)}`);
       painted = true;
     } else {
+      // Logs get a line per 10 %, at most one every 5 s; the command's summary line ends the story.
       const decile = p.totalBytes > 0 ? Math.floor((10 * p.doneBytes) / p.totalBytes) : 10;
-      if (decile > lastDecile) {
+      const now = Date.now();
+      if (decile > lastDecile && decile < 10 && now - lastPaint >= 5000) {
         lastDecile = decile;
+        lastPaint = now;
         stream.write(line(p) + '\n');
       }
     }
