@@ -4,6 +4,7 @@ import { describeSystemError, UsageError } from '../errors.js';
 import { BlockPipeline } from '../engine/blockPipeline.js';
 import { indexDirFor, openStore, Repository, type Secret, type SecretSource } from '../engine/repository.js';
 import { defaultThreads } from '../engine/workerPool.js';
+import { Throttle } from '../util/throttle.js';
 import { promptHidden } from './prompt.js';
 
 /** Options every command accepts (see main.ts). */
@@ -65,19 +66,28 @@ export async function openRepository(opts: GlobalOptions): Promise<Repository> {
 export interface PipelineSettings {
   threads: number;
   queueDepth: number;
+  direct: boolean;
+  readThrottle: Throttle;
+  writeThrottle: Throttle;
 }
 
 export function pipelineSettings(opts: GlobalOptions): PipelineSettings {
   const c = config(opts).config.pipeline;
   const threads = c.threads || defaultThreads();
-  return { threads, queueDepth: c.queue_depth || threads * 2 + 2 };
+  return {
+    threads,
+    queueDepth: c.queue_depth || threads * 2 + 2,
+    direct: c.direct_io,
+    readThrottle: new Throttle(c.read_limit),
+    writeThrottle: new Throttle(c.write_limit),
+  };
 }
 
 /** Runs `fn` with an open repository and block pipeline, closing both whatever happens. */
 export async function withPipeline<T>(opts: GlobalOptions, fn: (repo: Repository, pipeline: BlockPipeline, s: PipelineSettings) => Promise<T>): Promise<T> {
   const repo = await openRepository(opts);
   const settings = pipelineSettings(opts);
-  const pipeline = BlockPipeline.start(repo, settings.threads);
+  const pipeline = BlockPipeline.start(repo, settings.threads, { storeRead: settings.readThrottle, storeWrite: settings.writeThrottle });
   try {
     return await fn(repo, pipeline, settings);
   } finally {

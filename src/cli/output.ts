@@ -14,6 +14,7 @@ export function versionJson(v: VersionRecord) {
     block_size: v.block_size,
     valid: v.valid,
     complete: v.complete,
+    blocks_done: v.blocks_done,
     protected: v.protected,
     tags: v.tags,
     expire: v.expire ? isoLocal(new Date(v.expire)) : null,

@@ -33,3 +33,23 @@ export function promptHidden(question: string): string {
     closeSync(fd);
   }
 }
+
+/** Asks a yes/no question on the terminal (default yes). False when there is no interactive terminal. */
+export function askYesNo(question: string): boolean {
+  if (!process.stdin.isTTY || !process.stderr.isTTY) return false;
+  let fd: number;
+  try {
+    fd = openSync('/dev/tty', 'r+');
+  } catch {
+    return false;
+  }
+  try {
+    writeSync(fd, `${question} [Y/n] `);
+    const buf = Buffer.alloc(256);
+    const n = readSync(fd, buf, 0, buf.length, null);
+    const answer = buf.subarray(0, n).toString('utf8').trim().toLowerCase();
+    return answer === '' || answer === 'y' || answer === 'yes';
+  } finally {
+    closeSync(fd);
+  }
+}

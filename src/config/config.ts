@@ -31,6 +31,9 @@ export const SCHEMA = {
   pipeline: {
     threads: { kind: 'int', default: '0', min: 0, max: 64, doc: 'Worker threads for checksums, compression and encryption (0 = one per core).' },
     queue_depth: { kind: 'int', default: '0', min: 0, max: 256, doc: 'Blocks in flight at once (0 = 2 per thread + 2); memory is about 3 × depth × block size.' },
+    read_limit: { kind: 'size', default: '0', doc: 'Read bandwidth limit in bytes per second, e.g. 50M (0 = unlimited): the source on backup, the store on restore.' },
+    write_limit: { kind: 'size', default: '0', doc: 'Write bandwidth limit in bytes per second (0 = unlimited): the store on backup, the target on restore.' },
+    direct_io: { kind: 'bool', default: 'true', doc: 'Read backup sources with O_DIRECT so they do not flood the page cache (falls back where unsupported).' },
   },
 } as const satisfies Record<string, Record<string, Option>>;
 

@@ -2,8 +2,15 @@ import { BlocksafeError, IntegrityError } from '../errors.js';
 import type { BlockRecord } from '../index/records.js';
 import { ObjectNames } from '../store/blobstore.js';
 import { ownArrayBuffer } from '../util/buffers.js';
+import type { Throttle } from '../util/throttle.js';
 import type { Repository } from './repository.js';
 import { WorkerPool } from './workerPool.js';
+
+/** Optional bandwidth limits on the store side of the pipeline. */
+export interface PipelineLimits {
+  storeRead?: Throttle;
+  storeWrite?: Throttle;
+}
 
 /**
  * The one block pipeline: backup, restore, scrub and copy all move blocks through it. CPU work
@@ -16,10 +23,11 @@ export class BlockPipeline {
   private constructor(
     readonly repo: Repository,
     private readonly pool: WorkerPool,
+    private readonly limits: PipelineLimits,
   ) {}
 
-  static start(repo: Repository, threads?: number): BlockPipeline {
-    return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads));
+  static start(repo: Repository, threads?: number, limits: PipelineLimits = {}): BlockPipeline {
+    return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads), limits);
   }
 
   get threads(): number {
@@ -60,6 +68,7 @@ export class BlockPipeline {
     const context = ownArrayBuffer(Buffer.from(checksum));
     const reply = await this.pool.request({ op: 'seal', data: ab, context }, [ab, context]);
     if (reply.op !== 'seal') throw pipelineError(reply);
+    await this.limits.storeWrite?.take(reply.object.byteLength);
     await this.repo.store.put(ObjectNames.block(hex), new Uint8Array(reply.object));
     return { size, stored: reply.object.byteLength, key_id: this.repo.codecKeys.currentKeyId, valid: true, verified: Date.now() };
   }
@@ -73,6 +82,7 @@ export class BlockPipeline {
   async load(checksum: Buffer, size: number): Promise<Buffer> {
     const hex = checksum.toString('hex');
     const name = ObjectNames.block(hex);
+    await this.limits.storeRead?.take(size);
     const raw = await this.repo.store.tryGet(name);
     if (!raw) throw new IntegrityError(`block ${hex.slice(0, 16)}… is missing from the store`);
     const object = ownArrayBuffer(raw);

@@ -1,6 +1,7 @@
 import { RefusedError } from '../errors.js';
 import type { VersionRecord } from '../index/records.js';
 import { ObjectNames } from '../store/blobstore.js';
+import { LockNames, withLock } from './locks.js';
 import type { Repository } from './repository.js';
 
 /**
@@ -9,9 +10,12 @@ import type { Repository } from './repository.js';
  */
 export async function removeVersion(repo: Repository, v: VersionRecord, force: boolean): Promise<void> {
   assertRemovable(v, force);
-  await repo.store.delete([ObjectNames.manifest(v.id)]);
-  await repo.store.sync();
-  await repo.index.removeVersion(v.id);
+  // Exclusive: a restore (shared holder) of this version makes the removal fail with exit code 4.
+  await withLock(repo.index, LockNames.version(v.id), 'exclusive', `Version ${v.id}`, async () => {
+    await repo.store.delete([ObjectNames.manifest(v.id)]);
+    await repo.store.sync();
+    await repo.index.removeVersion(v.id);
+  });
 }
 
 /** Throws when `v` may not be removed (checked for every version before any is removed). */

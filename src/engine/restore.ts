@@ -1,9 +1,11 @@
 import { constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
-import { describeSystemError, IntegrityError, RefusedError, UsageError } from '../errors.js';
-import { CHUNK_BLOCKS, type BlockMapChunk } from '../index/blockmap.js';
+import * as path from 'node:path';
+import { describeSystemError, IntegrityError, NotFoundError, RefusedError, UsageError } from '../errors.js';
 import type { VersionRecord } from '../index/records.js';
 import { formatBytes } from '../util/size.js';
+import { UNLIMITED, type Throttle } from '../util/throttle.js';
+import { LockNames, withLock } from './locks.js';
 import { BlockPipeline, orderedWindow } from './blockPipeline.js';
 import { blockDeviceSize, mountsOf, readFully, writeFully } from './device.js';
 import type { ProgressListener } from './progress.js';
@@ -12,6 +14,9 @@ import type { Repository } from './repository.js';
 export interface RestoreOptions {
   target: string;
   force: boolean;
+  /** Continue an interrupted restore of the same version to the same target. */
+  resume?: boolean;
+  writeThrottle?: Throttle;
   /** Do not write sparse (all-zero) blocks: the target is known to read as zeros (new file, thin volume). */
   sparse: boolean;
   queueDepth: number;
@@ -107,48 +112,80 @@ async function looksEmpty(fh: fs.FileHandle, size: number): Promise<boolean> {
   return true;
 }
 
+/** The restore state is updated after this many blocks (after an fdatasync of the target). */
+const CHECKPOINT_EVERY_BLOCKS = 64;
+
 /**
  * Restores a version to a file or block device. Every block is authenticated and its checksum recomputed;
  * a damaged block is reported and skipped, and the restore goes on: the restore day must not be lost to
- * one bad block.
+ * one bad block. Progress is checkpointed in the index, so `resume` continues an interrupted restore of the
+ * same version to the same target. The version is held (shared lock) so it cannot be removed meanwhile,
+ * and the target is locked against a second restore.
  */
 export async function restore(repo: Repository, pipeline: BlockPipeline, version: VersionRecord, opts: RestoreOptions): Promise<RestoreResult> {
   if (!version.complete) {
     throw new RefusedError(`Version ${version.id} is incomplete (its backup was interrupted); resume or repeat the backup, or pick another version.`);
   }
-  const { fh, zeroed } = await prepareTarget(version, opts.target, opts.force);
+  const targetKey = await canonicalTarget(opts.target);
+  return withLock(repo.index, LockNames.target(targetKey), 'exclusive', `Restore target ${opts.target}`, () =>
+    withLock(repo.index, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey)),
+  );
+}
+
+async function runRestore(repo: Repository, pipeline: BlockPipeline, version: VersionRecord, opts: RestoreOptions, targetKey: string): Promise<RestoreResult> {
+  let state = repo.index.getRestoreState(targetKey);
+  let fh: fs.FileHandle;
+  let zeroed: boolean;
+  if (opts.resume) {
+    if (!state) throw new NotFoundError(`There is no interrupted restore to ${opts.target} to resume; start it without --resume.`);
+    if (state.version !== version.id) {
+      throw new UsageError(`The interrupted restore to ${opts.target} was of version ${state.version}, not ${version.id}; resume that version or restore anew with --force.`);
+    }
+    fh = await reopenTarget(version, opts.target);
+    zeroed = state.zeroed;
+  } else {
+    if (state && !opts.force) {
+      throw new RefusedError(`A restore of version ${state.version} to ${opts.target} was interrupted; continue it with --resume, or start over with --force.`);
+    }
+    ({ fh, zeroed } = await prepareTarget(version, opts.target, opts.force));
+    state = { target: targetKey, version: version.id, blocks_done: 0, zeroed, sparse: opts.sparse, started: new Date().toISOString() };
+    await repo.index.putRestoreState(state);
+  }
   const bs = version.block_size;
   const blocks = Math.ceil(version.size / bs);
-  const skipSparse = zeroed || opts.sparse;
+  const skipSparse = zeroed || state.sparse;
   const zero = Buffer.alloc(bs);
   const damaged: DamagedRange[] = [];
+  const cursor = repo.index.mapCursor(version.id);
+  const writeThrottle = opts.writeThrottle ?? UNLIMITED;
   let bytesWritten = 0;
-  let chunk: BlockMapChunk | undefined;
-  let chunkNo = -1;
+  let sinceCheckpoint = 0;
+  const checkpoint = async (done: number) => {
+    await fh.datasync();
+    state.blocks_done = done;
+    await repo.index.putRestoreState(state);
+    sinceCheckpoint = 0;
+  };
   try {
-    await orderedWindow<{ data: Buffer | null; error?: string }>(
+    await orderedWindow<{ error?: string }>(
       blocks,
       opts.queueDepth,
       async (i) => {
-        const c = Math.floor(i / CHUNK_BLOCKS);
-        if (c !== chunkNo) {
-          chunk = repo.index.getChunk(version.id, c);
-          chunkNo = c;
-        }
         const length = Math.min(bs, version.size - i * bs);
-        const checksum = chunk?.get(i % CHUNK_BLOCKS) ?? null;
+        const checksum = cursor.get(i);
         let data: Buffer | null;
         if (!checksum) {
           data = skipSparse ? null : zero.subarray(0, length);
         } else {
           try {
-            data = await pipeline.load(Buffer.from(checksum), length);
+            data = await pipeline.load(checksum, length);
           } catch (err) {
-            if (err instanceof IntegrityError) return { data: null, error: err.message };
+            if (err instanceof IntegrityError) return { error: err.message };
             throw err;
           }
         }
         if (data) {
+          await writeThrottle.take(data.length);
           try {
             await writeFully(fh, data, i * bs);
           } catch (err) {
@@ -156,9 +193,9 @@ export async function restore(repo: Repository, pipeline: BlockPipeline, version
           }
           bytesWritten += data.length;
         }
-        return { data: null };
+        return {};
       },
-      (i, out) => {
+      async (i, out) => {
         if (out.error) {
           const offset = i * bs;
           const length = Math.min(bs, version.size - offset);
@@ -166,12 +203,42 @@ export async function restore(repo: Repository, pipeline: BlockPipeline, version
           if (last && last.offset + last.length === offset && last.reason === out.error) last.length += length;
           else damaged.push({ offset, length, reason: out.error });
         }
+        if (++sinceCheckpoint >= CHECKPOINT_EVERY_BLOCKS) await checkpoint(i + 1);
         opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, (i + 1) * bs), totalBytes: version.size, damaged: damaged.length });
       },
+      state.blocks_done,
     );
     await fh.sync();
   } finally {
     await fh.close();
   }
+  await repo.index.removeRestoreState(targetKey);
   return { version, target: opts.target, bytesWritten, damaged };
+}
+
+/** The target's identity for locks and resume state: its real path (symlinks like /dev/disk/by-id resolved). */
+async function canonicalTarget(target: string): Promise<string> {
+  try {
+    return await fs.realpath(target);
+  } catch {
+    return path.resolve(target);
+  }
+}
+
+/** Opens the target of an interrupted restore again, with the same safety checks minus "not empty". */
+async function reopenTarget(version: VersionRecord, target: string): Promise<fs.FileHandle> {
+  let st;
+  try {
+    st = await fs.stat(target);
+  } catch (err) {
+    throw describeSystemError(err, `Target ${target}`);
+  }
+  if (st.isBlockDevice()) {
+    const mounts = mountsOf(st.rdev);
+    if (mounts.length > 0) throw new RefusedError(`Target ${target} is mounted on ${mounts.join(', ')}; unmount it first.`);
+    if (blockDeviceSize(st.rdev) < version.size) throw new RefusedError(`Target ${target} is smaller than version ${version.id}.`);
+    return fs.open(target, fsc.O_RDWR | fsc.O_EXCL);
+  }
+  if (!st.isFile()) throw new UsageError(`Target ${target} is neither a regular file nor a block device.`);
+  return fs.open(target, fsc.O_RDWR);
 }

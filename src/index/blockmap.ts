@@ -34,3 +34,22 @@ export class BlockMapChunk {
 export function chunkCount(blocks: number): number {
   return Math.ceil(blocks / CHUNK_BLOCKS);
 }
+
+/** Reads a version's block map in volume order, one chunk in memory at a time. */
+export class BlockMapCursor {
+  private chunk: BlockMapChunk | undefined;
+  private chunkNo = -1;
+
+  constructor(private readonly load: (chunkNo: number) => BlockMapChunk | undefined) {}
+
+  /** Checksum of block `i`, or null when it is sparse (an absent chunk is all sparse). */
+  get(i: number): Buffer | null {
+    const c = Math.floor(i / CHUNK_BLOCKS);
+    if (c !== this.chunkNo) {
+      this.chunk = this.load(c);
+      this.chunkNo = c;
+    }
+    const entry = this.chunk?.get(i % CHUNK_BLOCKS) ?? null;
+    return entry ? Buffer.from(entry) : null;
+  }
+}

@@ -2,8 +2,8 @@ import { mkdirSync } from 'node:fs';
 import * as path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { FormatError, NotFoundError, UsageError } from '../errors.js';
-import { BlockMapChunk, CHUNK_BLOCKS } from './blockmap.js';
-import type { BlockRecord, VersionRecord } from './records.js';
+import { BlockMapChunk, BlockMapCursor, CHUNK_BLOCKS } from './blockmap.js';
+import type { BlockRecord, LockRecord, RestoreState, VersionRecord } from './records.js';
 
 /** Schema version of the LMDB index; bumped with a migration in `migrate()` when the layout changes. */
 export const INDEX_SCHEMA = 1;
@@ -19,6 +19,8 @@ export class Index {
   private readonly versions: Database<VersionRecord, string>;
   private readonly blocks: Database<BlockRecord, Buffer>;
   private readonly maps: Database<Buffer, Buffer>;
+  private readonly locks: Database<LockRecord, string>;
+  private readonly restores: Database<RestoreState, string>;
 
   private constructor(dir: string, readonly repoId: string) {
     mkdirSync(dir, { recursive: true });
@@ -27,6 +29,8 @@ export class Index {
     this.versions = this.root.openDB<VersionRecord, string>('versions', {});
     this.blocks = this.root.openDB<BlockRecord, Buffer>('blocks', { keyEncoding: 'binary' });
     this.maps = this.root.openDB<Buffer, Buffer>('maps', { keyEncoding: 'binary', encoding: 'binary' });
+    this.locks = this.root.openDB<LockRecord, string>('locks', {});
+    this.restores = this.root.openDB<RestoreState, string>('restores', {});
   }
 
   static openAt(dir: string, repoId: string): Index {
@@ -124,6 +128,11 @@ export class Index {
     return buf ? new BlockMapChunk(Buffer.from(buf)) : undefined;
   }
 
+  /** A cursor over a version's block map in volume order. */
+  mapCursor(versionId: string): BlockMapCursor {
+    return new BlockMapCursor((c) => this.getChunk(versionId, c));
+  }
+
   // ---- blocks
 
   getBlock(checksum: Uint8Array): BlockRecord | undefined {
@@ -146,7 +155,9 @@ export class Index {
   ): Promise<void> {
     await this.root.transaction(() => {
       for (const [checksum, rec] of newBlocks) {
-        if (!this.blocks.doesExist(checksum)) this.blocks.put(checksum, rec);
+        // A block re-stored because its record was invalid heals the record.
+        const current = this.blocks.get(checksum);
+        if (!current || !current.valid) this.blocks.put(checksum, rec);
       }
       for (const [no, chunk] of chunks) this.maps.put(mapKey(version.id, no), chunk.buf);
       this.versions.put(version.id, version);
@@ -159,6 +170,55 @@ export class Index {
       for (const [checksum, rec] of changes) this.blocks.put(checksum, rec);
     });
     await this.root.flushed;
+  }
+
+  // ---- locks
+
+  /**
+   * Atomically takes a lock on `resource` unless a conflicting live holder exists. `isStale` decides whether
+   * a recorded holder is dead (its entry is then removed). Returns the conflicting holder, or null when the
+   * lock was taken under `key`.
+   */
+  async acquireLock(resource: string, key: string, lock: LockRecord, isStale: (l: LockRecord) => boolean): Promise<LockRecord | null> {
+    let conflict: LockRecord | null = null;
+    await this.locks.transaction(() => {
+      for (const { key: k, value } of this.locks.getRange({ start: `${resource}\0`, end: `${resource}\u0001` })) {
+        if (isStale(value)) {
+          this.locks.remove(k);
+          continue;
+        }
+        if (lock.mode === 'exclusive' || value.mode === 'exclusive') {
+          conflict = value;
+          return;
+        }
+      }
+      this.locks.put(`${resource}\0${key}`, lock);
+    });
+    await this.root.flushed;
+    return conflict;
+  }
+
+  async releaseLock(resource: string, key: string): Promise<void> {
+    await this.locks.remove(`${resource}\0${key}`);
+  }
+
+  *allLocks(): Iterable<LockRecord> {
+    for (const { value } of this.locks.getRange({})) yield value;
+  }
+
+  // ---- interrupted restores, by target path
+
+  getRestoreState(target: string): RestoreState | undefined {
+    return this.restores.get(target);
+  }
+
+  async putRestoreState(state: RestoreState): Promise<void> {
+    await this.restores.put(state.target, state);
+    await this.root.flushed;
+  }
+
+  async removeRestoreState(target: string): Promise<void> {
+    await this.restores.remove(target);
   }
 }
 

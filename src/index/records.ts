@@ -11,6 +11,8 @@ export interface VersionStats {
   blocks_sparse: number;
   /** Blocks taken from the base version by reference without reading (hints). */
   blocks_referenced: number;
+  /** Blocks outside the hints re-read to check the hints (included in blocks_read or blocks_sparse). */
+  blocks_sampled: number;
   duration_ms: number;
 }
 
@@ -25,6 +27,7 @@ export function emptyStats(): VersionStats {
     blocks_deduplicated: 0,
     blocks_sparse: 0,
     blocks_referenced: 0,
+    blocks_sampled: 0,
     duration_ms: 0,
   };
 }
@@ -62,4 +65,27 @@ export interface BlockRecord {
   valid: boolean;
   /** Last successful verification (ms since epoch); creation counts as one. */
   verified: number;
+}
+
+export interface LockRecord {
+  resource: string;
+  mode: 'shared' | 'exclusive';
+  host: string;
+  pid: number;
+  /** Process start time (clock ticks since boot, /proc/PID/stat field 22): detects a reused pid. */
+  pid_start: number | null;
+  command: string;
+  /** ISO-8601 UTC. */
+  started: string;
+}
+
+/** Progress of a restore, so an interrupted one can continue where it stopped. */
+export interface RestoreState {
+  target: string;
+  version: string;
+  blocks_done: number;
+  /** The target read as zeros where nothing was written (fresh or truncated file). */
+  zeroed: boolean;
+  sparse: boolean;
+  started: string;
 }

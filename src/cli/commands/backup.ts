@@ -1,14 +1,20 @@
 import type { Command } from 'commander';
 import { backup } from '../../engine/backup.js';
+import { readHintsFile } from '../../engine/hints.js';
+import type { VersionRecord } from '../../index/records.js';
 import { formatBytes } from '../../util/size.js';
 import { formatDuration } from '../../util/time.js';
 import { withPipeline, type GlobalOptions } from '../context.js';
 import { printJson, versionJson } from '../output.js';
 import { progressReporter } from '../progressLine.js';
+import { askYesNo } from '../prompt.js';
 
 interface BackupOptions extends GlobalOptions {
   snapshotName?: string;
   tag?: string[];
+  from?: string;
+  hints?: string;
+  resume?: boolean;
 }
 
 export function register(program: Command): void {
@@ -19,20 +25,48 @@ export function register(program: Command): void {
     .argument('<name>', 'volume name the version belongs to')
     .option('-s, --snapshot-name <name>', 'free-form snapshot name stored with the version')
     .option('-t, --tag <tag...>', 'tags for the new version')
+    .option('--from <version>', 'base version (default: the newest complete version of NAME)')
+    .option('--hints <file>', 'rbd-diff style JSON of changed extents since --from: only those are read')
+    .option('--resume', 'continue the interrupted backup of NAME')
     .option('--json', 'print the new version as JSON')
     .action(async (source: string, name: string, _opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<BackupOptions>();
+      const hints = opts.hints ? readHintsFile(opts.hints) : null;
       const progress = progressReporter(!opts.json);
-      const version = await withPipeline(opts, (repo, pipeline, s) =>
-        backup(repo, pipeline, { source, name, snapshotName: opts.snapshotName, tags: opts.tag, queueDepth: s.queueDepth, onProgress: progress.listener }),
-      );
+      const version = await withPipeline(opts, async (repo, pipeline, s) => {
+        const from = opts.from ? repo.index.resolveVersion(opts.from) : undefined;
+        return backup(repo, pipeline, {
+          source,
+          name,
+          snapshotName: opts.snapshotName,
+          tags: opts.tag,
+          from,
+          hints,
+          resume: !!opts.resume,
+          offerResume: (v) => offerResume(v, name, !!opts.json),
+          queueDepth: s.queueDepth,
+          direct: s.direct,
+          readThrottle: s.readThrottle,
+          onProgress: progress.listener,
+        });
+      });
       progress.done();
       if (opts.json) return printJson(versionJson(version));
       const st = version.stats;
       process.stderr.write(
         `Backed up ${formatBytes(version.size)} in ${formatDuration(st.duration_ms)}: read ${formatBytes(st.bytes_read)}, ` +
-          `wrote ${formatBytes(st.bytes_written)} (${st.blocks_written} new blocks), deduplicated ${formatBytes(st.bytes_deduplicated)}, sparse ${formatBytes(st.bytes_sparse)}.\n`,
+          `wrote ${formatBytes(st.bytes_written)} (${st.blocks_written} new blocks), deduplicated ${formatBytes(st.bytes_deduplicated)}` +
+          `${st.blocks_referenced ? ` (${st.blocks_referenced} blocks taken from ${version.base} unread)` : ''}, sparse ${formatBytes(st.bytes_sparse)}.\n`,
       );
       process.stdout.write(`${version.id}\n`);
     });
+}
+
+/** Offers to continue an interrupted backup on a terminal; elsewhere notes it and starts anew. */
+function offerResume(v: VersionRecord, name: string, json: boolean): boolean {
+  const pct = Math.floor((100 * v.blocks_done * v.block_size) / Math.max(1, v.size));
+  const question = `An interrupted backup of "${name}" exists (version ${v.id}, ${Math.min(100, pct)} % done). Resume it instead of starting over?`;
+  if (!json && askYesNo(question)) return true;
+  if (!process.stdin.isTTY) process.stderr.write(`blocksafe: note: an interrupted backup of "${name}" exists (version ${v.id}); use --resume to continue it. Starting a new backup.\n`);
+  return false;
 }

@@ -9,6 +9,7 @@ import { progressReporter } from '../progressLine.js';
 interface RestoreOptions extends GlobalOptions {
   force?: boolean;
   sparse?: boolean;
+  resume?: boolean;
 }
 
 export function register(program: Command): void {
@@ -19,12 +20,21 @@ export function register(program: Command): void {
     .argument('<target>', 'file path (created with holes) or block device')
     .option('-f, --force', 'overwrite an existing, non-empty target')
     .option('--sparse', 'do not write all-zero blocks (the target already reads as zeros, e.g. a fresh thin volume)')
+    .option('--resume', 'continue an interrupted restore of this version to this target')
     .option('--json', 'print the result as JSON')
     .action(async (ref: string, target: string, _opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<RestoreOptions>();
       const progress = progressReporter(!opts.json);
       const result = await withPipeline(opts, (repo, pipeline, s) =>
-        restore(repo, pipeline, repo.index.resolveVersion(ref), { target, force: !!opts.force, sparse: !!opts.sparse, queueDepth: s.queueDepth, onProgress: progress.listener }),
+        restore(repo, pipeline, repo.index.resolveVersion(ref), {
+          target,
+          force: !!opts.force,
+          sparse: !!opts.sparse,
+          resume: !!opts.resume,
+          queueDepth: s.queueDepth,
+          writeThrottle: s.writeThrottle,
+          onProgress: progress.listener,
+        }),
       );
       progress.done();
       if (opts.json) {
