@@ -7,6 +7,7 @@ import { BlockPipeline, orderedWindow } from './blockPipeline.js';
 import { inspectSource, sourcePath } from './device.js';
 import { blockHints, type BlockHint, type Extent } from './hints.js';
 import { newVersionId } from './ids.js';
+import { revalidateVersions } from './integrity.js';
 import { LockNames, withLock } from './locks.js';
 import { writeManifest } from './manifest.js';
 import type { ProgressListener } from './progress.js';
@@ -227,12 +228,15 @@ async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: Backup
   version.complete = true;
   stats.duration_ms = previousDuration + Date.now() - started;
   await writeManifest(repo, version);
-  return repo.index.updateVersion(version.id, (v) => {
+  const done = await repo.index.updateVersion(version.id, (v) => {
     v.complete = true;
     v.stats = stats;
     v.blocks_done = blocks;
     v.base = version.base;
   });
+  // Blocks re-stored over invalid records may have healed older versions.
+  if (stats.blocks_written > 0) await revalidateVersions(repo);
+  return done;
 }
 
 function newVersion(repo: Repository, opts: BackupOptions, size: number): VersionRecord {

@@ -57,6 +57,15 @@ export class Index {
     }
   }
 
+  getMeta<T>(key: string): T | undefined {
+    return this.meta.get(key) as T | undefined;
+  }
+
+  async putMeta(key: string, value: unknown): Promise<void> {
+    await this.meta.put(key, value);
+    await this.root.flushed;
+  }
+
   close(): Promise<void> {
     return this.root.close();
   }
