@@ -5,6 +5,7 @@ import { register as registerBackup } from './commands/backup.js';
 import { register as registerConfig } from './commands/config.js';
 import { register as registerInit } from './commands/init.js';
 import { register as registerIntegrity } from './commands/integrity.js';
+import { register as registerLifecycle } from './commands/lifecycle.js';
 import { register as registerRestore } from './commands/restore.js';
 import { register as registerVersions } from './commands/versions.js';
 
@@ -21,7 +22,7 @@ export function buildProgram(): Command {
     .option('--debug', 'show stack traces of errors')
     .showHelpAfterError('(run "blocksafe --help" for usage)')
     .exitOverride();
-  for (const register of [registerInit, registerBackup, registerRestore, registerVersions, registerIntegrity, registerConfig]) register(program);
+  for (const register of [registerInit, registerBackup, registerRestore, registerVersions, registerLifecycle, registerIntegrity, registerConfig]) register(program);
   for (const cmd of program.commands) cmd.exitOverride();
   return program;
 }

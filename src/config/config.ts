@@ -1,14 +1,14 @@
 import { readFileSync } from 'node:fs';
 import ini from 'ini';
 import { UsageError } from '../errors.js';
-import { parseSize } from '../util/size.js';
+import { parseDuration, parseSize } from '../util/size.js';
 
 /**
  * appliance.conf: INI sections like backy2's. Every option has a default and a one-line description (the
  * same table generates `blocksafe config` output and is mirrored in appliance.conf.example). An unknown
  * section or key, or a bad value, is an error naming the file and line.
  */
-type Kind = 'string' | 'size' | 'int' | 'bool' | 'enum';
+type Kind = 'string' | 'size' | 'int' | 'bool' | 'enum' | 'duration';
 interface Option {
   kind: Kind;
   default: string;
@@ -28,6 +28,24 @@ export const SCHEMA = {
     compression: { kind: 'enum', default: 'zstd', values: ['zstd', 'none'], doc: 'Compression of new repositories.' },
     compression_level: { kind: 'int', default: '1', min: 1, max: 19, doc: 'zstd level of new repositories (1 is fastest).' },
   },
+  lifecycle: {
+    min_age_days: { kind: 'int', default: '0', min: 0, max: 3650, doc: 'rm refuses versions younger than this many days unless --force (0 = off; backy2 used 6).' },
+    auto_tags: { kind: 'bool', default: 'true', doc: 'Tag new versions b_daily, b_weekly, b_monthly (first of each local day, ISO week, month per name).' },
+  },
+  lvm: {
+    snapshot_size: { kind: 'string', default: '10%ORIGIN', doc: 'Size of classic (non-thin) LVM snapshots for lvm:// backups, as lvcreate -L/-l takes it (e.g. 5G or 20%ORIGIN).' },
+  },
+  cleanup: {
+    grace: { kind: 'duration', default: '1h', doc: 'How long a block must stay unreferenced before cleanup deletes it (protects running backups).' },
+  },
+  retention: {
+    keep_last: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Default prune policy for every name: keep the N newest versions (0 = rule off). Per name: a [retention.NAME] section with the same keys.' },
+    keep_hourly: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Keep the newest version of each of the last N hours (local time).' },
+    keep_daily: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Keep the newest version of each of the last N days.' },
+    keep_weekly: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Keep the newest version of each of the last N ISO weeks.' },
+    keep_monthly: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Keep the newest version of each of the last N months.' },
+    keep_yearly: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Keep the newest version of each of the last N years.' },
+  },
   pipeline: {
     threads: { kind: 'int', default: '0', min: 0, max: 64, doc: 'Worker threads for checksums, compression and encryption (0 = one per core).' },
     queue_depth: { kind: 'int', default: '0', min: 0, max: 256, doc: 'Blocks in flight at once (0 = 2 per thread + 2); memory is about 3 × depth × block size.' },
@@ -38,11 +56,13 @@ export const SCHEMA = {
 } as const satisfies Record<string, Record<string, Option>>;
 
 type Schema = typeof SCHEMA;
-type ValueOf<O extends Option> = O['kind'] extends 'size' | 'int' ? number : O['kind'] extends 'bool' ? boolean : string;
+type ValueOf<O extends Option> = O['kind'] extends 'size' | 'int' | 'duration' ? number : O['kind'] extends 'bool' ? boolean : string;
 export type Config = { [S in keyof Schema]: { [K in keyof Schema[S]]: Schema[S][K] extends Option ? ValueOf<Schema[S][K]> : never } };
 
 export interface LoadedConfig {
   config: Config;
+  /** Per-name retention policies from [retention.NAME] sections (same keys as [retention]). */
+  retentionByName: Record<string, Partial<Config['retention']>>;
   /** The file it came from, or null when only defaults apply. */
   file: string | null;
 }
@@ -57,6 +77,12 @@ function parseValue(opt: Option, raw: string, where: string): string | number | 
         return parseSize(raw);
       } catch {
         throw bad(`"${raw}" is not a size (use e.g. 4M)`);
+      }
+    case 'duration':
+      try {
+        return parseDuration(raw);
+      } catch {
+        throw bad(`"${raw}" is not a duration (use e.g. 30s, 15m, 1h, 7d)`);
       }
     case 'int': {
       if (!/^-?\d+$/.test(raw.trim())) throw bad(`"${raw}" is not a whole number`);
@@ -100,7 +126,27 @@ function lineOf(text: string, section: string | null, key?: string): number {
   return 0;
 }
 
+function parseRetentionSection(text: string, file: string, name: string, body: Record<string, unknown>): Partial<Config['retention']> {
+  const section = `retention.${name}`;
+  const opts = SCHEMA.retention as Record<string, Option>;
+  const out: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(body)) {
+    const where = `${file}:${lineOf(text, section, key)}`;
+    const opt = opts[key];
+    if (!opt) throw new UsageError(`${where}: unknown option "${key}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
+    if (typeof value !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
+    out[key] = parseValue(opt, value.trim(), `${where}: ${section}.${key}`);
+  }
+  return out as Partial<Config['retention']>;
+}
+
 export function parseConfig(text: string, file: string): Config {
+  return parseConfigText(text, file).config;
+}
+
+/** Parses a whole configuration text: the options and the per-name retention sections. */
+export function parseConfigText(text: string, file: string): Omit<LoadedConfig, 'file'> {
+  const retentionByName: LoadedConfig['retentionByName'] = {};
   if (text.includes('\0')) throw new UsageError(`${file} is not a text configuration file (it contains binary data).`);
   for (const [i, raw] of text.split(/\r?\n/).entries()) {
     const line = raw.trim();
@@ -116,6 +162,10 @@ export function parseConfig(text: string, file: string): Config {
     }
     if (!opts) throw new UsageError(`${file}:${lineOf(text, section)}: unknown section [${section}] (known: ${Object.keys(SCHEMA).join(', ')}).`);
     for (const [key, value] of Object.entries(body as Record<string, unknown>)) {
+      if (section === 'retention' && typeof value === 'object' && value !== null) {
+        retentionByName[key] = parseRetentionSection(text, file, key, value as Record<string, unknown>);
+        continue;
+      }
       const where = `${file}:${lineOf(text, section, key)}`;
       const opt = opts[key];
       if (!opt) throw new UsageError(`${where}: unknown option "${key}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
@@ -123,7 +173,7 @@ export function parseConfig(text: string, file: string): Config {
       config[section]![key] = parseValue(opt, value.trim(), `${where}: ${section}.${key}`);
     }
   }
-  return config as Config;
+  return { config: config as Config, retentionByName };
 }
 
 /** Finds and reads the configuration: --config, then $BLOCKSAFE_CONFIG, then /etc/blocksafe/appliance.conf. */
@@ -142,9 +192,9 @@ export function loadConfig(explicit?: string, env: NodeJS.ProcessEnv = process.e
       if (code === 'ENOENT') throw new UsageError(`Configuration file ${file} does not exist.`);
       throw new UsageError(`Configuration file ${file} cannot be read (${code ?? (err as Error).message}).`);
     }
-    return { config: parseConfig(text, file), file };
+    return { ...parseConfigText(text, file), file };
   }
-  return { config: defaults(), file: null };
+  return { config: defaults(), file: null, retentionByName: {} };
 }
 
 /** The effective configuration as INI text with each option's description. */

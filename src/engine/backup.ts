@@ -4,10 +4,11 @@ import { BlockMapChunk, CHUNK_BLOCKS } from '../index/blockmap.js';
 import { emptyStats, type BlockRecord, type VersionRecord } from '../index/records.js';
 import type { Throttle } from '../util/throttle.js';
 import { BlockPipeline, orderedWindow } from './blockPipeline.js';
-import { inspectSource, sourcePath } from './device.js';
+import { inspectSource, sourcePath, type DeviceInfo } from './device.js';
 import { blockHints, type BlockHint, type Extent } from './hints.js';
 import { newVersionId } from './ids.js';
 import { revalidateVersions } from './integrity.js';
+import { autoTagsFor, syncValidity, writeAttributes } from './lifecycle.js';
 import { LockNames, withLock } from './locks.js';
 import { writeManifest } from './manifest.js';
 import type { ProgressListener } from './progress.js';
@@ -33,6 +34,8 @@ export interface BackupOptions {
   queueDepth: number;
   /** Read with O_DIRECT where the source allows it. */
   direct: boolean;
+  /** Add backy2's automatic b_daily / b_weekly / b_monthly tags. */
+  autoTags?: boolean;
   readThrottle?: Throttle;
   onProgress?: ProgressListener;
 }
@@ -97,12 +100,26 @@ function pickResume(repo: Repository, opts: BackupOptions): VersionRecord | null
 async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: BackupOptions): Promise<VersionRecord> {
   const path = sourcePath(opts.source);
   const info = await inspectSource(path);
-  const bs = repo.blockSize;
-  const blocks = Math.ceil(info.size / bs);
   const resume = pickResume(repo, opts);
-  const version = resume ? checkResumable(resume, opts.name, info.size, bs) : newVersion(repo, opts, info.size);
+  const version = resume ? checkResumable(resume, opts.name, info.size, repo.blockSize) : newVersion(repo, opts, info.size);
   const base = resolveBase(repo, opts, version, resume);
   if (opts.hints && !base) throw new UsageError(`--hints needs a base version: give --from VERSION (no complete version of "${opts.name}" exists yet).`);
+  // The base must not be removed while blocks are taken from it.
+  if (base) return withLock(repo.index, LockNames.version(base.id), 'shared', `Version ${base.id}`, () => runBackupOn(repo, pipeline, opts, info, version, base));
+  return runBackupOn(repo, pipeline, opts, info, version, base);
+}
+
+async function runBackupOn(
+  repo: Repository,
+  pipeline: BlockPipeline,
+  opts: BackupOptions,
+  info: DeviceInfo,
+  version: VersionRecord,
+  base: VersionRecord | null,
+): Promise<VersionRecord> {
+  const path = info.path;
+  const bs = repo.blockSize;
+  const blocks = Math.ceil(info.size / bs);
   version.base = base?.id ?? null;
   const hints = opts.hints && base ? blockHints(opts.hints, bs, info.size) : null;
   const baseBlocks = base ? Math.ceil(base.size / bs) : 0;
@@ -167,6 +184,7 @@ async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: Backup
             return { kind: 'data', length, checksum, record, written, sampled: true };
           }
           if (fromBase === null) return { kind: 'sparse', length, read: false };
+          await pipeline.retain(fromBase);
           const rec = repo.index.getBlock(fromBase);
           // Blocks a scrub marked invalid are always re-read: that is how the next backup heals them.
           if (rec?.valid) return { kind: 'referenced', length, checksum: fromBase };
@@ -225,6 +243,7 @@ async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: Backup
     await reader.close();
   }
   // The manifest describes the finished version; only once it is durable does the index say complete.
+  if (opts.autoTags) version.tags = [...new Set([...version.tags, ...autoTagsFor(repo, version)])];
   version.complete = true;
   stats.duration_ms = previousDuration + Date.now() - started;
   await writeManifest(repo, version);
@@ -233,9 +252,11 @@ async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: Backup
     v.stats = stats;
     v.blocks_done = blocks;
     v.base = version.base;
+    v.tags = version.tags;
   });
+  await writeAttributes(repo, done);
   // Blocks re-stored over invalid records may have healed older versions.
-  if (stats.blocks_written > 0) await revalidateVersions(repo);
+  if (stats.blocks_written > 0) await syncValidity(repo, await revalidateVersions(repo));
   return done;
 }
 

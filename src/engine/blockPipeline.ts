@@ -3,6 +3,7 @@ import type { BlockRecord } from '../index/records.js';
 import { ObjectNames } from '../store/blobstore.js';
 import { ownArrayBuffer } from '../util/buffers.js';
 import type { Throttle } from '../util/throttle.js';
+import { cleanupRunning } from './locks.js';
 import type { Repository } from './repository.js';
 import { WorkerPool } from './workerPool.js';
 
@@ -47,6 +48,7 @@ export class BlockPipeline {
    * wrote it (false: deduplicated against the index or a concurrent write). The buffer is consumed.
    */
   async store(data: Buffer, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
+    await this.retain(checksum);
     const known = this.repo.index.getBlock(checksum);
     if (known && known.valid) return { record: known, written: false };
     const hex = checksum.toString('hex');
@@ -71,6 +73,22 @@ export class BlockPipeline {
     await this.limits.storeWrite?.take(reply.object.byteLength);
     await this.repo.store.put(ObjectNames.block(hex), new Uint8Array(reply.object));
     return { size, stored: reply.object.byteLength, key_id: this.repo.codecKeys.currentKeyId, valid: true, verified: Date.now() };
+  }
+
+  /**
+   * Called before relying on a block by reference or dedup: if a cleanup marked it as garbage, take it off
+   * the list (or wait while a cleanup is deleting it, after which it is simply written anew).
+   */
+  async retain(checksum: Buffer): Promise<void> {
+    while (this.repo.index.getGcCandidate(checksum)) {
+      if (this.repo.index.rescueGcCandidate(checksum) === 'ok') return;
+      if (!cleanupRunning(this.repo.index)) {
+        // Doomed by a cleanup that died: its record is gone already, so the block is simply written anew.
+        await this.repo.index.removeGcCandidates([checksum]);
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 
   /** Forget in-flight entries once the index holds their records. */

@@ -82,7 +82,14 @@ export async function withLock<T>(index: Index, resource: string, mode: LockMode
   }
 }
 
+/** True while a live cleanup holds its lock. */
+export function cleanupRunning(index: Index): boolean {
+  for (const l of index.allLocks()) if (l.resource === LockNames.cleanup && !isStale(l)) return true;
+  return false;
+}
+
 export const LockNames = {
+  cleanup: 'cleanup',
   volume: (name: string) => `volume:${name}`,
   version: (id: string) => `version:${id}`,
   target: (path: string) => `target:${path}`,

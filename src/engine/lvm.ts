@@ -66,10 +66,13 @@ const NOISE = [
 
 /** The last line of stderr that says something (LVM ends many errors with generic lines). */
 export function lastMeaningfulLine(stderr: string): string {
-  const lines = stderr
+  let lines = stderr
     .split('\n')
     .map((l) => l.trim())
     .filter((l) => l !== '');
+  // thin-provisioning-tools print their usage text after the error: keep what comes before it.
+  const usage = lines.findIndex((l) => /^Usage: /.test(l));
+  if (usage > 0) lines = lines.slice(0, usage);
   for (let i = lines.length - 1; i >= 0; i--) {
     if (!NOISE.some((re) => re.test(lines[i]!))) return lines[i]!;
   }

@@ -12,7 +12,7 @@ export async function removeVersion(repo: Repository, v: VersionRecord, force: b
   assertRemovable(v, force);
   // Exclusive: a restore (shared holder) of this version makes the removal fail with exit code 4.
   await withLock(repo.index, LockNames.version(v.id), 'exclusive', `Version ${v.id}`, async () => {
-    await repo.store.delete([ObjectNames.manifest(v.id)]);
+    await repo.store.delete([ObjectNames.manifest(v.id), ObjectNames.attributes(v.id)]);
     await repo.store.sync();
     await repo.index.removeVersion(v.id);
   });

@@ -3,6 +3,7 @@ import type { BlockRecord, VersionRecord } from '../index/records.js';
 import { BlockPipeline, orderedWindow } from './blockPipeline.js';
 import { inspectSource, sourcePath } from './device.js';
 import { markDamaged, revalidateVersions } from './integrity.js';
+import { syncValidity } from './lifecycle.js';
 import { LockNames, withLock } from './locks.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
@@ -118,6 +119,7 @@ async function runScrub(repo: Repository, pipeline: BlockPipeline, opts: ScrubOp
   await repo.index.updateBlocks(verified);
   const invalidated = await markDamaged(repo, damagedChecksums);
   const revalidated = await revalidateVersions(repo);
+  await syncValidity(repo, [...invalidated, ...revalidated]);
   const differences = opts.source ? await compareWithSource(repo, pipeline, opts.versions[0]!, opts) : [];
   const invalid = [...repo.index.allVersions()].filter((v) => !v.valid).map((v) => v.id);
   return {

@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { FormatError, NotFoundError, UsageError } from '../errors.js';
 import { BlockMapChunk, BlockMapCursor, CHUNK_BLOCKS } from './blockmap.js';
-import type { BlockRecord, LockRecord, RestoreState, VersionRecord } from './records.js';
+import type { BlockRecord, GcCandidate, LockRecord, RestoreState, VersionRecord } from './records.js';
 
 /** Schema version of the LMDB index; bumped with a migration in `migrate()` when the layout changes. */
 export const INDEX_SCHEMA = 1;
@@ -21,6 +21,8 @@ export class Index {
   private readonly maps: Database<Buffer, Buffer>;
   private readonly locks: Database<LockRecord, string>;
   private readonly restores: Database<RestoreState, string>;
+  private readonly gcCandidates: Database<GcCandidate, Buffer>;
+  private readonly gcRefs: Database<true, Buffer>;
 
   private constructor(dir: string, readonly repoId: string) {
     mkdirSync(dir, { recursive: true });
@@ -31,6 +33,8 @@ export class Index {
     this.maps = this.root.openDB<Buffer, Buffer>('maps', { keyEncoding: 'binary', encoding: 'binary' });
     this.locks = this.root.openDB<LockRecord, string>('locks', {});
     this.restores = this.root.openDB<RestoreState, string>('restores', {});
+    this.gcCandidates = this.root.openDB<GcCandidate, Buffer>('gc_candidates', { keyEncoding: 'binary' });
+    this.gcRefs = this.root.openDB<true, Buffer>('gc_refs', { keyEncoding: 'binary' });
   }
 
   static openAt(dir: string, repoId: string): Index {
@@ -213,6 +217,78 @@ export class Index {
 
   *allLocks(): Iterable<LockRecord> {
     for (const { value } of this.locks.getRange({})) yield value;
+  }
+
+  // ---- garbage collection (see engine/cleanup.ts for the protocol)
+
+  /** Clears the reference set of a cleanup pass (an LMDB table, so memory does not grow with the repository). */
+  async clearGcRefs(): Promise<void> {
+    await this.gcRefs.clearAsync();
+  }
+
+  /** Adds checksums to the reference set, in one transaction. */
+  async addGcRefs(checksums: Buffer[]): Promise<void> {
+    await this.gcRefs.transaction(() => {
+      for (const c of checksums) this.gcRefs.put(c, true);
+    });
+  }
+
+  isGcRef(checksum: Buffer): boolean {
+    return this.gcRefs.doesExist(checksum);
+  }
+
+  getGcCandidate(checksum: Uint8Array): GcCandidate | undefined {
+    return this.gcCandidates.get(Buffer.from(checksum.buffer, checksum.byteOffset, checksum.byteLength));
+  }
+
+  *allGcCandidates(): Iterable<{ checksum: Buffer; candidate: GcCandidate }> {
+    for (const { key, value } of this.gcCandidates.getRange({})) yield { checksum: key, candidate: value };
+  }
+
+  async putGcCandidates(entries: [Buffer, GcCandidate][]): Promise<void> {
+    await this.gcCandidates.transaction(() => {
+      for (const [c, v] of entries) this.gcCandidates.put(c, v);
+    });
+  }
+
+  async removeGcCandidates(checksums: Buffer[]): Promise<void> {
+    await this.gcCandidates.transaction(() => {
+      for (const c of checksums) this.gcCandidates.remove(c);
+    });
+  }
+
+  /**
+   * A backup is about to rely on block `checksum` (dedup) or re-write it: atomically take it off the
+   * candidate list. Returns 'doomed' when a cleanup is deleting it right now (the caller waits and retries),
+   * 'ok' otherwise. Synchronous and durable, but only ever needed for the rare blocks that are candidates.
+   */
+  rescueGcCandidate(checksum: Buffer): 'ok' | 'doomed' {
+    return this.gcCandidates.transactionSync(() => {
+      const c = this.gcCandidates.get(checksum);
+      if (!c) return 'ok';
+      if (c.doomed) return 'doomed';
+      this.gcCandidates.remove(checksum);
+      return 'ok';
+    });
+  }
+
+  /**
+   * Dooms a candidate for deletion if it is still a candidate marked at or before `cutoff` and not in the
+   * reference set: its block record goes, the candidate stays with doomed = true until the object is deleted.
+   */
+  async doomGcCandidates(checksums: Buffer[], cutoff: number): Promise<Buffer[]> {
+    const doomed: Buffer[] = [];
+    await this.root.transaction(() => {
+      for (const c of checksums) {
+        const cand = this.gcCandidates.get(c);
+        if (!cand || cand.doomed || cand.marked_at > cutoff || this.gcRefs.doesExist(c)) continue;
+        this.blocks.remove(c);
+        this.gcCandidates.put(c, { ...cand, doomed: true });
+        doomed.push(c);
+      }
+    });
+    await this.root.flushed;
+    return doomed;
   }
 
   // ---- interrupted restores, by target path

@@ -89,3 +89,13 @@ export interface RestoreState {
   sparse: boolean;
   started: string;
 }
+
+/** A block (or stray object) that no version referenced when a cleanup looked; deleted after the grace period. */
+export interface GcCandidate {
+  /** When it was first found unreferenced (ms since epoch). */
+  marked_at: number;
+  /** Set while a cleanup deletes its object; a backup needing the block waits until it is gone. */
+  doomed: boolean;
+  /** Stored size, for reporting what was freed. */
+  stored: number;
+}

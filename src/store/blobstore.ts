@@ -22,6 +22,8 @@ export interface BlobStore {
   /** Every object name under `prefix` (e.g. "data/"), in no particular order. */
   list(prefix: string): AsyncIterable<string>;
   close(): Promise<void>;
+  /** Removes leftovers of interrupted writes older than `olderThanMs`; returns how many. Optional. */
+  removeStaleTemp?(olderThanMs: number): Promise<number>;
 }
 
 /** Object names used by the repository (see docs/FORMAT.md). */
@@ -34,4 +36,6 @@ export const ObjectNames = {
   blockPrefix: 'data/',
   manifest: (versionId: string) => `manifests/${versionId}`,
   manifestPrefix: 'manifests/',
+  attributes: (versionId: string) => `attributes/${versionId}`,
+  attributesPrefix: 'attributes/',
 };

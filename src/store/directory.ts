@@ -111,6 +111,26 @@ export class DirectoryStore implements BlobStore {
   async close(): Promise<void> {
     await this.sync();
   }
+
+  async removeStaleTemp(olderThanMs: number): Promise<number> {
+    const dir = path.join(this.root, 'tmp');
+    let removed = 0;
+    let names: string[];
+    try {
+      names = await fs.readdir(dir);
+    } catch {
+      return 0;
+    }
+    for (const name of names) {
+      const file = path.join(dir, name);
+      const st = await fs.stat(file).catch(() => undefined);
+      if (st && Date.now() - st.mtimeMs > olderThanMs) {
+        await fs.rm(file, { force: true });
+        removed++;
+      }
+    }
+    return removed;
+  }
 }
 
 async function* walk(root: string, rel: string): AsyncIterable<string> {

@@ -3,7 +3,8 @@ import { assertRemovable, removeVersion } from '../../engine/remove.js';
 import { listVersions, repositoryStats } from '../../engine/versions.js';
 import { formatBytes } from '../../util/size.js';
 import { displayLocal, formatDuration } from '../../util/time.js';
-import { withRepository, type GlobalOptions } from '../context.js';
+import { assertOldEnough } from '../../engine/lifecycle.js';
+import { config, withRepository, type GlobalOptions } from '../context.js';
 import { keyValueTable, printJson, statusOf, versionJson, versionsTable } from '../output.js';
 
 interface LsOptions extends GlobalOptions {
@@ -112,7 +113,11 @@ export function register(program: Command): void {
       await withRepository(opts, async (repo) => {
         // Resolve everything first, so a typo in the third id removes nothing.
         const versions = refs.map((r) => repo.index.resolveVersion(r));
-        for (const v of versions) assertRemovable(v, !!opts.force);
+        const minAge = config(opts).config.lifecycle.min_age_days;
+        for (const v of versions) {
+          assertRemovable(v, !!opts.force);
+          assertOldEnough(v, minAge, !!opts.force);
+        }
         for (const v of versions) await removeVersion(repo, v, !!opts.force);
         if (opts.json) printJson({ removed: versions.map((v) => v.id) });
         else for (const v of versions) process.stdout.write(`Removed version ${v.id} (${v.name}).\n`);
