@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { loadConfig, type LoadedConfig } from '../config/config.js';
 import { describeSystemError, UsageError } from '../errors.js';
 import { BlockPipeline } from '../engine/blockPipeline.js';
@@ -15,6 +15,11 @@ export interface GlobalOptions {
   keyFile?: string;
   debug?: boolean;
   json?: boolean;
+  /** Secrets of a copy destination and of new key slots (see secretSource). */
+  toKeyFile?: string;
+  toPassphraseFile?: string;
+  newKeyFile?: string;
+  newPassphraseFile?: string;
 }
 
 let cachedConfig: LoadedConfig | undefined;
@@ -38,20 +43,36 @@ function readSecretFile(file: string, what: string): Buffer {
   }
 }
 
-/** Where the secret comes from: --key-file, --passphrase-file, BLOCKSAFE_PASSPHRASE, then a prompt. */
-export function secretSource(opts: GlobalOptions, confirm = false): SecretSource {
+/** Whose secret: the repository's, a copy destination's, or a new one (key add, key passwd). */
+export type SecretRole = 'repository' | 'destination' | 'new';
+
+const ROLE = {
+  repository: { keyFile: 'keyFile', passFile: 'passphraseFile', env: 'BLOCKSAFE_PASSPHRASE', prompt: 'Passphrase', flag: '--key-file' },
+  destination: { keyFile: 'toKeyFile', passFile: 'toPassphraseFile', env: 'BLOCKSAFE_TO_PASSPHRASE', prompt: 'Passphrase of the destination repository', flag: '--to-key-file' },
+  new: { keyFile: 'newKeyFile', passFile: 'newPassphraseFile', env: 'BLOCKSAFE_NEW_PASSPHRASE', prompt: 'New passphrase', flag: '--new-key-file' },
+} as const;
+
+/**
+ * Where a secret comes from: its key-file option, its passphrase-file option, its environment variable
+ * (BLOCKSAFE_PASSPHRASE, BLOCKSAFE_TO_PASSPHRASE, BLOCKSAFE_NEW_PASSPHRASE), then a prompt on the terminal.
+ */
+export function secretSource(opts: GlobalOptions, confirm = false, role: SecretRole = 'repository'): SecretSource {
+  const r = ROLE[role];
   return async (): Promise<Secret> => {
-    if (opts.keyFile) {
-      const value = readSecretFile(opts.keyFile, 'Key file');
-      if (value.length < 32) throw new UsageError(`Key file ${opts.keyFile} is too short (${value.length} bytes); use at least 32 random bytes, e.g. head -c 64 /dev/urandom > key.`);
+    const keyFile = opts[r.keyFile];
+    const passFile = opts[r.passFile];
+    if (keyFile) {
+      const value = readSecretFile(keyFile, 'Key file');
+      if (value.length < 32) throw new UsageError(`Key file ${keyFile} is too short (${value.length} bytes); use at least 32 random bytes, e.g. head -c 64 /dev/urandom > key.`);
       return { type: 'keyfile', value };
     }
     let pass: string;
-    if (opts.passphraseFile) pass = readSecretFile(opts.passphraseFile, 'Passphrase file').toString('utf8').replace(/\r?\n$/, '');
-    else if (process.env.BLOCKSAFE_PASSPHRASE !== undefined) pass = process.env.BLOCKSAFE_PASSPHRASE;
+    if (passFile) pass = readSecretFile(passFile, 'Passphrase file').toString('utf8').replace(/\r?\n$/, '');
+    else if (process.env[r.env] !== undefined) pass = process.env[r.env]!;
     else {
-      pass = promptHidden('Passphrase: ');
-      if (confirm && promptHidden('Passphrase (again): ') !== pass) throw new UsageError('The two passphrases differ; nothing was created.');
+      if (!process.stdin.isTTY && !existsSync('/dev/tty')) throw new UsageError(`${r.prompt} needed but there is no terminal to ask on; set ${r.env}, or use ${r.flag} or the matching passphrase-file option.`);
+      pass = promptHidden(`${r.prompt}: `, `set ${r.env}, or use ${r.flag} or the matching passphrase-file option`);
+      if (confirm && promptHidden(`${r.prompt} (again): `) !== pass) throw new UsageError('The two passphrases differ; nothing was changed.');
     }
     if (pass.length === 0) throw new UsageError('The passphrase is empty.');
     return { type: 'passphrase', value: Buffer.from(pass, 'utf8') };
@@ -59,8 +80,19 @@ export function secretSource(opts: GlobalOptions, confirm = false): SecretSource
 }
 
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {
-  const store = openStore(repoLocation(opts));
-  return Repository.open(store, secretSource(opts), indexDirFor(store));
+  return openRepositoryAt(opts, repoLocation(opts), secretSource(opts));
+}
+
+/** Opens the repository at `location` (e.g. a copy destination) with the same configuration. */
+export async function openRepositoryAt(opts: GlobalOptions, location: string, secret: SecretSource): Promise<Repository> {
+  const store = openStore(location, config(opts).config.s3);
+  return Repository.open(store, secret, indexDirFor(store));
+}
+
+/** The store and index location of --repo, without unlocking anything (index rebuild). */
+export function storeOf(opts: GlobalOptions): { store: ReturnType<typeof openStore>; indexDir: (id: string) => string } {
+  const store = openStore(repoLocation(opts), config(opts).config.s3);
+  return { store, indexDir: indexDirFor(store) };
 }
 
 export interface PipelineSettings {

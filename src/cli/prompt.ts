@@ -6,12 +6,12 @@ import { UsageError } from '../errors.js';
  * Reads a line from the controlling terminal without echo. Uses /dev/tty so it works when stdin is a pipe
  * and fails clearly when there is no terminal (cron, CI): then BLOCKSAFE_PASSPHRASE or --passphrase-file.
  */
-export function promptHidden(question: string): string {
+export function promptHidden(question: string, alternatives = 'set BLOCKSAFE_PASSPHRASE, or use --passphrase-file or --key-file'): string {
   let fd: number;
   try {
     fd = openSync('/dev/tty', 'r+');
   } catch {
-    throw new UsageError('A passphrase is needed but there is no terminal to ask on; set BLOCKSAFE_PASSPHRASE, or use --passphrase-file or --key-file.');
+    throw new UsageError(`A passphrase is needed but there is no terminal to ask on; ${alternatives}.`);
   }
   const stty = (arg: string) => spawnSync('stty', [arg], { stdio: [fd, 'ignore', 'ignore'] });
   try {

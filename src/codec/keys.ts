@@ -63,14 +63,14 @@ export function openSlot(slot: KeySlot, secret: Uint8Array): Uint8Array | null {
   return nacl.secretbox.open(unb64(slot.wrapped), unb64(slot.nonce), kek);
 }
 
-export function unlockMasterKey(slots: KeySlot[], type: SlotType, secret: Uint8Array): Uint8Array {
+export function unlockMasterKey(slots: KeySlot[], type: SlotType, secret: Uint8Array): { masterKey: Uint8Array; slot: number } {
   const candidates = slots.filter((s) => s.type === type);
   if (candidates.length === 0) {
     throw new KeyError(`The repository has no ${type} key slot; use ${type === 'keyfile' ? 'a passphrase' : '--key-file'} instead.`);
   }
   for (const slot of candidates) {
     const master = openSlot(slot, secret);
-    if (master) return master;
+    if (master) return { masterKey: master, slot: slot.id };
   }
   throw new KeyError(type === 'passphrase' ? 'Wrong passphrase: it opens none of the repository\'s key slots.' : 'Wrong key file: it opens none of the repository\'s key slots.');
 }

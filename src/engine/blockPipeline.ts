@@ -64,6 +64,11 @@ export class BlockPipeline {
     }
   }
 
+  /** Writes the block again under the current data key (rekey), whatever the index says. */
+  rewrite(data: Buffer, checksum: Buffer): Promise<BlockRecord> {
+    return this.write(data, checksum, checksum.toString('hex'));
+  }
+
   private async write(data: Buffer, checksum: Buffer, hex: string): Promise<BlockRecord> {
     const size = data.length;
     const ab = ownArrayBuffer(data);

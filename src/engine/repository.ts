@@ -20,6 +20,7 @@ import { Index } from '../index/index.js';
 import type { BlobStore } from '../store/blobstore.js';
 import { ObjectNames } from '../store/blobstore.js';
 import { DirectoryStore } from '../store/directory.js';
+import { S3Store, s3Settings, type S3Config } from '../store/s3.js';
 import type { WorkerInit } from './workerProtocol.js';
 
 export const REPOSITORY_FORMAT = 1;
@@ -56,8 +57,12 @@ export class Repository {
   private constructor(
     readonly store: BlobStore,
     readonly descriptor: Descriptor,
-    readonly keyring: Keyring,
+    public keyring: Keyring,
     readonly index: Index,
+    /** The unlocked master key (null for unencrypted repositories): key slot and rekey operations need it. */
+    readonly masterKey: Uint8Array | null,
+    /** Which key slot the secret opened (null when unencrypted). */
+    readonly openedSlot: number | null,
   ) {}
 
   get id(): string {
@@ -119,11 +124,11 @@ export class Repository {
       compression_level: opts.compressionLevel,
     };
     const keyring = newKeyring();
-    if (opts.encryption === 'none') {
+    const master = opts.encryption === 'none' ? null : newMasterKey();
+    if (!master) {
       await store.put(ObjectNames.keyring, serializeKeyring(keyring));
     } else {
       if (!opts.secret) throw new UsageError('An encrypted repository needs a passphrase or a key file.');
-      const master = newMasterKey();
       await store.put(ObjectNames.slot(1), Buffer.from(JSON.stringify(createSlot(1, opts.secret.type, opts.secret.value, master, opts.scrypt), null, 2)));
       await store.put(ObjectNames.keyring, sealKeyring(keyring, master));
     }
@@ -132,24 +137,39 @@ export class Repository {
     await store.put(ObjectNames.descriptor, Buffer.from(JSON.stringify(descriptor, null, 2) + '\n'));
     await store.sync();
     const index = Index.openAt(indexDir(descriptor.id), descriptor.id);
-    return new Repository(store, descriptor, keyring, index);
+    return new Repository(store, descriptor, keyring, index, master, opts.encryption === 'none' ? null : 1);
   }
 
   static async open(store: BlobStore, secret: SecretSource, indexDir: (id: string) => string): Promise<Repository> {
-    const descriptor = await readDescriptor(store);
-    let keyring: Keyring;
-    const sealed = await store.tryGet(ObjectNames.keyring);
-    if (!sealed) throw new IntegrityError(`The keyring (${ObjectNames.keyring}) is missing from ${store.location}; the repository cannot be opened.`);
-    if (descriptor.encryption === 'none') {
-      keyring = parseKeyring(sealed);
-    } else {
-      const slots = await readSlots(store);
-      const s = await secret();
-      keyring = openKeyring(sealed, unlockMasterKey(slots, s.type, s.value));
-    }
-    const index = Index.openAt(indexDir(descriptor.id), descriptor.id);
-    return new Repository(store, descriptor, keyring, index);
+    const keys = await unlock(store, secret);
+    const index = Index.openAt(indexDir(keys.descriptor.id), keys.descriptor.id);
+    return new Repository(store, keys.descriptor, keys.keyring, index, keys.masterKey, keys.openedSlot);
   }
+
+  /** A repository object over an index that is being built elsewhere (index rebuild). */
+  static withIndex(store: BlobStore, keys: UnlockedKeys, index: Index): Repository {
+    return new Repository(store, keys.descriptor, keys.keyring, index, keys.masterKey, keys.openedSlot);
+  }
+
+}
+
+export interface UnlockedKeys {
+  descriptor: Descriptor;
+  keyring: Keyring;
+  masterKey: Uint8Array | null;
+  openedSlot: number | null;
+}
+
+/** Reads the descriptor and unlocks the keyring (asking for the secret only when the repository is encrypted). */
+export async function unlock(store: BlobStore, secret: SecretSource): Promise<UnlockedKeys> {
+  const descriptor = await readDescriptor(store);
+  const sealed = await store.tryGet(ObjectNames.keyring);
+  if (!sealed) throw new IntegrityError(`The keyring (${ObjectNames.keyring}) is missing from ${store.location}; the repository cannot be opened.`);
+  if (descriptor.encryption === 'none') return { descriptor, keyring: parseKeyring(sealed), masterKey: null, openedSlot: null };
+  const slots = await readSlots(store);
+  const s = await secret();
+  const { masterKey, slot } = unlockMasterKey(slots, s.type, s.value);
+  return { descriptor, keyring: openKeyring(sealed, masterKey), masterKey, openedSlot: slot };
 }
 
 export async function readDescriptor(store: BlobStore): Promise<Descriptor> {
@@ -184,17 +204,16 @@ function validateBlockSize(n: number): void {
   }
 }
 
-/** Opens the blob store a --repo value names. */
-export function openStore(repo: string): BlobStore {
-  if (repo.startsWith('s3://')) {
-    throw new BlocksafeError('S3 repositories are not supported by this build yet; use a directory repository.');
-  }
+/** Opens the blob store a --repo value names; `s3` is the [s3] configuration for s3:// repositories. */
+export function openStore(repo: string, s3?: Partial<S3Config>): BlobStore {
+  if (repo.startsWith('s3://')) return S3Store.fromUrl(repo, s3Settings(s3));
   const dir = repo.startsWith('file://') ? new URL(repo).pathname : repo;
   return new DirectoryStore(path.resolve(dir));
 }
 
-/** Where the LMDB index of a repository lives: inside the directory for directory stores. */
+/** Where the LMDB index of a repository lives: inside the directory for directory stores, in [s3] state_dir/<id> for S3. */
 export function indexDirFor(store: BlobStore): (id: string) => string {
   if (store instanceof DirectoryStore) return () => path.join(store.root, 'index');
+  if (store instanceof S3Store) return (id) => store.indexDir(id);
   throw new BlocksafeError('No local index location for this store.');
 }

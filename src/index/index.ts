@@ -23,6 +23,7 @@ export class Index {
   private readonly restores: Database<RestoreState, string>;
   private readonly gcCandidates: Database<GcCandidate, Buffer>;
   private readonly gcRefs: Database<true, Buffer>;
+  private readonly translations: Database<Buffer, Buffer>;
 
   private constructor(dir: string, readonly repoId: string) {
     mkdirSync(dir, { recursive: true });
@@ -35,6 +36,7 @@ export class Index {
     this.restores = this.root.openDB<RestoreState, string>('restores', {});
     this.gcCandidates = this.root.openDB<GcCandidate, Buffer>('gc_candidates', { keyEncoding: 'binary' });
     this.gcRefs = this.root.openDB<true, Buffer>('gc_refs', { keyEncoding: 'binary' });
+    this.translations = this.root.openDB<Buffer, Buffer>('translations', { keyEncoding: 'binary', encoding: 'binary' });
   }
 
   static openAt(dir: string, repoId: string): Index {
@@ -291,6 +293,20 @@ export class Index {
     return doomed;
   }
 
+  // ---- block identities of other repositories (copy): (their repository id, their checksum) -> ours
+
+  getTranslation(foreignRepo: string, foreign: Buffer): Buffer | undefined {
+    const v = this.translations.get(translationKey(foreignRepo, foreign));
+    return v ? Buffer.from(v) : undefined;
+  }
+
+  async putTranslations(foreignRepo: string, pairs: [Buffer, Buffer][]): Promise<void> {
+    if (pairs.length === 0) return;
+    await this.translations.transaction(() => {
+      for (const [foreign, ours] of pairs) this.translations.put(translationKey(foreignRepo, foreign), ours);
+    });
+  }
+
   // ---- interrupted restores, by target path
 
   getRestoreState(target: string): RestoreState | undefined {
@@ -305,6 +321,10 @@ export class Index {
   async removeRestoreState(target: string): Promise<void> {
     await this.restores.remove(target);
   }
+}
+
+function translationKey(foreignRepo: string, foreign: Buffer): Buffer {
+  return Buffer.concat([Buffer.from(foreignRepo, 'ascii'), Buffer.from([0]), foreign]);
 }
 
 function mapKey(versionId: string, chunk: number): Buffer {
