@@ -5,9 +5,13 @@ import { register as registerBackup } from './commands/backup.js';
 import { register as registerConfig } from './commands/config.js';
 import { register as registerInit } from './commands/init.js';
 import { register as registerIntegrity } from './commands/integrity.js';
+import { register as registerKeys } from './commands/keys.js';
 import { register as registerLifecycle } from './commands/lifecycle.js';
+import { register as registerRecovery } from './commands/recovery.js';
+import { register as registerNbd } from './commands/nbd.js';
 import { register as registerRestore } from './commands/restore.js';
 import { register as registerVersions } from './commands/versions.js';
+import { register as registerUi } from './commands/ui.js';
 
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
@@ -22,8 +26,14 @@ export function buildProgram(): Command {
     .option('--debug', 'show stack traces of errors')
     .showHelpAfterError('(run "blocksafe --help" for usage)')
     .exitOverride();
-  for (const register of [registerInit, registerBackup, registerRestore, registerVersions, registerLifecycle, registerIntegrity, registerConfig]) register(program);
-  for (const cmd of program.commands) cmd.exitOverride();
+  for (const register of [registerInit, registerBackup, registerRestore, registerVersions, registerLifecycle, registerIntegrity, registerRecovery, registerKeys, registerNbd, registerConfig]) register(program);
+  registerUi(program); // the Ink UI: loads ink/react lazily, only when `ui` runs
+  // Usage errors of every (sub)command reach main() instead of exiting on their own.
+  const override = (c: Command): void => {
+    c.exitOverride();
+    c.commands.forEach(override);
+  };
+  override(program);
   return program;
 }
 

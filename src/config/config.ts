@@ -16,6 +16,8 @@ interface Option {
   values?: readonly string[];
   min?: number;
   max?: number;
+  /** Never shown by `blocksafe config` (passwords, secret keys). */
+  secret?: boolean;
 }
 
 export const SCHEMA = {
@@ -52,6 +54,26 @@ export const SCHEMA = {
     read_limit: { kind: 'size', default: '0', doc: 'Read bandwidth limit in bytes per second, e.g. 50M (0 = unlimited): the source on backup, the store on restore.' },
     write_limit: { kind: 'size', default: '0', doc: 'Write bandwidth limit in bytes per second (0 = unlimited): the store on backup, the target on restore.' },
     direct_io: { kind: 'bool', default: 'true', doc: 'Read backup sources with O_DIRECT so they do not flood the page cache (falls back where unsupported).' },
+  },
+  s3: {
+    endpoint: { kind: 'string', default: '', doc: 'S3 endpoint URL for s3:// repositories, e.g. http://127.0.0.1:7480 for Ceph RGW or MinIO (empty = AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS itself).' },
+    region: { kind: 'string', default: '', doc: 'S3 region (empty = AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1).' },
+    force_path_style: { kind: 'bool', default: 'false', doc: 'Address buckets as ENDPOINT/BUCKET instead of BUCKET.ENDPOINT (needed by most Ceph RGW and MinIO set-ups).' },
+    access_key_id: { kind: 'string', default: '', doc: 'S3 access key (empty = credentials_file, then the standard AWS chain: AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/credentials, ...).' },
+    secret_access_key: { kind: 'string', default: '', secret: true, doc: 'S3 secret key belonging to access_key_id (never printed).' },
+    credentials_file: { kind: 'string', default: '', doc: 'File in AWS credentials format ([profile] aws_access_key_id = ..., aws_secret_access_key = ...), used when access_key_id is empty.' },
+    profile: { kind: 'string', default: '', doc: 'Profile (section) of credentials_file (empty = AWS_PROFILE, then default).' },
+    state_dir: { kind: 'string', default: '', doc: 'Local directory for the LMDB index of S3 repositories, one sub-directory per repository id (empty = /var/lib/blocksafe as root, else $XDG_STATE_HOME/blocksafe or ~/.local/state/blocksafe).' },
+    concurrency: { kind: 'int', default: '8', min: 1, max: 256, doc: 'S3 requests in flight at once (uploads, downloads, deletes, listings).' },
+    timeout: { kind: 'duration', default: '60s', doc: 'Per-request timeout: a request without a complete answer by then is aborted and retried.' },
+    connect_timeout: { kind: 'duration', default: '10s', doc: 'Timeout for opening a connection to the endpoint.' },
+    retries: { kind: 'int', default: '5', min: 0, max: 100, doc: 'Retries of a request after transient errors (5xx, throttling/SlowDown, resets, refused connections, timeouts).' },
+    retry_delay: { kind: 'duration', default: '200ms', doc: 'Backoff before the first retry; it doubles with each retry (with random jitter) up to retry_max_delay.' },
+    retry_max_delay: { kind: 'duration', default: '20s', doc: 'Longest backoff between two retries.' },
+    delete_batch: { kind: 'int', default: '1000', min: 1, max: 1000, doc: 'Keys per DeleteObjects request (S3 allows at most 1000); each batch is retried on its own.' },
+    list_page: { kind: 'int', default: '1000', min: 1, max: 1000, doc: 'Keys per ListObjectsV2 page.' },
+    upload_limit: { kind: 'size', default: '0', doc: 'S3 upload bandwidth limit in bytes per second, e.g. 20M (0 = unlimited).' },
+    download_limit: { kind: 'size', default: '0', doc: 'S3 download bandwidth limit in bytes per second (0 = unlimited).' },
   },
 } as const satisfies Record<string, Record<string, Option>>;
 
@@ -169,8 +191,10 @@ export function parseConfigText(text: string, file: string): Omit<LoadedConfig, 
       const where = `${file}:${lineOf(text, section, key)}`;
       const opt = opts[key];
       if (!opt) throw new UsageError(`${where}: unknown option "${key}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
-      if (typeof value !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
-      config[section]![key] = parseValue(opt, value.trim(), `${where}: ${section}.${key}`);
+      // The ini package turns "true"/"false" into booleans: take them back as text.
+      const rawValue = typeof value === 'boolean' ? String(value) : value;
+      if (typeof rawValue !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
+      config[section]![key] = parseValue(opt, rawValue.trim(), `${where}: ${section}.${key}`);
     }
   }
   return { config: config as Config, retentionByName };
@@ -203,9 +227,19 @@ export function formatConfig(loaded: LoadedConfig): string {
   for (const [section, opts] of Object.entries(SCHEMA)) {
     lines.push('', `[${section}]`);
     for (const [key, opt] of Object.entries(opts as Record<string, Option>)) {
-      const value = (loaded.config as Record<string, Record<string, unknown>>)[section]![key];
+      const value = (maskSecrets(loaded.config) as Record<string, Record<string, unknown>>)[section]![key];
       lines.push(`# ${opt.doc}`, `${key} = ${value}`);
     }
   }
   return lines.join('\n') + '\n';
+}
+
+/** A copy of the configuration with secret options (e.g. [s3] secret_access_key) replaced by "********" when set. */
+export function maskSecrets(config: Config): Config {
+  const out: Record<string, Record<string, unknown>> = {};
+  for (const [section, values] of Object.entries(config as Record<string, Record<string, unknown>>)) {
+    const opts = (SCHEMA as Record<string, Record<string, Option>>)[section] ?? {};
+    out[section] = Object.fromEntries(Object.entries(values).map(([k, v]) => [k, opts[k]?.secret && v !== '' ? '********' : v]));
+  }
+  return out as Config;
 }

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { formatConfig } from '../../config/config.js';
+import { formatConfig, maskSecrets } from '../../config/config.js';
 import { config, type GlobalOptions } from '../context.js';
 import { printJson } from '../output.js';
 
@@ -11,7 +11,7 @@ export function register(program: Command): void {
     .action((_o: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<GlobalOptions>();
       const loaded = config(opts);
-      if (opts.json) printJson({ file: loaded.file, config: loaded.config });
+      if (opts.json) printJson({ file: loaded.file, config: maskSecrets(loaded.config) });
       else process.stdout.write(formatConfig(loaded));
     });
 }

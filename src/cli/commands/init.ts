@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { UsageError } from '../../errors.js';
 import { indexDirFor, openStore, Repository, type Descriptor } from '../../engine/repository.js';
+import { prepareStoreForInit } from '../../store/s3.js';
 import { parseSize } from '../../util/size.js';
 import { config, repoLocation, secretSource, type GlobalOptions } from '../context.js';
 import { printJson } from '../output.js';
@@ -9,6 +10,7 @@ interface InitOptions extends GlobalOptions {
   encryption?: string;
   compression?: string;
   blockSize?: string;
+  createBucket?: boolean;
 }
 
 export function register(program: Command): void {
@@ -18,6 +20,7 @@ export function register(program: Command): void {
     .option('--encryption <mode>', 'chacha20-poly1305 (default) or none')
     .option('--compression <mode>', 'zstd (default) or none')
     .option('--block-size <size>', 'block size, e.g. 4M (default from the config)')
+    .option('--create-bucket', 'S3: create the bucket when it does not exist (an existing bucket is used as it is)')
     .option('--json', 'print the result as JSON')
     .action(async (_opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<InitOptions>();
@@ -27,7 +30,8 @@ export function register(program: Command): void {
       const compression = (opts.compression ?? c.compression) as Descriptor['compression'];
       if (!['zstd', 'none'].includes(compression)) throw new UsageError(`Unknown compression "${compression}": use zstd or none.`);
       const blockSize = opts.blockSize ? parseSize(opts.blockSize, 'block size') : c.block_size;
-      const store = openStore(repoLocation(opts));
+      const store = openStore(repoLocation(opts), config(opts).config.s3);
+      await prepareStoreForInit(store, !!opts.createBucket);
       const secret = encryption === 'none' ? undefined : await secretSource(opts, true)();
       const repo = await Repository.init(store, { encryption, compression, compressionLevel: c.compression_level, blockSize, secret }, indexDirFor(store));
       try {

@@ -1,0 +1,19 @@
+import type { Command } from 'commander';
+import type { GlobalOptions } from '../context.js';
+
+export function register(program: Command): void {
+  program
+    .command('ui')
+    .description('interactive terminal UI: browse versions, restore (with typed confirmation), scrub')
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<GlobalOptions>();
+      // Ink does not repaint when it believes it runs in CI; on a real terminal it must.
+      if (process.stdout.isTTY) {
+        delete process.env.CI;
+        delete process.env.CONTINUOUS_INTEGRATION;
+      }
+      // Loaded only here: no other command pays for ink and react (nor needs them in the single executable).
+      const { runUi } = await import('../../../ui/App.js');
+      process.exitCode = await runUi(opts);
+    });
+}

@@ -1,0 +1,331 @@
+/**
+ * The blocksafe terminal UI: `blocksafe ui --repo …`, the 3 a.m. interface. App is the screen machine
+ * (unlock → versions → restore / scrub / remove, help on top); runUi starts it on the terminal's alternate
+ * screen and puts the terminal back however it ends.
+ */
+import { EventEmitter } from 'node:events';
+import { Box, Text, render, useApp } from 'ink';
+import { Component, useCallback, useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
+import type { GlobalOptions } from '../src/cli/context.js';
+import { errorText, type Backend, type Connect, type VersionRecord } from './backend.js';
+import { Frame, TextInput } from './components.js';
+import { HelpScreen } from './HelpScreen.js';
+import { type Job, type Session, SessionContext, useKeys, useTerminalSize } from './hooks.js';
+import { RemoveScreen } from './RemoveScreen.js';
+import { RestoreWizard } from './RestoreWizard.js';
+import { ScrubScreen } from './ScrubScreen.js';
+import { VersionsScreen, type ListAction } from './VersionList.js';
+
+type Screen =
+  | { kind: 'list'; notice: string | null; selected: string | null }
+  | { kind: 'restore'; version: VersionRecord }
+  | { kind: 'scrub'; version: VersionRecord | null }
+  | { kind: 'remove'; version: VersionRecord };
+
+export interface AppProps {
+  /** Opens the repository (asking for a passphrase through the callback when one is needed). */
+  connect: Connect;
+  location: string;
+  /** Called once the app has decided to end (after any running operation stopped). */
+  onLog?: (line: string) => void;
+  onIntegrityProblem?: () => void;
+  /** 'quit' events (SIGTERM, SIGHUP) stop a running operation and end the app. */
+  events?: EventEmitter;
+}
+
+/** Catches a rendering bug and shows one error line instead of Ink's stack trace. */
+class Guard extends Component<{ children: ReactNode; onError: (e: unknown) => void }, { error: string | null }> {
+  override state = { error: null as string | null };
+  static getDerivedStateFromError(e: unknown) {
+    return { error: errorText(e) };
+  }
+  override componentDidCatch(e: unknown) {
+    this.props.onError(e);
+  }
+  override render() {
+    if (this.state.error) {
+      return (
+        <Box flexDirection="column">
+          <Text color="red" bold>
+            Error: {this.state.error}
+          </Text>
+          <Text>Nothing more can be done in this window; press q or ctrl-c to quit. Running restores were stopped safely.</Text>
+        </Box>
+      );
+    }
+    return this.props.children;
+  }
+}
+
+type Gate = { kind: 'opening' } | { kind: 'passphrase'; error: string | null; unlocking: boolean } | { kind: 'fatal'; error: string } | { kind: 'ready'; backend: Backend };
+
+function UnlockScreen({ location, error, unlocking, onSubmit }: { location: string; error: string | null; unlocking: boolean; onSubmit: (p: string) => void }) {
+  const [pass, setPass] = useState('');
+  return (
+    <Frame
+      title={`blocksafe · ${location}`}
+      keys={[
+        ['Enter', 'unlock'],
+        ['ctrl-c', 'quit'],
+      ]}
+      error={error}
+    >
+      <Box flexDirection="column">
+        <Text bold>This repository is encrypted.</Text>
+        <Text>Type its passphrase and press Enter (what you type is shown as stars).</Text>
+        <Text> </Text>
+        <Text>
+          Passphrase:{' '}
+          <TextInput
+            value={pass}
+            mask
+            active={!unlocking}
+            onChange={setPass}
+            onSubmit={(value) => {
+              onSubmit(value);
+              setPass('');
+            }}
+          />
+        </Text>
+        {unlocking ? <Text color="cyan">Unlocking… (this takes a few seconds on purpose)</Text> : null}
+      </Box>
+    </Frame>
+  );
+}
+
+function Message({ location, text, error }: { location: string; text?: string; error?: string }) {
+  return (
+    <Frame title={`blocksafe · ${location}`} keys={[['q', 'quit']]} error={error}>
+      <Text>{text ?? (error ? 'The repository could not be opened. Check the path (--repo) and try again.' : '')}</Text>
+    </Frame>
+  );
+}
+
+export function App({ connect, location, onLog, onIntegrityProblem, events }: AppProps) {
+  const { exit } = useApp();
+  const size = useTerminalSize();
+  const [gate, setGate] = useState<Gate>({ kind: 'opening' });
+  const [screen, setScreen] = useState<Screen>({ kind: 'list', notice: null, selected: null });
+  const [help, setHelp] = useState(false);
+  const job = useRef<Job | null>(null);
+  const quitting = useRef(false);
+  const passphraseWaiter = useRef<((p: string) => void) | null>(null);
+  const backendRef = useRef<Backend | null>(null);
+
+  // Open the repository; a wrong passphrase asks again.
+  useEffect(() => {
+    let alive = true;
+    const attempt = (previousError: string | null) => {
+      let asked = false;
+      const ask = () =>
+        new Promise<string>((resolve) => {
+          asked = true;
+          passphraseWaiter.current = (p) => {
+            passphraseWaiter.current = null;
+            setGate({ kind: 'passphrase', error: null, unlocking: true });
+            // Let the "Unlocking…" frame reach the screen before the key derivation occupies the CPU.
+            setTimeout(() => resolve(p), 60);
+          };
+          setGate({ kind: 'passphrase', error: previousError, unlocking: false });
+          previousError = null;
+        });
+      connect(ask).then(
+        (backend) => {
+          if (!alive) return void backend.close();
+          backendRef.current = backend;
+          setGate({ kind: 'ready', backend });
+        },
+        (err) => {
+          if (!alive) return;
+          if (asked) attempt(errorText(err));
+          else setGate({ kind: 'fatal', error: errorText(err) });
+        },
+      );
+    };
+    attempt(null);
+    return () => {
+      alive = false;
+    };
+  }, [connect]);
+
+  const finish = useCallback(() => {
+    if (quitting.current) return;
+    quitting.current = true;
+    exit();
+  }, [exit]);
+
+  const pendingQuit = useRef(false);
+  const quit = useCallback(() => {
+    if (job.current) {
+      // Never leave in the middle of a write: stop first, quit when the operation has ended.
+      quitting.current = false;
+      pendingQuit.current = true;
+      job.current.stop();
+      return;
+    }
+    finish();
+  }, [finish]);
+
+  const setJob = useCallback(
+    (j: Job | null) => {
+      job.current = j;
+      if (!j && pendingQuit.current) finish();
+    },
+    [finish],
+  );
+
+  useEffect(() => {
+    if (!events) return;
+    const onQuit = () => quit();
+    events.on('quit', onQuit);
+    return () => {
+      events.off('quit', onQuit);
+    };
+  }, [events, quit]);
+
+  // ctrl-c: stop a running operation, else quit. Always listening (it also keeps the terminal in raw mode).
+  useKeys((input, key) => {
+    if (key.ctrl && input === 'c') {
+      if (job.current) return job.current.stop();
+      return finish();
+    }
+    if (gate.kind === 'fatal' && input === 'q') return finish();
+  });
+
+  const backend = gate.kind === 'ready' ? gate.backend : null;
+  const session: Session | null = useMemo(
+    () =>
+      backend
+        ? {
+            backend,
+            size,
+            active: !help,
+            quit,
+            openHelp: () => setHelp(true),
+            setJob,
+            log: (line) => onLog?.(line),
+            noteIntegrityProblem: () => onIntegrityProblem?.(),
+          }
+        : null,
+    [backend, size, help, quit, setJob, onLog, onIntegrityProblem],
+  );
+
+  // Screens before the repository is open share a minimal session (size only).
+  const bare: Session = {
+    backend: null as unknown as Backend,
+    size,
+    active: true,
+    quit: finish,
+    openHelp: () => undefined,
+    setJob: () => undefined,
+    log: () => undefined,
+    noteIntegrityProblem: () => undefined,
+  };
+
+  const back = (notice: string | null, selected?: string | null) =>
+    setScreen((s) => ({ kind: 'list', notice, selected: selected ?? ('version' in s && s.version ? s.version.id : null) }));
+
+  const onAction = (a: ListAction) => {
+    if (a.kind === 'restore') setScreen({ kind: 'restore', version: a.version });
+    else if (a.kind === 'scrub') setScreen({ kind: 'scrub', version: a.version });
+    else if (a.kind === 'scrub-all') setScreen({ kind: 'scrub', version: null });
+    else setScreen({ kind: 'remove', version: a.version });
+  };
+
+  let content: ReactNode;
+  if (gate.kind !== 'ready' || !session) {
+    content = (
+      <SessionContext.Provider value={bare}>
+        {gate.kind === 'passphrase' ? (
+          <UnlockScreen location={location} error={gate.error} unlocking={gate.unlocking} onSubmit={(p) => passphraseWaiter.current?.(p)} />
+        ) : gate.kind === 'fatal' ? (
+          <Message location={location} error={gate.error} />
+        ) : (
+          <Message location={location} text={`Opening ${location}…`} />
+        )}
+      </SessionContext.Provider>
+    );
+  } else {
+    content = (
+      <SessionContext.Provider value={session}>
+        <Box display={help ? 'none' : 'flex'} flexDirection="column">
+          {screen.kind === 'list' ? (
+            <VersionsScreen key="list" onAction={onAction} initialSelected={screen.selected} notice={screen.notice} />
+          ) : screen.kind === 'restore' ? (
+            <RestoreWizard version={screen.version} onExit={(n) => back(n)} />
+          ) : screen.kind === 'scrub' ? (
+            <ScrubScreen version={screen.version} onExit={(n) => back(n)} />
+          ) : (
+            <RemoveScreen version={screen.version} onExit={(n) => back(n, n ? null : screen.version.id)} />
+          )}
+        </Box>
+        {help ? <HelpScreen onClose={() => setHelp(false)} /> : null}
+      </SessionContext.Provider>
+    );
+  }
+  return <Guard onError={() => job.current?.stop()}>{content}</Guard>;
+}
+
+const ALT_SCREEN_ON = '\x1b[?1049h\x1b[2J\x1b[H';
+const ALT_SCREEN_OFF = '\x1b[?25h\x1b[?1049l';
+
+/**
+ * Runs the UI on the terminal until the user quits. Returns the exit code: 0, or 3 when a restore or scrub
+ * found damage. What was done is printed after the terminal is restored, so it stays on record.
+ */
+export async function runUi(opts: GlobalOptions): Promise<number> {
+  const { UsageError } = await import('../src/errors.js');
+  if (!process.stdin.isTTY || !process.stdout.isTTY) {
+    throw new UsageError('blocksafe ui needs an interactive terminal; in scripts use the commands ls, restore and scrub.');
+  }
+  const { engineConnect } = await import('./engineBackend.js');
+  const { location, connect } = engineConnect(opts);
+  let backend: Backend | null = null;
+  const trackedConnect: Connect = async (ask) => (backend = await connect(ask));
+  const lines: string[] = [];
+  let integrity = false;
+  const events = new EventEmitter();
+  const out = process.stdout;
+  let restored = false;
+  const restoreTerminal = () => {
+    if (restored) return;
+    restored = true;
+    out.write(ALT_SCREEN_OFF);
+  };
+  const onSignal = () => events.emit('quit');
+  const onExit = () => restoreTerminal();
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+  process.on('SIGINT', onSignal);
+  process.on('exit', onExit);
+  // Clear the screen on resize so a shrinking window leaves no stale lines behind.
+  const onResize = () => out.write('\x1b[2J\x1b[H');
+  out.on('resize', onResize);
+  out.write(ALT_SCREEN_ON);
+  try {
+    const app = render(
+      <App
+        connect={trackedConnect}
+        location={location}
+        onLog={(l) => lines.push(l)}
+        onIntegrityProblem={() => {
+          integrity = true;
+        }}
+        events={events}
+      />,
+      { exitOnCtrlC: false, patchConsole: true },
+    );
+    await app.waitUntilExit();
+  } finally {
+    out.off('resize', onResize);
+    restoreTerminal();
+    process.off('SIGTERM', onSignal);
+    process.off('SIGHUP', onSignal);
+    process.off('SIGINT', onSignal);
+    process.off('exit', onExit);
+    await (backend as Backend | null)?.close().catch(() => undefined);
+  }
+  for (const l of lines) process.stderr.write(l + '\n');
+  if (lines.length === 0) process.stderr.write('blocksafe ui: nothing was changed.\n');
+  return integrity ? 3 : 0;
+}

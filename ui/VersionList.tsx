@@ -1,0 +1,371 @@
+/**
+ * The main screen: versions grouped by volume name (newest first in each group), a filter, and a detail
+ * pane with the selected version's statistics and block counts.
+ */
+import { Box, Text } from 'ink';
+import { useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
+import type { VersionRecord, VersionUsage } from './backend.js';
+import { errorText } from './backend.js';
+import { Frame, TextInput, type KeyHint } from './components.js';
+import { age, blocksOf, fit, fitRight, formatBytes, formatDuration, longDate, shortDate, statusColor, statusWords } from './format.js';
+import { useKeys, useSession } from './hooks.js';
+
+export type ListLine = { kind: 'group'; name: string; count: number; shown: number } | { kind: 'version'; v: VersionRecord };
+
+/** Every space-separated word of the filter must occur in the version's id, name, date, tags, snapshot or status. */
+export function matchesFilter(v: VersionRecord, filter: string): boolean {
+  const words = filter.toLowerCase().split(/\s+/).filter(Boolean);
+  if (words.length === 0) return true;
+  const hay = [v.id, v.name, v.snapshot_name, shortDate(v.date), ...v.tags, ...statusWords(v)].join(' ').toLowerCase();
+  return words.every((w) => hay.includes(w));
+}
+
+/** Groups by volume name (names in alphabetical order), keeping the newest-first order inside each group. */
+export function groupLines(versions: VersionRecord[], filter: string): ListLine[] {
+  const groups = new Map<string, { all: number; shown: VersionRecord[] }>();
+  for (const v of versions) {
+    let g = groups.get(v.name);
+    if (!g) groups.set(v.name, (g = { all: 0, shown: [] }));
+    g.all++;
+    if (matchesFilter(v, filter)) g.shown.push(v);
+  }
+  const lines: ListLine[] = [];
+  for (const name of [...groups.keys()].sort((a, b) => a.localeCompare(b))) {
+    const g = groups.get(name)!;
+    if (g.shown.length === 0) continue;
+    g.shown.sort((a, b) => b.date.localeCompare(a.date) || a.id.localeCompare(b.id));
+    lines.push({ kind: 'group', name, count: g.all, shown: g.shown.length });
+    for (const v of g.shown) lines.push({ kind: 'version', v });
+  }
+  return lines;
+}
+
+interface Columns {
+  date: number;
+  age: number;
+  size: number;
+  stored: number;
+}
+
+function columnsFor(width: number): Columns {
+  return { date: 23, age: 7, size: 9, stored: width >= 100 ? 10 : 0 };
+}
+
+function header(width: number): string {
+  const c = columnsFor(width);
+  let s = `  ${fit('id', 8)} ${fit('date (local time)', c.date)} ${fitRight('age', c.age)} ${fitRight('size', c.size)}`;
+  if (c.stored) s += ` ${fitRight('new data', c.stored)}`;
+  return s + '  status / tags';
+}
+
+function VersionRow({ v, selected, width }: { v: VersionRecord; selected: boolean; width: number }) {
+  const c = columnsFor(width);
+  let left = `${selected ? '>' : ' '} ${fit(v.id, 8)} ${fit(shortDate(v.date), c.date)} ${fitRight(age(v.date), c.age)} ${fitRight(formatBytes(v.size), c.size)}`;
+  // "new data": what this backup added to the store (stored bytes), known without reading anything.
+  if (c.stored) left += ` ${fitRight(v.complete ? formatBytes(v.stats.bytes_written) : '-', c.stored)}`;
+  const words = statusWords(v);
+  return (
+    <Box width={width} height={1} overflow="hidden">
+      <Text inverse={selected} bold={selected} wrap="truncate-end">
+        {left}
+        {'  '}
+        {words.map((w, i) => (
+          <Text key={w} color={statusColor(w)} bold={w === 'INVALID'}>
+            {i > 0 ? ' ' : ''}
+            {w}
+          </Text>
+        ))}
+        {v.tags.length ? `  ${v.tags.join(',')}` : ''}
+      </Text>
+    </Box>
+  );
+}
+
+/** The list itself: `height` lines, scrolled so the selected version is visible. */
+export function VersionList({ lines, selectedId, width, height }: { lines: ListLine[]; selectedId: string | null; width: number; height: number }) {
+  const offset = useRef(0);
+  const sel = Math.max(
+    0,
+    lines.findIndex((l) => l.kind === 'version' && l.v.id === selectedId),
+  );
+  const rows = Math.max(1, height);
+  // Keep the selection in view, showing its group header when it is the first of its group.
+  const top = sel > 0 && lines[sel - 1]?.kind === 'group' ? sel - 1 : sel;
+  if (top < offset.current) offset.current = top;
+  if (sel >= offset.current + rows) offset.current = sel - rows + 1;
+  offset.current = Math.max(0, Math.min(offset.current, Math.max(0, lines.length - rows)));
+  const visible = lines.slice(offset.current, offset.current + rows);
+  const more = lines.length - offset.current - visible.length;
+  return (
+    <Box flexDirection="column" width={width} height={rows} overflow="hidden">
+      {visible.map((l, i) =>
+        l.kind === 'group' ? (
+          <Box key={`g:${l.name}`} width={width} height={1} overflow="hidden">
+            <Text bold color="blue" wrap="truncate-end">
+              {`== ${l.name} `}
+              <Text dimColor>
+                ({l.shown === l.count ? `${l.count} version${l.count === 1 ? '' : 's'}` : `${l.shown} of ${l.count} versions match`})
+              </Text>
+              {i === rows - 1 && more > 0 ? <Text dimColor>{`  ↓ ${more} more`}</Text> : null}
+            </Text>
+          </Box>
+        ) : (
+          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} />
+        ),
+      )}
+    </Box>
+  );
+}
+
+type UsageState = { id: string; usage?: VersionUsage; error?: string } | null;
+
+/** Statistics and block counts of one version. */
+export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | null; usage: UsageState; width: number; height: number }) {
+  if (!v) {
+    return (
+      <Box width={width} height={height}>
+        <Text dimColor>No version selected.</Text>
+      </Box>
+    );
+  }
+  const s = v.stats;
+  const words = statusWords(v);
+  const stored =
+    usage?.id !== v.id
+      ? 'counting…'
+      : usage.error
+        ? `unknown (${usage.error})`
+        : usage.usage
+          ? `${formatBytes(usage.usage.storedBytes)} in ${usage.usage.blocks} distinct blocks (shared ones included), ` +
+            (usage.usage.damagedBlocks ? `${usage.usage.damagedBlocks} DAMAGED` : 'none damaged')
+          : 'counting…';
+  const rows: [string, ReactNode][] = [
+    [
+      'Version',
+      <Text>
+        <Text bold>{v.id}</Text> · {v.name} · {longDate(v.date)} ({age(v.date)} ago)
+      </Text>,
+    ],
+    ['Size', `${formatBytes(v.size)} = ${blocksOf(v)} blocks of ${formatBytes(v.block_size)}`],
+    [
+      'Status',
+      <Text>
+        {words.map((w, i) => (
+          <Text key={w} color={statusColor(w)} bold={w === 'INVALID'}>
+            {i > 0 ? ', ' : ''}
+            {w}
+          </Text>
+        ))}
+        {!v.complete ? ` (${v.blocks_done} of ${blocksOf(v)} blocks saved; cannot be restored)` : ''}
+        {` · expires ${v.expire ? longDate(v.expire) : 'never'} · tags ${v.tags.length ? v.tags.join(', ') : 'none'}`}
+      </Text>,
+    ],
+    ['Stored', stored],
+    [
+      'Blocks',
+      `${s.blocks_read} read, ${s.blocks_written} new (${formatBytes(s.bytes_written)} stored), ${s.blocks_deduplicated} dedup, ` +
+        `${s.blocks_sparse} zero, ${s.blocks_referenced} unchanged; backup took ${formatDuration(s.duration_ms)}`,
+    ],
+    ['Source', `${v.source || '?'}${v.snapshot_name ? ` · snapshot ${v.snapshot_name}` : ''} · ${v.base ? `based on ${v.base}` : 'full backup'}`],
+  ];
+  return (
+    <Box flexDirection="column" width={width} height={height} overflow="hidden">
+      {rows.map(([label, value]) => (
+        <Box key={label} width={width}>
+          <Box width={8} flexShrink={0}>
+            <Text dimColor>{label}</Text>
+          </Box>
+          <Box width={width - 8}>
+            <Text wrap={width >= 60 && height > rows.length ? 'wrap' : 'truncate-end'}>{value}</Text>
+          </Box>
+        </Box>
+      ))}
+    </Box>
+  );
+}
+
+export type ListAction = { kind: 'restore' | 'scrub' | 'remove'; version: VersionRecord } | { kind: 'scrub-all' };
+
+/** The versions screen: list + filter + detail, and the keys that start the other screens. */
+export function VersionsScreen({ onAction, initialSelected, notice }: { onAction: (a: ListAction) => void; initialSelected?: string | null; notice?: string | null }) {
+  const { backend, size, active, quit, openHelp } = useSession();
+  const [versions, setVersions] = useState<VersionRecord[]>(() => backend.listVersions());
+  const [filter, setFilter] = useState('');
+  const [filtering, setFiltering] = useState(false);
+  const [selectedId, setSelectedId] = useState<string | null>(initialSelected ?? null);
+  const [error, setError] = useState<string | null>(null);
+  const [usage, setUsage] = useState<UsageState>(null);
+
+  const lines = useMemo(() => groupLines(versions, filter), [versions, filter]);
+  const shown = useMemo(() => lines.flatMap((l) => (l.kind === 'version' ? [l.v] : [])), [lines]);
+  const selected = shown.find((v) => v.id === selectedId) ?? shown[0] ?? null;
+
+  // Stored size and damaged blocks of the selected version: counted in the background, after a short pause.
+  useEffect(() => {
+    if (!selected) return;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => {
+      backend.versionUsage(selected, ctl.signal).then(
+        (u) => !ctl.signal.aborted && setUsage({ id: selected.id, usage: u }),
+        (err) => !ctl.signal.aborted && setUsage({ id: selected.id, error: errorText(err) }),
+      );
+    }, 150);
+    return () => {
+      clearTimeout(timer);
+      ctl.abort();
+    };
+  }, [backend, selected?.id]);
+
+  const move = (delta: number) => {
+    if (shown.length === 0) return;
+    const i = Math.max(0, shown.findIndex((v) => v.id === selected?.id));
+    const next = Math.max(0, Math.min(shown.length - 1, i + delta));
+    setSelectedId(shown[next]!.id);
+    setError(null);
+  };
+
+  const wide = size.columns >= 120;
+  const bodyHeight = Math.max(5, size.rows - 4);
+  const detailHeight = wide ? bodyHeight - 2 : size.rows >= 30 ? 8 : 6;
+  const listWidth = wide ? size.columns - 48 : size.columns;
+  const noticeLines = notice ? 1 : 0;
+  const listHeight = Math.max(2, (wide ? bodyHeight - 2 : bodyHeight - 2 - detailHeight - 1) - noticeLines);
+  const page = Math.max(1, listHeight - 2);
+
+  useKeys(
+    (input, key) => {
+      if (filtering) {
+        if (key.escape) {
+          setFilter('');
+          setFiltering(false);
+        } else if (key.return || key.tab) setFiltering(false);
+        else if (key.upArrow) move(-1);
+        else if (key.downArrow) move(1);
+        return;
+      }
+      if (key.upArrow) return move(-1);
+      if (key.downArrow) return move(1);
+      if (key.pageUp) return move(-page);
+      if (key.pageDown) return move(page);
+      if (key.home) return move(-shown.length);
+      if (key.end) return move(shown.length);
+      if (key.escape) {
+        setFilter('');
+        setError(null);
+        return;
+      }
+      if (key.return) {
+        if (!selected) return setError('There is no version to restore.');
+        if (!selected.complete) {
+          return setError(`Version ${selected.id} is incomplete (its backup was interrupted) and cannot be restored; pick another version.`);
+        }
+        return onAction({ kind: 'restore', version: selected });
+      }
+      if (input === '/') {
+        setFiltering(true);
+        setError(null);
+        return;
+      }
+      if (input === 'q') return quit();
+      if (input === '?') return openHelp();
+      if (input === 'R' || (key.ctrl && input === 'l')) {
+        setVersions(backend.listVersions());
+        setError(null);
+        return;
+      }
+      if (input === 's' && backend.scrub) {
+        if (!selected) return setError('There is no version to scrub; press S to scrub the whole repository.');
+        return onAction({ kind: 'scrub', version: selected });
+      }
+      if (input === 'S' && backend.scrub) return onAction({ kind: 'scrub-all' });
+      if ((input === 'x' || key.delete) && backend.remove) {
+        if (!selected) return;
+        if (selected.protected) return setError(`Version ${selected.id} is protected; it cannot be removed (unprotect it first). Nothing was removed.`);
+        return onAction({ kind: 'remove', version: selected });
+      }
+    },
+    { isActive: active },
+  );
+
+  const keys: KeyHint[] = filtering
+    ? [
+        ['Enter', 'keep filter'],
+        ['Esc', 'clear filter'],
+        ['↑↓', 'select'],
+      ]
+    : [
+        ['↑↓', 'select'],
+        ['Enter', 'restore'],
+        ['/', 'filter'],
+        ...(backend.scrub ? ([['s', 'scrub']] as KeyHint[]) : []),
+        ...(backend.remove ? ([['x', 'remove']] as KeyHint[]) : []),
+        ['?', 'help'],
+        ['q', 'quit'],
+      ];
+  const names = new Set(versions.map((v) => v.name)).size;
+  const right = `${versions.length} version${versions.length === 1 ? '' : 's'} of ${names} volume${names === 1 ? '' : 's'}`;
+
+  const filterLine = (
+    <Box width={listWidth} height={1} overflow="hidden">
+      <Text wrap="truncate-end">
+        <Text bold={filtering}>Filter: </Text>
+        {filtering || filter ? (
+          <TextInput value={filter} onChange={setFilter} active={active && filtering} onSubmit={() => setFiltering(false)} />
+        ) : (
+          <Text dimColor>press / and type a name, id, tag, date or status (e.g. invalid)</Text>
+        )}
+        {!filtering && filter ? <Text dimColor> ({shown.length} shown, Esc clears)</Text> : null}
+      </Text>
+    </Box>
+  );
+
+  const listBody =
+    versions.length === 0 ? (
+      <Text>This repository holds no versions yet. Back one up with: blocksafe backup SOURCE NAME</Text>
+    ) : shown.length === 0 ? (
+      <Text>No version matches "{filter}". Press Esc to clear the filter.</Text>
+    ) : (
+      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} />
+    );
+
+  const list = (
+    <Box flexDirection="column" width={listWidth}>
+      {filterLine}
+      <Box width={listWidth} height={1} overflow="hidden">
+        <Text dimColor wrap="truncate-end">
+          {header(listWidth)}
+        </Text>
+      </Box>
+      <Box height={listHeight} flexDirection="column">
+        {listBody}
+      </Box>
+    </Box>
+  );
+
+  return (
+    <Frame title={`blocksafe · ${backend.summary.location}`} right={right} keys={keys} error={error ?? undefined}>
+      {notice ? (
+        <Text color="green" wrap="truncate-end">
+          {notice}
+        </Text>
+      ) : null}
+      {wide ? (
+        <Box flexDirection="row">
+          {list}
+          <Box flexDirection="column" marginLeft={2} width={46}>
+            <Text bold>Details</Text>
+            <VersionDetail v={selected} usage={usage} width={46} height={detailHeight} />
+          </Box>
+        </Box>
+      ) : (
+        <Box flexDirection="column">
+          {list}
+          <Text dimColor wrap="truncate-end">
+            {`── details ${'─'.repeat(Math.max(0, size.columns - 11))}`}
+          </Text>
+          <VersionDetail v={selected} usage={usage} width={size.columns} height={detailHeight} />
+        </Box>
+      )}
+    </Frame>
+  );
+}

@@ -1,0 +1,113 @@
+/**
+ * What the terminal UI needs from the engine, as one small interface. The real implementation
+ * (engineBackend.ts) calls the engine; component tests hand the UI a fake one. Only types are imported
+ * here, so loading this module never loads the engine.
+ */
+import type { Progress } from '../src/engine/progress.js';
+import type { DamagedRange } from '../src/engine/restore.js';
+import type { ScrubResult } from '../src/engine/scrub.js';
+import type { RestoreState, VersionRecord } from '../src/index/records.js';
+import type { BlockDevice } from './devices.js';
+
+export type { BlockDevice, Progress, VersionRecord };
+
+/** What a restore target is right now (checked again by the engine when the restore starts). */
+export interface TargetInfo {
+  /** Absolute path. */
+  path: string;
+  /** What the user will be asked to type before it is overwritten: the file's or device's name. */
+  name: string;
+  kind: 'new-file' | 'file' | 'block' | 'directory' | 'other';
+  /** Current size in bytes (file length, device capacity); 0 for a new file. */
+  size: number;
+  /** Mount points, for block devices. */
+  mountpoints: string[];
+  /** Why the target cannot be used at all (then nothing else matters), or null. */
+  refusal: string | null;
+  /** True when restoring destroys existing data: a non-empty file, or any block device. */
+  overwrites: boolean;
+  /** A warning that does not block (e.g. little free space for a new file). */
+  warning: string | null;
+  /** An interrupted restore to this target, if one is recorded. */
+  interrupted: RestoreState | null;
+  /** Extra words for the summary, e.g. the device model. */
+  description: string;
+}
+
+export interface RestoreRequest {
+  target: string;
+  /** Overwrite a non-empty target; only ever true after the user typed the target's name. */
+  force: boolean;
+  /** Continue the interrupted restore of the same version to the same target. */
+  resume: boolean;
+}
+
+export interface RestoreOutcome {
+  bytesWritten: number;
+  damaged: DamagedRange[];
+}
+
+export interface ScrubRequest {
+  /** Versions to scrub; empty = every block of the repository. */
+  versions: VersionRecord[];
+  /** 1–100; undefined = all selected blocks. */
+  percent?: number;
+}
+
+/** Storage facts of one version, computed on demand (walks its block map). */
+export interface VersionUsage {
+  /** Distinct non-zero blocks the version references. */
+  blocks: number;
+  /** Their stored (compressed, encrypted) size. */
+  storedBytes: number;
+  /** Blocks marked invalid (damaged) or missing from the block table. */
+  damagedBlocks: number;
+}
+
+export interface RepositorySummary {
+  location: string;
+  encryption: string;
+  blockSize: number;
+}
+
+/** Thrown (by the backend) when an operation stopped because the user cancelled it. */
+export class CancelledError extends Error {
+  constructor() {
+    super('Cancelled by the user.');
+    this.name = 'CancelledError';
+  }
+}
+
+export interface Backend {
+  readonly summary: RepositorySummary;
+  /** Newest first. */
+  listVersions(): VersionRecord[];
+  versionUsage(v: VersionRecord, signal: AbortSignal): Promise<VersionUsage>;
+  listDevices(): BlockDevice[];
+  inspectTarget(path: string, v: VersionRecord): Promise<TargetInfo>;
+  /** Rejects with CancelledError when `signal` aborts (the restore stops after the blocks in flight). */
+  restore(v: VersionRecord, req: RestoreRequest, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<RestoreOutcome>;
+  /** Present only when the engine has a scrub. */
+  scrub?: (req: ScrubRequest, onProgress: (p: Progress) => void, signal: AbortSignal) => Promise<ScrubResult>;
+  /** Present only when the engine can remove versions. Refuses protected versions. */
+  remove?: (v: VersionRecord) => Promise<void>;
+  /** Present only when the engine has lifecycle operations. */
+  setProtected?: (v: VersionRecord, on: boolean) => Promise<void>;
+  addTag?: (v: VersionRecord, tag: string) => Promise<void>;
+  removeTag?: (v: VersionRecord, tag: string) => Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Opens the repository; `askPassphrase` is called (maybe several times) only when one is needed. */
+export type Connect = (askPassphrase: () => Promise<string>) => Promise<Backend>;
+
+/** One line for the UI: the message of a blocksafe error, never a stack trace. */
+export function errorText(err: unknown): string {
+  if (err instanceof Error) {
+    // BlocksafeError messages are written for users; anything else gets a hint where to look.
+    const isBlocksafe = 'exitCode' in err;
+    const first = err.message.split('\n')[0] ?? '';
+    return isBlocksafe ? first : `Unexpected problem: ${first} (the CLI command with --debug shows details).`;
+  }
+  return String(err);
+}

@@ -1,0 +1,265 @@
+/**
+ * The real data layer of the terminal UI: the same engine functions the CLI commands call
+ * (listVersions, restore, scrub, removeVersion), with the repository opened once for the session.
+ */
+import * as fs from 'node:fs/promises';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/cli/context.js';
+import { BlockPipeline } from '../src/engine/blockPipeline.js';
+import { blockDeviceSize, mountsOf } from '../src/engine/device.js';
+import type { Progress } from '../src/engine/progress.js';
+import { removeVersion } from '../src/engine/remove.js';
+import { indexDirFor, openStore, Repository, type SecretSource } from '../src/engine/repository.js';
+import { restore as runRestore } from '../src/engine/restore.js';
+import { scrub as runScrub } from '../src/engine/scrub.js';
+import { listVersions } from '../src/engine/versions.js';
+import { describeSystemError, UsageError } from '../src/errors.js';
+import type { VersionRecord } from '../src/index/records.js';
+import {
+  CancelledError,
+  type Backend,
+  type Connect,
+  type RepositorySummary,
+  type RestoreOutcome,
+  type RestoreRequest,
+  type ScrubRequest,
+  type TargetInfo,
+  type VersionUsage,
+} from './backend.js';
+import { deviceRefusal, listBlockDevices, type BlockDevice } from './devices.js';
+import { confirmName, formatBytes } from './format.js';
+
+/** "~/x" → home, relative → absolute (against the directory the UI was started in). */
+export function absoluteTarget(input: string): string {
+  const t = input.trim();
+  if (t === '~' || t.startsWith('~/')) return path.join(os.homedir(), t.slice(1));
+  return path.resolve(t);
+}
+
+function devno(rdev: number): string {
+  const major = Math.floor(rdev / 256) & 0xfff;
+  const minor = (rdev & 0xff) | ((Math.floor(rdev / 2 ** 20) & 0xfff) << 8);
+  return `${major}:${minor}`;
+}
+
+/**
+ * Wraps a progress listener so that a cancelled operation stops: the engine calls the listener after each
+ * block is written and checkpointed, so throwing there stops after the blocks in flight, leaving the restore
+ * state in the index for a later resume.
+ */
+function cancellable(onProgress: (p: Progress) => void, signal: AbortSignal): (p: Progress) => void {
+  return (p) => {
+    if (signal.aborted) throw new CancelledError();
+    onProgress(p);
+  };
+}
+
+class EngineBackend implements Backend {
+  readonly summary: RepositorySummary;
+
+  constructor(
+    private readonly repo: Repository,
+    private readonly settings: PipelineSettings,
+    location: string,
+  ) {
+    this.summary = { location, encryption: repo.descriptor.encryption, blockSize: repo.blockSize };
+  }
+
+  listVersions(): VersionRecord[] {
+    return listVersions(this.repo);
+  }
+
+  async versionUsage(v: VersionRecord, signal: AbortSignal): Promise<VersionUsage> {
+    const cursor = this.repo.index.mapCursor(v.id);
+    const count = Math.ceil(v.size / v.block_size);
+    // 16 bytes of a 32-byte keyed checksum identify a block well enough for a statistic, at half the memory.
+    const seen = new Set<string>();
+    const usage: VersionUsage = { blocks: 0, storedBytes: 0, damagedBlocks: 0 };
+    for (let i = 0; i < count; i++) {
+      if (i % 4096 === 4095) {
+        await new Promise((r) => setImmediate(r));
+        if (signal.aborted) throw new CancelledError();
+      }
+      const c = cursor.get(i);
+      if (!c) continue;
+      const key = c.subarray(0, 16).toString('latin1');
+      if (seen.has(key)) continue;
+      seen.add(key);
+      const record = this.repo.index.getBlock(c);
+      usage.blocks++;
+      usage.storedBytes += record?.stored ?? 0;
+      if (!record || !record.valid) usage.damagedBlocks++;
+    }
+    return usage;
+  }
+
+  listDevices(): BlockDevice[] {
+    return listBlockDevices();
+  }
+
+  async inspectTarget(input: string, v: VersionRecord): Promise<TargetInfo> {
+    const abs = absoluteTarget(input);
+    const info: TargetInfo = {
+      path: abs,
+      name: confirmName(abs),
+      kind: 'other',
+      size: 0,
+      mountpoints: [],
+      refusal: null,
+      overwrites: false,
+      warning: null,
+      interrupted: null,
+      description: '',
+    };
+    let real = abs;
+    try {
+      real = await fs.realpath(abs);
+    } catch {
+      // a new file: the engine keys its restore state by the resolved path as well
+    }
+    info.interrupted = this.repo.index.getRestoreState(real) ?? null;
+    let st;
+    try {
+      st = await fs.stat(abs);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+        info.refusal = describeSystemError(err, abs).message;
+        return info;
+      }
+    }
+    if (!st) {
+      info.kind = 'new-file';
+      const dir = path.dirname(abs);
+      let dirSt;
+      try {
+        dirSt = await fs.stat(dir);
+      } catch {
+        info.refusal = `The folder ${dir} does not exist; create it first or choose another path.`;
+        return info;
+      }
+      if (!dirSt.isDirectory()) {
+        info.refusal = `${dir} is not a folder.`;
+        return info;
+      }
+      info.description = `a new file in ${dir}`;
+      try {
+        const fsStat = await fs.statfs(dir);
+        const free = fsStat.bavail * fsStat.bsize;
+        if (free < v.size) info.warning = `Only ${formatBytes(free)} free in ${dir}, the version is ${formatBytes(v.size)} (zero blocks become holes, so it may still fit).`;
+      } catch {
+        // no free-space figure: not a reason to refuse
+      }
+      return info;
+    }
+    if (st.isDirectory()) {
+      info.kind = 'directory';
+      info.refusal = `${abs} is a folder; add a file name, e.g. ${path.join(abs, `${v.name}.img`)}`;
+      return info;
+    }
+    if (st.isFile()) {
+      info.kind = 'file';
+      info.size = st.size;
+      info.overwrites = st.size > 0;
+      info.description = st.size > 0 ? `an existing file of ${formatBytes(st.size)}` : 'an existing empty file';
+      return info;
+    }
+    if (st.isBlockDevice()) {
+      info.kind = 'block';
+      info.overwrites = true;
+      try {
+        info.size = blockDeviceSize(st.rdev);
+      } catch (err) {
+        info.refusal = (err as Error).message;
+        return info;
+      }
+      info.mountpoints = mountsOf(st.rdev);
+      const dev = listBlockDevices().find((d) => d.devno === devno(st.rdev));
+      if (dev) {
+        info.name = dev.name;
+        info.description = [dev.model, `block device ${dev.name}`].filter(Boolean).join(', ');
+        info.refusal = deviceRefusal({ ...dev, mountpoints: info.mountpoints }, v.size);
+      } else {
+        info.description = 'block device';
+        if (info.mountpoints.length) info.refusal = `mounted on ${info.mountpoints.join(', ')}`;
+        else if (info.size < v.size) info.refusal = `too small (${formatBytes(info.size)} < ${formatBytes(v.size)})`;
+      }
+      if (info.refusal) info.refusal = `${abs} cannot be used: ${info.refusal}.`;
+      return info;
+    }
+    info.refusal = `${abs} is neither a regular file nor a block device.`;
+    return info;
+  }
+
+  private pipeline(): BlockPipeline {
+    return BlockPipeline.start(this.repo, this.settings.threads, { storeRead: this.settings.readThrottle, storeWrite: this.settings.writeThrottle });
+  }
+
+  async restore(v: VersionRecord, req: RestoreRequest, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<RestoreOutcome> {
+    const pipeline = this.pipeline();
+    try {
+      const r = await runRestore(this.repo, pipeline, v, {
+        target: req.target,
+        force: req.force,
+        resume: req.resume,
+        sparse: false,
+        queueDepth: this.settings.queueDepth,
+        writeThrottle: this.settings.writeThrottle,
+        onProgress: cancellable(onProgress, signal),
+      });
+      return { bytesWritten: r.bytesWritten, damaged: r.damaged };
+    } finally {
+      await pipeline.close();
+    }
+  }
+
+  scrub = async (req: ScrubRequest, onProgress: (p: Progress) => void, signal: AbortSignal) => {
+    const pipeline = this.pipeline();
+    try {
+      return await runScrub(this.repo, pipeline, {
+        versions: req.versions,
+        percent: req.percent,
+        queueDepth: this.settings.queueDepth,
+        direct: this.settings.direct,
+        onProgress: cancellable(onProgress, signal),
+      });
+    } finally {
+      await pipeline.close();
+    }
+  };
+
+  remove = async (v: VersionRecord) => {
+    // Never forced from the UI: a protected version must be unprotected first.
+    await removeVersion(this.repo, this.repo.index.getVersion(v.id) ?? v, false);
+  };
+
+  close(): Promise<void> {
+    return this.repo.close();
+  }
+}
+
+/** How the UI opens the repository named by the global options; a passphrase is asked inside the UI. */
+export function engineConnect(opts: GlobalOptions): { location: string; connect: Connect } {
+  const given = repoLocation(opts);
+  const location = /^[a-z0-9]+:\/\//i.test(given) ? given : path.resolve(given);
+  const settings = pipelineSettings(opts);
+  const askInUi = !opts.keyFile && !opts.passphraseFile && process.env.BLOCKSAFE_PASSPHRASE === undefined;
+  const connect: Connect = async (askPassphrase) => {
+    const store = openStore(location);
+    const secret: SecretSource = askInUi
+      ? async () => {
+          const pass = await askPassphrase();
+          if (pass.length === 0) throw new UsageError('The passphrase is empty.');
+          return { type: 'passphrase', value: Buffer.from(pass, 'utf8') };
+        }
+      : secretSource(opts);
+    try {
+      const repo = await Repository.open(store, secret, indexDirFor(store));
+      return new EngineBackend(repo, settings, location);
+    } catch (err) {
+      await store.close().catch(() => undefined);
+      throw err;
+    }
+  };
+  return { location, connect };
+}
