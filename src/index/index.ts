@@ -3,10 +3,10 @@ import * as path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { FormatError, NotFoundError, UsageError } from '../errors.js';
 import { BlockMapChunk, BlockMapCursor, CHUNK_BLOCKS } from './blockmap.js';
-import type { BlockRecord, GcCandidate, LockRecord, RestoreState, VersionRecord } from './records.js';
+import { emptyStats, type BlockRecord, type GcCandidate, type LockRecord, type RestoreState, type VersionRecord } from './records.js';
 
-/** Schema version of the LMDB index; bumped with a migration in `migrate()` when the layout changes. */
-export const INDEX_SCHEMA = 1;
+/** Schema version of the LMDB index; bumped with a migration in MIGRATIONS when the layout changes. */
+export const INDEX_SCHEMA = 2;
 
 /**
  * The LMDB index: versions, their block maps (in chunks), and the block table keyed by checksum.
@@ -60,6 +60,12 @@ export class Index {
     }
     if (id !== this.repoId) {
       throw new FormatError(`The index belongs to another repository (${id}); remove it and run "blocksafe index rebuild".`);
+    }
+    for (let from = schema; from < INDEX_SCHEMA; from++) {
+      this.root.transactionSync(() => {
+        MIGRATIONS[from]!(this.versions);
+        this.meta.putSync('schema', from + 1);
+      });
     }
   }
 
@@ -322,6 +328,20 @@ export class Index {
     await this.restores.remove(target);
   }
 }
+
+/**
+ * Index migrations, by the schema they upgrade from; each runs in one transaction with the schema bump.
+ * 1 → 2: version statistics gained blocks_sampled and blocks_referenced, versions gained blocks_done.
+ */
+const MIGRATIONS: Record<number, (versions: Database<VersionRecord, string>) => void> = {
+  1: (versions) => {
+    for (const { key, value } of versions.getRange({})) {
+      const v = { ...value, stats: { ...emptyStats(), ...value.stats } };
+      v.blocks_done ??= v.complete ? Math.ceil(v.size / v.block_size) : 0;
+      versions.put(key, v);
+    }
+  },
+};
 
 function translationKey(foreignRepo: string, foreign: Buffer): Buffer {
   return Buffer.concat([Buffer.from(foreignRepo, 'ascii'), Buffer.from([0]), foreign]);
