@@ -122,8 +122,8 @@ export async function importVersion(repo: Repository, pipeline: BlockPipeline, d
       }
     }
     // Keep the original backup's statistics and bookkeeping, not those of the import.
-    Object.assign(writer.version, { stats: v.stats, expire: v.expire ? new Date(v.expire).toISOString() : null, valid: v.valid });
-    return writer.finish();
+    Object.assign(writer.version, { expire: v.expire ? new Date(v.expire).toISOString() : null, valid: v.valid });
+    return writer.finish({ stats: v.stats });
   });
 }
 
@@ -206,8 +206,8 @@ export async function copyVersion(src: Repository, srcPipe: BlockPipeline, dst: 
         writer.first,
       );
       await dst.index.putTranslations(src.id, translations);
-      Object.assign(writer.version, { stats: v.stats, expire: v.expire, valid: v.valid });
-      result.version = await writer.finish();
+      Object.assign(writer.version, { expire: v.expire, valid: v.valid });
+      result.version = await writer.finish({ stats: v.stats });
       return result;
     }),
   );

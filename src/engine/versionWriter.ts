@@ -1,5 +1,5 @@
 import { BlockMapChunk, CHUNK_BLOCKS } from '../index/blockmap.js';
-import { emptyStats, type BlockRecord, type VersionRecord } from '../index/records.js';
+import { emptyStats, type BlockRecord, type VersionRecord, type VersionStats } from '../index/records.js';
 import type { BlockPipeline } from './blockPipeline.js';
 import { newVersionId } from './ids.js';
 import { revalidateVersions } from './integrity.js';
@@ -155,17 +155,22 @@ export class VersionWriter {
     this.lastCommit = Date.now();
   }
 
-  /** Commits the rest, writes the manifest, then marks the version complete (and its attributes). */
-  async finish(opts: { autoTags?: boolean } = {}): Promise<VersionRecord> {
+  /**
+   * Commits the rest, writes the manifest, then marks the version complete (and its attributes).
+   * `stats` replaces the statistics of this run (import and copy keep those of the original backup).
+   */
+  async finish(opts: { autoTags?: boolean; stats?: VersionStats } = {}): Promise<VersionRecord> {
     await this.commit();
     const version = this.version;
     if (opts.autoTags) version.tags = [...new Set([...version.tags, ...autoTagsFor(this.repo, version)])];
     version.complete = true;
-    version.stats.duration_ms = this.previousDuration + Date.now() - this.started;
+    version.stats = opts.stats ? { ...opts.stats } : { ...version.stats, duration_ms: this.previousDuration + Date.now() - this.started };
     // The manifest describes the finished version; only once it is durable does the index say complete.
     await writeManifest(this.repo, version);
     const done = await this.repo.index.updateVersion(version.id, (v) => {
       v.complete = true;
+      v.valid = version.valid;
+      v.expire = version.expire;
       v.stats = version.stats;
       v.blocks_done = this.blocks;
       v.base = version.base;
