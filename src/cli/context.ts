@@ -108,7 +108,7 @@ export function pipelineSettings(opts: GlobalOptions): PipelineSettings {
   const threads = c.threads || defaultThreads();
   return {
     threads,
-    queueDepth: c.queue_depth || threads * 2 + 2,
+    queueDepth: c.queue_depth || threads + 2,
     direct: c.direct_io,
     readThrottle: new Throttle(c.read_limit),
     writeThrottle: new Throttle(c.write_limit),

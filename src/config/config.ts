@@ -22,7 +22,7 @@ interface Option {
 
 export const SCHEMA = {
   repository: {
-    repo: { kind: 'string', default: '', doc: 'Repository used when --repo and BLOCKSAFE_REPO are not given (a directory path).' },
+    repo: { kind: 'string', default: '', doc: 'Repository used when --repo and BLOCKSAFE_REPO are not given (a directory path or s3://BUCKET/PREFIX).' },
   },
   init: {
     block_size: { kind: 'size', default: '4M', doc: 'Block size of new repositories (a power of two from 64K to 64M).' },
@@ -50,7 +50,7 @@ export const SCHEMA = {
   },
   pipeline: {
     threads: { kind: 'int', default: '0', min: 0, max: 64, doc: 'Worker threads for checksums, compression and encryption (0 = one per core).' },
-    queue_depth: { kind: 'int', default: '0', min: 0, max: 256, doc: 'Blocks in flight at once (0 = 2 per thread + 2); memory is about 3 × depth × block size.' },
+    queue_depth: { kind: 'int', default: '0', min: 0, max: 256, doc: 'Blocks in flight at once (0 = threads + 2); each costs about 4 × the block size of memory.' },
     read_limit: { kind: 'size', default: '0', doc: 'Read bandwidth limit in bytes per second, e.g. 50M (0 = unlimited): the source on backup, the store on restore.' },
     write_limit: { kind: 'size', default: '0', doc: 'Write bandwidth limit in bytes per second (0 = unlimited): the store on backup, the target on restore.' },
     direct_io: { kind: 'bool', default: 'true', doc: 'Read backup sources with O_DIRECT so they do not flood the page cache (falls back where unsupported).' },
@@ -156,8 +156,9 @@ function parseRetentionSection(text: string, file: string, name: string, body: R
     const where = `${file}:${lineOf(text, section, key)}`;
     const opt = opts[key];
     if (!opt) throw new UsageError(`${where}: unknown option "${key}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
-    if (typeof value !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
-    out[key] = parseValue(opt, value.trim(), `${where}: ${section}.${key}`);
+    const rawValue = typeof value === 'boolean' ? String(value) : value;
+    if (typeof rawValue !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
+    out[key] = parseValue(opt, rawValue.trim(), `${where}: ${section}.${key}`);
   }
   return out as Partial<Config['retention']>;
 }
@@ -228,7 +229,8 @@ export function formatConfig(loaded: LoadedConfig): string {
     lines.push('', `[${section}]`);
     for (const [key, opt] of Object.entries(opts as Record<string, Option>)) {
       const value = (maskSecrets(loaded.config) as Record<string, Record<string, unknown>>)[section]![key];
-      lines.push(`# ${opt.doc}`, `${key} = ${value}`);
+      // Durations are held in ms; a bare number would read back as seconds.
+      lines.push(`# ${opt.doc}`, `${key} = ${opt.kind === 'duration' ? `${value}ms` : value}`);
     }
   }
   return lines.join('\n') + '\n';

@@ -120,7 +120,7 @@ async function runBackupOn(
   const baseBlocks = base ? Math.ceil(base.size / bs) : 0;
   const baseCursor = base ? repo.index.mapCursor(base.id) : null;
   const samples = hints ? pickSamples(Math.min(blocks, baseBlocks), hints) : new Set<number>();
-  const reader = await SourceReader.open(info.path, { blockSize: bs, slots: opts.queueDepth, direct: opts.direct, throttle: opts.readThrottle });
+  const reader = await SourceReader.open(info.path, { blockSize: bs, slots: opts.queueDepth, direct: opts.direct, throttle: opts.readThrottle, buffers: pipeline.buffers });
 
   /** The base version's entry for block i when it covers exactly the same byte range, else undefined. */
   const baseEntry = (i: number, length: number): Buffer | null | undefined => {
@@ -137,7 +137,10 @@ async function runBackupOn(
           'no version was created. Back up without --hints (or with correct hints).',
       );
     }
-    if (!checksum) return { kind: 'sparse', length, sampled };
+    if (!checksum) {
+      pipeline.buffers.give(data);
+      return { kind: 'sparse', length, sampled };
+    }
     const { record, written } = await pipeline.store(data, checksum);
     return { kind: 'data', length, checksum, record, written, sampled };
   };

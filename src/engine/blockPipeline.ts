@@ -1,7 +1,8 @@
 import { BlocksafeError, IntegrityError } from '../errors.js';
 import type { BlockRecord } from '../index/records.js';
 import { ObjectNames } from '../store/blobstore.js';
-import { ownArrayBuffer } from '../util/buffers.js';
+import { BufferPool, ownArrayBuffer } from '../util/buffers.js';
+import { gcEvery } from '../util/gc.js';
 import type { Throttle } from '../util/throttle.js';
 import { cleanupRunning } from './locks.js';
 import type { Repository } from './repository.js';
@@ -21,11 +22,16 @@ export class BlockPipeline {
   /** Blocks written by this pipeline and not yet committed to the index, so concurrent duplicates are written once. */
   private readonly inFlight = new Map<string, Promise<BlockRecord>>();
 
+  /** Block-sized buffers shared with the source reader, reused instead of left to the garbage collector. */
+  readonly buffers: BufferPool;
+
   private constructor(
     readonly repo: Repository,
     private readonly pool: WorkerPool,
     private readonly limits: PipelineLimits,
-  ) {}
+  ) {
+    this.buffers = new BufferPool(repo.blockSize, pool.size * 4 + 16);
+  }
 
   static start(repo: Repository, threads?: number, limits: PipelineLimits = {}): BlockPipeline {
     return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads), limits);
@@ -50,10 +56,16 @@ export class BlockPipeline {
   async store(data: Buffer, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
     await this.retain(checksum);
     const known = this.repo.index.getBlock(checksum);
-    if (known && known.valid) return { record: known, written: false };
+    if (known && known.valid) {
+      this.buffers.give(data);
+      return { record: known, written: false };
+    }
     const hex = checksum.toString('hex');
     const pending = this.inFlight.get(hex);
-    if (pending) return { record: await pending, written: false };
+    if (pending) {
+      this.buffers.give(data);
+      return { record: await pending, written: false };
+    }
     const job = this.write(data, checksum, hex);
     this.inFlight.set(hex, job);
     try {
@@ -75,6 +87,7 @@ export class BlockPipeline {
     const context = ownArrayBuffer(Buffer.from(checksum));
     const reply = await this.pool.request({ op: 'seal', data: ab, context }, [ab, context]);
     if (reply.op !== 'seal') throw pipelineError(reply);
+    this.buffers.give(new Uint8Array(reply.data));
     await this.limits.storeWrite?.take(reply.object.byteLength);
     await this.repo.store.put(ObjectNames.block(hex), new Uint8Array(reply.object));
     return { size, stored: reply.object.byteLength, key_id: this.repo.codecKeys.currentKeyId, valid: true, verified: Date.now() };
@@ -139,6 +152,7 @@ export async function orderedWindow<T>(
   first = 0,
 ): Promise<void> {
   const window: Promise<T>[] = [];
+  const tick = gcEvery(16);
   let next = first;
   const fill = () => {
     while (next < count && window.length < depth) {
@@ -151,6 +165,7 @@ export async function orderedWindow<T>(
   for (let i = first; i < count; i++) {
     const result = await window.shift()!;
     await finish(i, result);
+    tick();
     fill();
   }
 }

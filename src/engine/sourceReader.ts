@@ -1,6 +1,7 @@
 import { constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import { describeSystemError, UsageError } from '../errors.js';
+import type { BufferPool } from '../util/buffers.js';
 import { UNLIMITED, type Throttle } from '../util/throttle.js';
 import { readFully } from './device.js';
 
@@ -28,12 +29,13 @@ export class SourceReader {
     private readonly slotSize: number,
     slots: number,
     private readonly throttle: Throttle,
+    private readonly buffers: BufferPool | null,
   ) {
     this.arena = direct ? new WasmMemory({ initial: Math.ceil((slots * slotSize) / WASM_PAGE) }).buffer : null;
     for (let i = 0; i < slots; i++) this.free.push(i);
   }
 
-  static async open(path: string, opts: { blockSize: number; slots: number; direct: boolean; throttle?: Throttle }): Promise<SourceReader> {
+  static async open(path: string, opts: { blockSize: number; slots: number; direct: boolean; throttle?: Throttle; buffers?: BufferPool }): Promise<SourceReader> {
     const slotSize = Math.ceil(opts.blockSize / ALIGN) * ALIGN;
     let fh: fs.FileHandle | undefined;
     let direct = opts.direct;
@@ -52,7 +54,7 @@ export class SourceReader {
         throw describeSystemError(err, `Source ${path}`);
       }
     }
-    return new SourceReader(fh, path, direct, slotSize, Math.max(1, opts.slots), opts.throttle ?? UNLIMITED);
+    return new SourceReader(fh, path, direct, slotSize, Math.max(1, opts.slots), opts.throttle ?? UNLIMITED, opts.buffers ?? null);
   }
 
   private async slot(): Promise<number> {
@@ -70,7 +72,7 @@ export class SourceReader {
   /** Reads `length` bytes at `offset` (block-aligned) into a new buffer that owns its memory (transferable). */
   async read(offset: number, length: number): Promise<Buffer> {
     await this.throttle.take(length);
-    const out = Buffer.allocUnsafeSlow(length);
+    const out = this.buffers ? this.buffers.take(length) : Buffer.allocUnsafeSlow(length);
     let got: number;
     try {
       got = this.direct ? await this.readDirect(offset, length, out) : await readFully(this.fh, out, length, offset);

@@ -122,8 +122,6 @@ export class VersionWriter {
         break;
       case 'referenced':
         stats.blocks_referenced++;
-        stats.blocks_deduplicated++;
-        stats.bytes_deduplicated += out.length;
         this.chunk.set(slot, out.checksum);
         break;
       case 'data':

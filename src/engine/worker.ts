@@ -6,6 +6,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { blockChecksum, isAllZero } from '../codec/checksum.js';
 import { decodeObject, encodeObject, ObjectType, type CodecKeys } from '../codec/object.js';
 import { ownArrayBuffer } from '../util/buffers.js';
+import { gcEvery } from '../util/gc.js';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js';
 
 const init = workerData as WorkerInit;
@@ -28,7 +29,8 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
         context: new Uint8Array(req.context),
       });
       const out = ownArrayBuffer(obj);
-      return { reply: { seq: req.seq, op: 'seal', object: out }, transfer: [out] };
+      // The input travels back so the main thread can reuse it for the next block.
+      return { reply: { seq: req.seq, op: 'seal', object: out, data: req.data }, transfer: [out, req.data] };
     }
     case 'open': {
       const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context));
@@ -43,10 +45,13 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
 }
 
 
+const tick = gcEvery(4);
+
 parentPort!.on('message', (req: WorkerRequest) => {
   try {
     const { reply, transfer } = handle(req);
     parentPort!.postMessage(reply, transfer);
+    if (req.op !== 'digest') tick();
   } catch (err) {
     parentPort!.postMessage({ seq: req.seq, op: 'error', message: (err as Error).message } satisfies WorkerReply);
   }

@@ -7,20 +7,23 @@ import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js
 /** Distributive Omit, so each request variant keeps its own fields. */
 type Request = WorkerRequest extends infer R ? (R extends WorkerRequest ? Omit<R, 'seq'> : never) : never;
 
+/** Small young generations make workers collect their dead block copies early (memory bound). */
+const WORKER_LIMITS = { maxYoungGenerationSizeMb: 8 };
+
 /**
  * Where the worker's code comes from. The single-executable build sets `globalThis.__blocksafeWorkerSource`
  * to the bundled worker script; a tsx (TypeScript) run registers tsx inside the worker first.
  */
 function spawn(init: WorkerInit): Worker {
   const embedded = (globalThis as { __blocksafeWorkerSource?: string }).__blocksafeWorkerSource;
-  if (embedded) return new Worker(embedded, { eval: true, workerData: init });
+  if (embedded) return new Worker(embedded, { eval: true, workerData: init, resourceLimits: WORKER_LIMITS });
   const self = fileURLToPath(import.meta.url);
   if (self.endsWith('.ts')) {
     const target = new URL('./worker.ts', import.meta.url).href;
     const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(target)}); })`;
-    return new Worker(boot, { eval: true, workerData: init });
+    return new Worker(boot, { eval: true, workerData: init, resourceLimits: WORKER_LIMITS });
   }
-  return new Worker(new URL('./worker.js', import.meta.url), { workerData: init });
+  return new Worker(new URL('./worker.js', import.meta.url), { workerData: init, resourceLimits: WORKER_LIMITS });
 }
 
 interface Pending {

@@ -14,6 +14,6 @@ export type WorkerRequest =
 
 export type WorkerReply =
   | { seq: number; op: 'digest'; data: ArrayBuffer; checksum: ArrayBuffer | null }
-  | { seq: number; op: 'seal'; object: ArrayBuffer }
+  | { seq: number; op: 'seal'; object: ArrayBuffer; data: ArrayBuffer }
   | { seq: number; op: 'open'; plain: ArrayBuffer }
   | { seq: number; op: 'error'; message: string };

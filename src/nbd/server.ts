@@ -1,3 +1,4 @@
+import { once } from 'node:events';
 import * as net from 'node:net';
 import { IntegrityError } from '../errors.js';
 import type { NbdExport } from './export.js';
@@ -67,7 +68,7 @@ const SHUTDOWN_GRACE_MS = 5000;
  */
 export class NbdServer {
   private readonly server: net.Server;
-  private readonly connections = new Set<Connection>();
+  private readonly connections = new Set<{ conn: Connection; done: Promise<void> }>();
   private readonly byName = new Map<string, ExportEntry>();
   private stopping = false;
 
@@ -129,8 +130,9 @@ export class NbdServer {
       return;
     }
     const conn = new Connection(this, socket);
-    this.connections.add(conn);
-    conn.run().finally(() => this.connections.delete(conn));
+    const done = conn.run().finally(() => this.connections.delete(entry));
+    const entry = { conn, done };
+    this.connections.add(entry);
   }
 
   /**
@@ -140,7 +142,10 @@ export class NbdServer {
   async close(graceMs = SHUTDOWN_GRACE_MS): Promise<void> {
     this.stopping = true;
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    await Promise.all([...this.connections].map((c) => c.shutdown(graceMs)));
+    await Promise.all([...this.connections].map(async (c) => {
+      await c.conn.shutdown(graceMs);
+      await c.done;
+    }));
     await closed;
   }
 }
@@ -189,9 +194,16 @@ class Connection {
         this.server.log(`${this.peer}: ${(err as Error).message}; connection closed`);
       }
     } finally {
+      // After a clean end (NBD_OPT_ABORT, NBD_CMD_DISC) let the last reply reach the client first.
+      if (this.socket.writableEnded && !this.socket.writableFinished && !this.socket.destroyed) {
+        await Promise.race([once(this.socket, 'finish').catch(() => undefined), this.closed, delay(2000)]);
+      }
       // Replies of requests still running are dropped (the socket is gone); other clients are unaffected.
       this.socket.destroy();
       await this.closed;
+      // Requests already started still complete (a write lands in the overlay or fails as a whole), so that
+      // once every connection is done nothing touches the exports any more.
+      await this.drain();
       if (this.server.verbose) this.server.log(`${this.peer}: disconnected`);
     }
   }
@@ -603,6 +615,10 @@ function parseMetaRequest(data: Buffer): { name: string; queries: string[] } | n
     pos += 4 + len;
   }
   return pos === data.length ? { name, queries } : null;
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
 }
 
 function commandName(type: number): string {

@@ -6,13 +6,16 @@ import { describeSystemError, NotFoundError } from '../errors.js';
 import type { BlobStore } from './blobstore.js';
 
 /**
- * Blob store in a directory, typically on an external USB disk. Objects are written to `tmp/`, fsynced
- * and renamed into place, so a crash leaves either nothing or the whole object. Renames make their
- * directories dirty; `sync()` fsyncs those directories so the renames themselves survive a power loss.
+ * Blob store in a directory, typically on an external USB disk. Objects are written to `tmp/` and renamed
+ * into place, so readers see nothing or the whole object. `sync()` fsyncs the new objects and the directories
+ * their renames changed; callers sync before the index refers to an object, so a power loss can leave at
+ * worst unreferenced, partly written objects (which a later write replaces and cleanup removes).
  */
 export class DirectoryStore implements BlobStore {
   readonly location: string;
   private readonly dirtyDirs = new Set<string>();
+  /** New objects written but not yet fsynced (see put). */
+  private readonly dirtyFiles = new Set<string>();
   private readonly knownDirs = new Set<string>();
 
   constructor(readonly root: string) {
@@ -45,11 +48,17 @@ export class DirectoryStore implements BlobStore {
     await this.ensureDir(tmpDir);
     await this.ensureDir(path.dirname(dest));
     const tmp = path.join(tmpDir, `${path.basename(dest)}.${process.pid}.${randomBytes(4).toString('hex')}`);
+    // Replacing an object the index may already rely on: its new bytes must be durable before the rename.
+    // A new object's fsync is deferred to sync(), which runs before the index refers to it.
+    const replacing = await fs.stat(dest).then(
+      () => true,
+      () => false,
+    );
     try {
       const fh = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
       try {
         await fh.writeFile(data);
-        await fh.sync();
+        if (replacing) await fh.sync();
       } finally {
         await fh.close();
       }
@@ -58,13 +67,24 @@ export class DirectoryStore implements BlobStore {
       await fs.rm(tmp, { force: true }).catch(() => undefined);
       throw describeSystemError(err, `Writing ${name} to the repository at ${this.root}`);
     }
+    if (!replacing) this.dirtyFiles.add(dest);
     this.dirtyDirs.add(path.dirname(dest));
   }
 
   async sync(): Promise<void> {
+    const files = [...this.dirtyFiles];
+    this.dirtyFiles.clear();
     const dirs = [...this.dirtyDirs];
     this.dirtyDirs.clear();
-    await Promise.all(dirs.map((d) => fsyncDir(d)));
+    try {
+      // Batched: the kernel writes many objects back at once instead of one fsync per object in the pipeline.
+      for (let i = 0; i < files.length; i += SYNC_PARALLEL) await Promise.all(files.slice(i, i + SYNC_PARALLEL).map((f) => fsyncPath(f)));
+      await Promise.all(dirs.map((d) => fsyncPath(d, true)));
+    } catch (err) {
+      files.forEach((f) => this.dirtyFiles.add(f));
+      dirs.forEach((d) => this.dirtyDirs.add(d));
+      throw describeSystemError(err, `Flushing the repository at ${this.root} to disk`);
+    }
   }
 
   async get(name: string): Promise<Buffer> {
@@ -148,8 +168,11 @@ async function* walk(root: string, rel: string): AsyncIterable<string> {
   }
 }
 
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fs.open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+const SYNC_PARALLEL = 16;
+
+/** fsync of a file or directory by path (Linux flushes the inode whichever descriptor asks). */
+export async function fsyncPath(p: string, directory = false): Promise<void> {
+  const fh = await fs.open(p, directory ? fsc.O_RDONLY | fsc.O_DIRECTORY : fsc.O_RDONLY);
   try {
     await fh.sync();
   } finally {

@@ -200,6 +200,8 @@ export function s3Settings(cfg: Partial<S3Config> = {}, env: NodeJS.ProcessEnv =
 
 // ---------------------------------------------------------------------------------------------- store
 
+const SILENT = { trace() {}, debug() {}, info() {}, warn() {}, error() {} };
+
 let sdkModule: Promise<Sdk> | undefined;
 function loadSdk(): Promise<Sdk> {
   process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -251,7 +253,7 @@ export class S3Store implements BlobStore {
   private connect(): Promise<{ client: S3Api; sdk: Sdk }> {
     this.connection ??= loadSdk().then((sdk) => {
       const s = this.settings;
-      const agentOptions = { keepAlive: true, maxSockets: s.concurrency };
+      const agentOptions = { keepAlive: true, maxSockets: s.concurrency + 2 };
       const client: S3Api =
         this.fakeClient ??
         new sdk.S3Client({
@@ -263,12 +265,16 @@ export class S3Store implements BlobStore {
           // Checksums only where S3 requires them: many S3-compatible stores reject the newer trailers.
           requestChecksumCalculation: 'WHEN_REQUIRED',
           responseChecksumValidation: 'WHEN_REQUIRED',
+          // The per-request timeout is ours (an abort signal per attempt): the handler's own requestTimeout
+          // only logs a warning. Nothing of the SDK may write to the terminal (one clear error line).
           requestHandler: {
             connectionTimeout: s.connectTimeoutMs,
-            requestTimeout: s.policy.timeoutMs,
             httpAgent: new http.Agent(agentOptions),
             httpsAgent: new https.Agent(agentOptions),
+            socketAcquisitionWarningTimeout: 3_600_000,
+            logger: SILENT,
           },
+          logger: SILENT,
         });
       return { client, sdk };
     });
@@ -320,6 +326,9 @@ export class S3Store implements BlobStore {
     if (status === 301 || name === 'PermanentRedirect' || name === 'AuthorizationHeaderMalformed' || name === 'IllegalLocationConstraintException') {
       const actual = e?.$response?.headers?.['x-amz-bucket-region'];
       return new UsageError(`S3 bucket "${this.bucket}" is not in region ${this.settings.region}${actual ? ` but in ${actual}` : ''} (${name}); set [s3] region${actual ? ` = ${actual}` : ''}.`, opts);
+    }
+    if (name === 'RequestTimeTooSkewed') {
+      return new BlocksafeError(`S3 endpoint ${this.endpointLabel} refused ${what}: the clock of this machine differs too much from the endpoint's; set the time (e.g. with NTP) and retry.`, undefined, opts);
     }
     if (status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'Forbidden'].includes(name)) {
       const why = name && !['Unknown', 'UnknownError', 'Error', '403'].includes(name) ? name : 'HTTP 403';
@@ -530,6 +539,8 @@ function describeCause(err: unknown): string {
   // Node reports a refused dual-stack connect as an AggregateError without a message.
   let msg = e?.message || e?.errors?.map((x) => x.message).filter(Boolean).join(', ') || e?.code || e?.name || String(err);
   msg = msg.replace(/\s+/g, ' ').trim();
+  const connect = /did not establish a connection .* timeout of (\d+) ms/.exec(msg);
+  if (connect) msg = `no connection within ${formatMs(Number(connect[1]))}`;
   if (e?.code && !msg.includes(e.code)) msg = `${msg} (${e.code})`;
   return msg;
 }

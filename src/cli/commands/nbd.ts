@@ -32,7 +32,7 @@ export function register(program: Command): void {
   program
     .command('nbd')
     .description('serve versions over the NBD protocol (read-only; --rw with a copy-on-write overlay that never changes the backup)')
-    .argument('[version...]', 'version ids, unique id prefixes or volume names (default: every complete version)')
+    .argument('[version...]', 'version ids, volume names (their newest complete version) or unique id prefixes (default: every complete version)')
     .option('-l, --listen <addr:port>', `TCP address to listen on (default ${DEFAULT_LISTEN}; port 0 picks a free one)`)
     .option('--socket <path>', 'listen on a Unix socket instead of TCP')
     .option('--rw', 'accept writes into a temporary copy-on-write overlay (the backup never changes)')
