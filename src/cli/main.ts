@@ -24,7 +24,8 @@ export function buildProgram(): Command {
     .option('--passphrase-file <file>', 'read the passphrase from this file (or set BLOCKSAFE_PASSPHRASE)')
     .option('--key-file <file>', 'unlock with a key file instead of a passphrase')
     .option('--debug', 'show stack traces of errors')
-    .showHelpAfterError('(run "blocksafe --help" for usage)')
+    // Usage errors follow the error contract: one line, "blocksafe: " first (subcommands inherit this).
+    .configureOutput({ outputError: (str, write) => write(`blocksafe: ${str.replace(/^error: /, '').trim()} (see "blocksafe --help").\n`) })
     .exitOverride();
   for (const register of [registerInit, registerBackup, registerRestore, registerVersions, registerLifecycle, registerIntegrity, registerRecovery, registerKeys, registerNbd, registerConfig]) register(program);
   registerUi(program); // the Ink UI: loads ink/react lazily, only when `ui` runs

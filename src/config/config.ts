@@ -18,6 +18,8 @@ interface Option {
   max?: number;
   /** Never shown by `blocksafe config` (passwords, secret keys). */
   secret?: boolean;
+  /** Sizes that must be a power of two between 64K and 64M (block sizes). */
+  pow2?: boolean;
 }
 
 export const SCHEMA = {
@@ -25,7 +27,7 @@ export const SCHEMA = {
     repo: { kind: 'string', default: '', doc: 'Repository used when --repo and BLOCKSAFE_REPO are not given (a directory path or s3://BUCKET/PREFIX).' },
   },
   init: {
-    block_size: { kind: 'size', default: '4M', doc: 'Block size of new repositories (a power of two from 64K to 64M).' },
+    block_size: { kind: 'size', default: '4M', pow2: true, doc: 'Block size of new repositories (a power of two from 64K to 64M).' },
     encryption: { kind: 'enum', default: 'chacha20-poly1305', values: ['chacha20-poly1305', 'none'], doc: 'Encryption of new repositories.' },
     compression: { kind: 'enum', default: 'zstd', values: ['zstd', 'none'], doc: 'Compression of new repositories.' },
     compression_level: { kind: 'int', default: '1', min: 1, max: 19, doc: 'zstd level of new repositories (1 is fastest).' },
@@ -94,12 +96,16 @@ function parseValue(opt: Option, raw: string, where: string): string | number | 
   switch (opt.kind) {
     case 'string':
       return raw;
-    case 'size':
+    case 'size': {
+      let n: number;
       try {
-        return parseSize(raw);
+        n = parseSize(raw);
       } catch {
-        throw bad(`"${raw}" is not a size (use e.g. 4M)`);
+        throw bad(`"${printable(raw)}" is not a size (use e.g. 4M)`);
       }
+      if (opt.pow2 && (n < 65536 || n > 64 * 2 ** 20 || (n & (n - 1)) !== 0)) throw bad(`${raw} is not a power of two from 64K to 64M`);
+      return n;
+    }
     case 'duration':
       try {
         return parseDuration(raw);
@@ -135,6 +141,7 @@ export function defaults(): Config {
 function lineOf(text: string, section: string | null, key?: string): number {
   const lines = text.split(/\r?\n/);
   let current: string | null = null;
+  let found = 0;
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i]!.trim();
     const sec = /^\[(.*)\]$/.exec(line);
@@ -143,9 +150,15 @@ function lineOf(text: string, section: string | null, key?: string): number {
       if (key === undefined && current === section) return i + 1;
       continue;
     }
-    if (key !== undefined && current === section && line.split('=')[0]!.trim() === key) return i + 1;
+    // The last occurrence wins in the parser, so name the last one.
+    if (key !== undefined && current === section && line.split('=')[0]!.trim() === key) found = i + 1;
   }
-  return 0;
+  return found;
+}
+
+/** Shows text from a file in a message without letting terminal control characters through. */
+function printable(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, '?');
 }
 
 function parseRetentionSection(text: string, file: string, name: string, body: Record<string, unknown>): Partial<Config['retention']> {
@@ -170,11 +183,22 @@ export function parseConfig(text: string, file: string): Config {
 /** Parses a whole configuration text: the options and the per-name retention sections. */
 export function parseConfigText(text: string, file: string): Omit<LoadedConfig, 'file'> {
   const retentionByName: LoadedConfig['retentionByName'] = {};
+  text = text.replace(/^\uFEFF/, ''); // a byte-order mark some editors write
   if (text.includes('\0')) throw new UsageError(`${file} is not a text configuration file (it contains binary data).`);
   for (const [i, raw] of text.split(/\r?\n/).entries()) {
     const line = raw.trim();
-    if (line === '' || line.startsWith('#') || line.startsWith(';') || /^\[[^\]]+\]$/.test(line) || /^[^=\[\]]+=/.test(line)) continue;
-    throw new UsageError(`${file}:${i + 1}: cannot parse "${line.slice(0, 60)}" (expected [section] or key = value).`);
+    const header = /^\[([^\]]+)\]$/.exec(line);
+    if (header) {
+      // Checked here, before the ini parser nests dotted names and drops names like __proto__.
+      const name = header[1]!.trim();
+      const known = name in SCHEMA && Object.prototype.hasOwnProperty.call(SCHEMA, name);
+      if (!known && !/^retention\.[A-Za-z0-9][A-Za-z0-9._@:+\\-]*$/.test(name)) {
+        throw new UsageError(`${file}:${i + 1}: unknown section [${printable(name)}] (known: ${Object.keys(SCHEMA).join(', ')}, retention.NAME).`);
+      }
+      continue;
+    }
+    if (line === '' || line.startsWith('#') || line.startsWith(';') || /^[^=\[\]]+=/.test(line)) continue;
+    throw new UsageError(`${file}:${i + 1}: cannot parse "${printable(line.slice(0, 60))}" (expected [section] or key = value).`);
   }
   const parsed = ini.parse(text) as Record<string, unknown>;
   const config = defaults() as Record<string, Record<string, unknown>>;
@@ -191,7 +215,7 @@ export function parseConfigText(text: string, file: string): Omit<LoadedConfig, 
       }
       const where = `${file}:${lineOf(text, section, key)}`;
       const opt = opts[key];
-      if (!opt) throw new UsageError(`${where}: unknown option "${key}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
+      if (!opt) throw new UsageError(`${where}: unknown option "${printable(key)}" in [${section}] (known: ${Object.keys(opts).join(', ')}).`);
       // The ini package turns "true"/"false" into booleans: take them back as text.
       const rawValue = typeof value === 'boolean' ? String(value) : value;
       if (typeof rawValue !== 'string') throw new UsageError(`${where}: option "${key}" needs a value.`);
@@ -233,6 +257,27 @@ export function formatConfig(loaded: LoadedConfig): string {
       lines.push(`# ${opt.doc}`, `${key} = ${opt.kind === 'duration' ? `${value}ms` : value}`);
     }
   }
+  for (const [name, policy] of Object.entries(loaded.retentionByName)) {
+    lines.push('', `[retention.${name}]`, ...Object.entries(policy).map(([k, v]) => `${k} = ${v}`));
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** appliance.conf.example: every section and option with its description and default (test/config-example checks the file). */
+export function exampleConfig(): string {
+  const lines = [
+    '# blocksafe configuration (INI). Found via --config, then $BLOCKSAFE_CONFIG, then /etc/blocksafe/appliance.conf.',
+    '# Every option is optional; the values below are the defaults. An unknown section or option, or a bad',
+    '# value, is an error naming the line. `blocksafe config` prints the effective configuration.',
+  ];
+  for (const [section, opts] of Object.entries(SCHEMA)) {
+    lines.push('', `[${section}]`);
+    for (const [key, opt] of Object.entries(opts as Record<string, Option>)) {
+      const values = opt.values ? ` One of: ${opt.values.join(', ')}.` : '';
+      lines.push(`# ${opt.doc}${values}`, `${key} = ${opt.default}`);
+    }
+  }
+  lines.push('', '# Per volume name, a retention policy overriding [retention] (same keys), e.g.:', '# [retention.root]', '# keep_daily = 14');
   return lines.join('\n') + '\n';
 }
 

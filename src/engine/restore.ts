@@ -56,6 +56,7 @@ async function prepareTarget(version: VersionRecord, target: string, force: bool
     try {
       fh = await fs.open(target, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o600);
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new NotFoundError(`The directory ${path.dirname(path.resolve(target))} of the target does not exist; create it or choose another path.`);
       throw describeSystemError(err, `Target ${target}`);
     }
     await fh.truncate(version.size);
@@ -69,13 +70,10 @@ async function prepareTarget(version: VersionRecord, target: string, force: bool
     const fh = await fs.open(target, fsc.O_RDWR).catch((err: unknown) => {
       throw describeSystemError(err, `Target ${target}`);
     });
-    if (st.size <= version.size) {
-      // Drop the old contents so sparse blocks become holes.
-      await fh.truncate(0);
-      await fh.truncate(version.size);
-      return { fh, kind: 'file', zeroed: true };
-    }
-    return { fh, kind: 'file', zeroed: false };
+    // The file becomes exactly the version: old contents dropped, sparse blocks holes.
+    await fh.truncate(0);
+    await fh.truncate(version.size);
+    return { fh, kind: 'file', zeroed: true };
   }
   if (st.isBlockDevice()) {
     const mounts = mountsOf(st.rdev);
