@@ -1,13 +1,11 @@
 import { RefusedError } from '../errors.js';
-import { BlockMapChunk, CHUNK_BLOCKS } from '../index/blockmap.js';
-import { emptyStats, type BlockRecord, type VersionRecord } from '../index/records.js';
+import type { VersionRecord } from '../index/records.js';
 import { validateName } from './backup.js';
 import { orderedWindow, type BlockPipeline } from './blockPipeline.js';
-import { newVersionId } from './ids.js';
 import { LockNames, withLock } from './locks.js';
-import { writeManifest } from './manifest.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
+import { VersionWriter, type BlockOutcome } from './versionWriter.js';
 
 /** A modified view of a base version (e.g. the copy-on-write overlay of `blocksafe nbd --rw`). */
 export interface ChangedView {
@@ -25,13 +23,6 @@ export interface OverlayVersionOptions {
   queueDepth: number;
   onProgress?: ProgressListener;
 }
-
-const COMMIT_EVERY_BLOCKS = 64;
-
-type Outcome =
-  | { kind: 'sparse'; length: number }
-  | { kind: 'referenced'; length: number; checksum: Buffer; valid: boolean }
-  | { kind: 'data'; length: number; checksum: Buffer; record: BlockRecord; written: boolean };
 
 /**
  * Stores a changed view of `base` as a new, protected version of `opts.name` that shares every unchanged
@@ -53,51 +44,19 @@ export async function createOverlayVersion(
 }
 
 async function run(repo: Repository, pipeline: BlockPipeline, base: VersionRecord, view: ChangedView, opts: OverlayVersionOptions): Promise<VersionRecord> {
-  let id = newVersionId();
-  while (repo.index.hasVersion(id)) id = newVersionId();
-  const started = Date.now();
-  const version: VersionRecord = {
-    format: 1,
-    id,
+  const writer = await VersionWriter.create(repo, pipeline, {
     name: opts.name,
-    snapshot_name: opts.snapshotName ?? '',
-    date: new Date().toISOString(),
     size: base.size,
-    block_size: base.block_size,
-    complete: false,
-    valid: true,
-    protected: true,
-    tags: [...new Set(opts.tags ?? [])],
-    expire: null,
-    blocks_done: 0,
     source: `nbd-overlay:${base.id}`,
+    snapshotName: opts.snapshotName,
+    tags: opts.tags,
     base: base.id,
-    stats: emptyStats(),
-  };
-  await repo.index.putVersion(version);
-
+    protected: true,
+  });
   const bs = base.block_size;
-  const blocks = Math.ceil(base.size / bs);
   const baseCursor = repo.index.mapCursor(base.id);
-  const stats = version.stats;
-  let chunkNo = 0;
-  let chunk = BlockMapChunk.empty();
-  let pending = new Map<string, [Buffer, BlockRecord]>();
-  let since = 0;
-  let valid = true;
-
-  const commit = async () => {
-    await repo.store.sync();
-    const records = [...pending.values()];
-    stats.duration_ms = Date.now() - started;
-    await repo.index.commitProgress(version, records, [[chunkNo, chunk]]);
-    pipeline.committed(records.map(([c]) => c));
-    pending = new Map();
-    since = 0;
-  };
-
-  await orderedWindow<Outcome>(
-    blocks,
+  await orderedWindow<BlockOutcome>(
+    writer.blocks,
     opts.queueDepth,
     async (i) => {
       const offset = i * bs;
@@ -105,7 +64,10 @@ async function run(repo: Repository, pipeline: BlockPipeline, base: VersionRecor
       if (!view.touches(offset, length)) {
         const checksum = baseCursor.get(i);
         if (!checksum) return { kind: 'sparse', length };
-        return { kind: 'referenced', length, checksum, valid: repo.index.getBlock(checksum)?.valid ?? false };
+        await pipeline.retain(checksum);
+        // A block the base lost to damage keeps the new version invalid too.
+        if (!repo.index.getBlock(checksum)?.valid) writer.version.valid = false;
+        return { kind: 'referenced', length, checksum };
       }
       const { data, checksum } = await pipeline.digest(await view.read(offset, length));
       if (!checksum) return { kind: 'sparse', length };
@@ -113,52 +75,9 @@ async function run(repo: Repository, pipeline: BlockPipeline, base: VersionRecor
       return { kind: 'data', length, checksum, record, written };
     },
     async (i, out) => {
-      const slot = i % CHUNK_BLOCKS;
-      if (slot === 0 && i > 0) {
-        await commit();
-        chunk = BlockMapChunk.empty();
-        chunkNo = i / CHUNK_BLOCKS;
-      }
-      switch (out.kind) {
-        case 'sparse':
-          stats.blocks_sparse++;
-          stats.bytes_sparse += out.length;
-          chunk.set(slot, null);
-          break;
-        case 'referenced':
-          stats.blocks_referenced++;
-          stats.blocks_deduplicated++;
-          stats.bytes_deduplicated += out.length;
-          if (!out.valid) valid = false;
-          chunk.set(slot, out.checksum);
-          break;
-        case 'data':
-          stats.blocks_read++;
-          stats.bytes_read += out.length;
-          chunk.set(slot, out.checksum);
-          if (out.written) {
-            stats.blocks_written++;
-            stats.bytes_written += out.record.stored;
-            pending.set(out.checksum.toString('hex'), [out.checksum, out.record]);
-          } else {
-            stats.blocks_deduplicated++;
-            stats.bytes_deduplicated += out.length;
-          }
-      }
-      version.blocks_done = i + 1;
-      if (++since >= COMMIT_EVERY_BLOCKS) await commit();
+      await writer.record(i, out);
       opts.onProgress?.({ phase: 'saving overlay', doneBytes: Math.min(base.size, (i + 1) * bs), totalBytes: base.size, damaged: 0 });
     },
   );
-  await commit();
-  version.complete = true;
-  version.valid = valid;
-  stats.duration_ms = Date.now() - started;
-  await writeManifest(repo, version);
-  return repo.index.updateVersion(version.id, (v) => {
-    v.complete = true;
-    v.valid = valid;
-    v.stats = stats;
-    v.blocks_done = blocks;
-  });
+  return writer.finish();
 }
