@@ -1,28 +1,9 @@
 import Table from 'cli-table3';
 import type { VersionRecord } from '../index/records.js';
-import { displayLocal, formatAge, isoLocal } from '../util/time.js';
+import { displayLocal, formatAge } from '../util/time.js';
 import { formatBytes } from '../util/size.js';
 
-/** The stable JSON form of a version (documented in docs/CLI.md). */
-export function versionJson(v: VersionRecord) {
-  return {
-    id: v.id,
-    name: v.name,
-    snapshot_name: v.snapshot_name,
-    date: isoLocal(new Date(v.date)),
-    size: v.size,
-    block_size: v.block_size,
-    valid: v.valid,
-    complete: v.complete,
-    blocks_done: v.blocks_done,
-    protected: v.protected,
-    tags: v.tags,
-    expire: v.expire ? isoLocal(new Date(v.expire)) : null,
-    source: v.source,
-    base: v.base,
-    stats: v.stats,
-  };
-}
+export { versionJson } from '../engine/versionJson.js';
 
 export function printJson(value: unknown): void {
   process.stdout.write(JSON.stringify(value, null, 2) + '\n');

@@ -1,11 +1,12 @@
 import { FormatError, RefusedError, UsageError } from '../errors.js';
-import type { VersionRecord, VersionStats } from '../index/records.js';
+import type { VersionRecord } from '../index/records.js';
 import { isoLocal } from '../util/time.js';
 import { validateName } from './backup.js';
 import { BlockPipeline, orderedWindow } from './blockPipeline.js';
 import { LockNames, withLock } from './locks.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
+import { versionJson, type VersionJson } from './versionJson.js';
 import { VersionWriter } from './versionWriter.js';
 
 /**
@@ -25,21 +26,8 @@ export interface ExportedVersion {
   format_version: number;
   repository_id: string;
   exported: string;
-  version: {
-    id: string;
-    name: string;
-    snapshot_name: string;
-    date: string;
-    size: number;
-    block_size: number;
-    valid: boolean;
-    protected: boolean;
-    tags: string[];
-    expire: string | null;
-    source: string;
-    base: string | null;
-    stats: VersionStats;
-  };
+  /** The version as `show --json` prints it (its progress fields are meaningless elsewhere and ignored). */
+  version: VersionJson;
   /** One entry per block: the hex checksum, or null for a sparse block. */
   blocks: (string | null)[];
 }
@@ -55,21 +43,7 @@ export function exportVersion(repo: Repository, v: VersionRecord): ExportedVersi
     format_version: EXPORT_FORMAT,
     repository_id: repo.id,
     exported: isoLocal(new Date()),
-    version: {
-      id: v.id,
-      name: v.name,
-      snapshot_name: v.snapshot_name,
-      date: isoLocal(new Date(v.date)),
-      size: v.size,
-      block_size: v.block_size,
-      valid: v.valid,
-      protected: v.protected,
-      tags: v.tags,
-      expire: v.expire ? isoLocal(new Date(v.expire)) : null,
-      source: v.source,
-      base: v.base,
-      stats: v.stats,
-    },
+    version: versionJson(v),
     blocks,
   };
 }
