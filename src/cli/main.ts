@@ -19,7 +19,7 @@ export function buildProgram(): Command {
   const program = new Command('blocksafe')
     .description('Deduplicating, compressing, encrypting block-level backup of disks, LVM volumes and images.')
     .version(VERSION, '-V, --version')
-    .option('-r, --repo <path>', 'repository: a directory (or $BLOCKSAFE_REPO, or [repository] repo in the config)')
+    .option('-r, --repo <path>', 'repository: a directory or s3://bucket/prefix (or $BLOCKSAFE_REPO, or [repository] repo in the config)')
     .option('-c, --config <file>', 'configuration file (default $BLOCKSAFE_CONFIG, then /etc/blocksafe/appliance.conf)')
     .option('--passphrase-file <file>', 'read the passphrase from this file (or set BLOCKSAFE_PASSPHRASE)')
     .option('--key-file <file>', 'unlock with a key file instead of a passphrase')

@@ -119,7 +119,10 @@ async function runBackupOn(
   const hints = opts.hints && base ? blockHints(opts.hints, bs, info.size) : null;
   const baseBlocks = base ? Math.ceil(base.size / bs) : 0;
   const baseCursor = base ? repo.index.mapCursor(base.id) : null;
-  const samples = hints ? pickSamples(Math.min(blocks, baseBlocks), hints) : new Set<number>();
+  // Only blocks covering the same bytes in both can be compared (a grown or shrunk last block cannot).
+  let comparable = Math.min(blocks, baseBlocks);
+  if (comparable > 0 && Math.min(bs, info.size - (comparable - 1) * bs) !== Math.min(bs, (base?.size ?? 0) - (comparable - 1) * bs)) comparable--;
+  const samples = hints ? pickSamples(comparable, hints) : new Set<number>();
   const reader = await SourceReader.open(info.path, { blockSize: bs, slots: opts.queueDepth, direct: opts.direct, throttle: opts.readThrottle, buffers: pipeline.buffers });
 
   /** The base version's entry for block i when it covers exactly the same byte range, else undefined. */

@@ -57,24 +57,33 @@ export type BlockHint = 'read' | 'zero';
  */
 export function blockHints(extents: Extent[], blockSize: number, volumeSize: number): Map<number, BlockHint> {
   const out = new Map<number, BlockHint>();
-  const zeroCover = new Map<number, number>();
+  /** Discarded byte ranges per block, merged below (overlapping discards must not add up). */
+  const zeroRanges = new Map<number, [number, number][]>();
   for (const e of extents) {
-    if (e.length === 0) continue;
+    if (e.length === 0 || e.offset >= volumeSize) continue;
     const end = Math.min(e.offset + e.length, volumeSize);
     for (let b = Math.floor(e.offset / blockSize); b * blockSize < end; b++) {
       if (e.exists) out.set(b, 'read');
       else {
-        const lo = Math.max(e.offset, b * blockSize);
-        const hi = Math.min(end, (b + 1) * blockSize);
-        zeroCover.set(b, (zeroCover.get(b) ?? 0) + (hi - lo));
+        const ranges = zeroRanges.get(b) ?? [];
+        ranges.push([Math.max(e.offset, b * blockSize), Math.min(end, (b + 1) * blockSize)]);
+        zeroRanges.set(b, ranges);
       }
     }
   }
-  for (const [b, covered] of zeroCover) {
+  for (const [b, ranges] of zeroRanges) {
     if (out.has(b)) continue;
+    ranges.sort((x, y) => x[0] - y[0]);
+    let covered = 0;
+    let reach = b * blockSize;
+    for (const [lo, hi] of ranges) {
+      if (hi <= reach) continue;
+      covered += hi - Math.max(lo, reach);
+      reach = hi;
+    }
     const blockLen = Math.min(blockSize, volumeSize - b * blockSize);
-    // Partly discarded blocks must be read; overlapping discard extents are read too (cheap and safe).
-    out.set(b, covered === blockLen ? 'zero' : 'read');
+    // A block only partly discarded must be read.
+    out.set(b, covered >= blockLen ? 'zero' : 'read');
   }
   return out;
 }

@@ -19,7 +19,7 @@ export class Index {
   private readonly versions: Database<VersionRecord, string>;
   private readonly blocks: Database<BlockRecord, Buffer>;
   private readonly maps: Database<Buffer, Buffer>;
-  private readonly locks: Database<LockRecord, string>;
+  private readonly locks: Database<LockRecord, Buffer>;
   private readonly restores: Database<RestoreState, string>;
   private readonly gcCandidates: Database<GcCandidate, Buffer>;
   private readonly gcRefs: Database<true, Buffer>;
@@ -32,7 +32,8 @@ export class Index {
     this.versions = this.root.openDB<VersionRecord, string>('versions', {});
     this.blocks = this.root.openDB<BlockRecord, Buffer>('blocks', { keyEncoding: 'binary' });
     this.maps = this.root.openDB<Buffer, Buffer>('maps', { keyEncoding: 'binary', encoding: 'binary' });
-    this.locks = this.root.openDB<LockRecord, string>('locks', {});
+    // Binary keys (resource ‖ 0x00 ‖ holder): string keys containing NUL are not ordered reliably.
+    this.locks = this.root.openDB<LockRecord, Buffer>('held_locks', { keyEncoding: 'binary' });
     this.restores = this.root.openDB<RestoreState, string>('restores', {});
     this.gcCandidates = this.root.openDB<GcCandidate, Buffer>('gc_candidates', { keyEncoding: 'binary' });
     this.gcRefs = this.root.openDB<true, Buffer>('gc_refs', { keyEncoding: 'binary' });
@@ -203,7 +204,9 @@ export class Index {
   async acquireLock(resource: string, key: string, lock: LockRecord, isStale: (l: LockRecord) => boolean): Promise<LockRecord | null> {
     let conflict: LockRecord | null = null;
     await this.locks.transaction(() => {
-      for (const { key: k, value } of this.locks.getRange({ start: `${resource}\0`, end: `${resource}\u0001` })) {
+      const prefix = Buffer.from(`${resource}\0`);
+      const end = Buffer.from(`${resource}\u0001`);
+      for (const { key: k, value } of this.locks.getRange({ start: prefix, end })) {
         if (isStale(value)) {
           this.locks.remove(k);
           continue;
@@ -213,14 +216,14 @@ export class Index {
           return;
         }
       }
-      this.locks.put(`${resource}\0${key}`, lock);
+      this.locks.put(Buffer.from(`${resource}\0${key}`), lock);
     });
     await this.root.flushed;
     return conflict;
   }
 
   async releaseLock(resource: string, key: string): Promise<void> {
-    await this.locks.remove(`${resource}\0${key}`);
+    await this.locks.remove(Buffer.from(`${resource}\0${key}`));
   }
 
   *allLocks(): Iterable<LockRecord> {

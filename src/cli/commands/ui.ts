@@ -14,6 +14,9 @@ export function register(program: Command): void {
       }
       // Loaded only here: no other command pays for ink and react (nor needs them in the single executable).
       const { runUi } = await import('../../../ui/App.js');
-      process.exitCode = await runUi(opts);
+      const code = await runUi(opts);
+      // The repository is closed and the record printed. Blocks that were in flight when a restore was stopped
+      // may still wait for a bandwidth limit before failing on the closed target: do not wait for them.
+      process.exit(code);
     });
 }

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { assertRemovable, removeVersion } from '../../engine/remove.js';
 import { listVersions, repositoryStats } from '../../engine/versions.js';
+import { ObjectNames } from '../../store/blobstore.js';
 import { formatBytes } from '../../util/size.js';
 import { displayLocal, formatDuration } from '../../util/time.js';
 import { assertOldEnough } from '../../engine/lifecycle.js';
@@ -28,7 +29,7 @@ export function register(program: Command): void {
     .option('--json', 'print a JSON array')
     .action(async (name: string | undefined, _o: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<LsOptions>();
-      await withRepository(opts, (repo) => {
+      await withRepository(opts, async (repo) => {
         const versions = listVersions(repo, {
           name,
           tag: opts.tag,
@@ -38,6 +39,7 @@ export function register(program: Command): void {
         });
         if (opts.json) printJson(versions.map(versionJson));
         else process.stdout.write(versions.length ? versionsTable(versions) + '\n' : 'No versions.\n');
+        if (versions.length === 0 && [...repo.index.allVersions()].length === 0) await hintRebuild(repo);
       });
     });
 
@@ -123,4 +125,12 @@ export function register(program: Command): void {
         else for (const v of versions) process.stdout.write(`Removed version ${v.id} (${v.name}).\n`);
       });
     });
+}
+
+/** An empty index over a store with manifests: a new machine or a lost index, not an empty repository. */
+async function hintRebuild(repo: import('../../engine/repository.js').Repository): Promise<void> {
+  for await (const _ of repo.store.list(ObjectNames.manifestPrefix)) {
+    process.stderr.write('blocksafe: note: the local index is empty but the repository holds versions; run "blocksafe index rebuild" to recover them.\n');
+    return;
+  }
 }
