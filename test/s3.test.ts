@@ -250,3 +250,51 @@ test('an S3 repository in a bucket created beforehand, at the bucket root', asyn
   t.is(r.location, `s3://${repo.bucket}`);
   t.deepEqual(await listKeys(repo.bucket), ['blocksafe.json', 'keys/keyring', 'keys/slot-1.json']);
 });
+
+test('index rebuild of an S3 repository from the bucket alone (a new machine with an empty state directory)', async (t) => {
+  if (!gateway(t)) return;
+  const dir = await tempDir(t);
+  const repo = await s3Repo(t, dir);
+  await runOk(['init', ...repo.args, '--block-size', '1M', '--create-bucket']);
+  const img = await smallImage(path.join(dir, 'a.img'), 'rebuild');
+  const v = await backup(repo, img.path, 'vol', ['-t', 'offsite']);
+  await runOk(['protect', ...repo.args, v.id]);
+  // The "new machine": the local state directory (the LMDB index) is gone.
+  await fs.rm(repo.stateDir, { recursive: true, force: true });
+  const empty = await runCli(['ls', ...repo.args]);
+  t.is(empty.code, 0);
+  t.regex(empty.stderr, /index rebuild/, 'ls points at index rebuild when the index is empty but the bucket is not');
+  const r = await runJson<{ versions: number; missing_blocks: number }>(['index', 'rebuild', ...repo.args]);
+  t.is(r.versions, 1);
+  t.is(r.missing_blocks, 0);
+  const shown = await runJson<VersionJson>(['show', ...repo.args, v.id]);
+  t.true(shown.protected);
+  t.true(shown.tags.includes('offsite'));
+  t.is(await restoreHash(repo, v.id, path.join(dir, 'out.img')), img.sha256);
+});
+
+test('copy directory → S3 → another directory is byte-identical; a second copy sends nothing new', async (t) => {
+  if (!gateway(t)) return;
+  const dir = await tempDir(t);
+  const bucketRepo = await s3Repo(t, dir);
+  await runOk(['init', ...bucketRepo.args, '--block-size', '1M', '--create-bucket']);
+  const usb = path.join(dir, 'usb');
+  await runOk(['init', '--repo', usb, '--encryption', 'none', '--block-size', '1M']);
+  const other = path.join(dir, 'other');
+  await runOk(['init', '--repo', other, '--encryption', 'none', '--block-size', '1M']);
+  const img = await smallImage(path.join(dir, 'a.img'), 'copy');
+  const v = await runJson<VersionJson>(['backup', '--repo', usb, img.path, 'vol']);
+  type Copied = { version: string; blocks_sent: number; already_there: boolean }[];
+  // USB → S3 (the destination's [s3] settings come from the same --config).
+  const toS3 = await runJson<Copied>(['copy', '--config', bucketRepo.conf, '--repo', usb, v.id, '--to', bucketRepo.url, '--to-key-file', bucketRepo.keyFile]);
+  t.true(toS3[0]!.blocks_sent > 0);
+  const objects = (await dataKeys(bucketRepo)).length;
+  const again = await runJson<Copied>(['copy', '--config', bucketRepo.conf, '--repo', usb, v.id, '--to', bucketRepo.url, '--to-key-file', bucketRepo.keyFile]);
+  t.true(again[0]!.already_there);
+  t.is(again[0]!.blocks_sent, 0);
+  t.is((await dataKeys(bucketRepo)).length, objects, 'nothing new in the bucket');
+  // S3 → another directory, restored byte-identical.
+  await runJson<Copied>(['copy', ...bucketRepo.args, v.id, '--to', other]);
+  await runOk(['restore', '--repo', other, v.id, path.join(dir, 'out.img')]);
+  t.is(await sha256File(path.join(dir, 'out.img')), img.sha256);
+});

@@ -1,6 +1,6 @@
 import { ObjectNames } from '../store/blobstore.js';
 import type { GcCandidate } from '../index/records.js';
-import { LockNames, withLock } from './locks.js';
+import { isStale, LockNames, withLock } from './locks.js';
 import type { Repository } from './repository.js';
 
 export interface CleanupResult {
@@ -18,6 +18,8 @@ export interface CleanupResult {
 }
 
 const DELETE_BATCH = 1000;
+/** marked_at of a candidate whose mark is not visible yet: never old enough to be swept. */
+const NOT_YET = Number.MAX_SAFE_INTEGER;
 
 /**
  * Frees the space of blocks that no version references, safely while backups run. Protocol:
@@ -28,12 +30,14 @@ const DELETE_BATCH = 1000;
  * 2. Sweep: a candidate marked at least the grace period before this pass's mark began, and still
  *    unreferenced, is doomed in one transaction (its block record goes), its object deleted, then forgotten.
  *
- * A backup that is about to deduplicate against, reference or write a candidate first takes it off the list
- * (`BlockPipeline.retain`, a synchronous transaction ordered against the doom transaction), or waits while
- * it is being deleted and then writes it anew. A backup that decided to reuse a block just before it was
- * marked commits its reference within about a second, well inside the grace period. Killing a cleanup at any
- * moment is safe: doomed candidates are finished by the next run. With a grace period of 0 the command runs
- * two passes (for tests, and for repositories nobody writes to).
+ * A writer (backup, copy, import) that is about to deduplicate against, reference or write a candidate first
+ * takes it off the list (`BlockPipeline.retain`, a synchronous transaction ordered against the doom
+ * transaction), or waits while it is being deleted and then writes it anew. A writer that picked up a block
+ * before it became a candidate started before it was marked: while such a writer runs, the candidate is not
+ * swept (writers hold volume locks, which tell their start time). Its commit adds the reference, which the
+ * next pass sees. The grace period adds a margin for writers on other machines (S3), which hold no local
+ * lock. Killing a cleanup at any moment is safe: doomed candidates are finished by the next run. With a grace
+ * period of 0 the command runs two passes.
  */
 export async function cleanup(repo: Repository, graceMs: number): Promise<CleanupResult> {
   return withLock(repo.index, LockNames.cleanup, 'exclusive', 'Cleanup', async () => {
@@ -49,6 +53,8 @@ export async function cleanup(repo: Repository, graceMs: number): Promise<Cleanu
 async function runPass(repo: Repository, graceMs: number, result: CleanupResult): Promise<void> {
   const index = repo.index;
   const markStart = Date.now();
+  // Writers (backups, copies, imports) running now may hold references not yet committed.
+  const oldestWriter = oldestRunningWriter(repo);
   await collectReferences(repo);
 
   // Candidates referenced again are no longer garbage.
@@ -64,20 +70,26 @@ async function runPass(repo: Repository, graceMs: number, result: CleanupResult)
   // New candidates: unreferenced blocks of the index, then objects the index does not know.
   const fresh: [Buffer, GcCandidate][] = [];
   for (const { checksum, record } of index.allBlocks()) {
-    if (!index.isGcRef(checksum) && !existing.has(checksum.toString('hex'))) fresh.push([checksum, { marked_at: markStart, doomed: false, stored: record.stored }]);
+    if (!index.isGcRef(checksum) && !existing.has(checksum.toString('hex'))) fresh.push([checksum, { marked_at: NOT_YET, doomed: false, stored: record.stored }]);
   }
   for await (const name of repo.store.list(ObjectNames.blockPrefix)) {
     const hex = name.slice(name.lastIndexOf('/') + 1);
     if (!/^[0-9a-f]{64}$/.test(hex) || existing.has(hex)) continue;
     const checksum = Buffer.from(hex, 'hex');
     if (index.getBlock(checksum) || index.isGcRef(checksum)) continue;
-    fresh.push([checksum, { marked_at: markStart, doomed: false, stored: (await repo.store.size(name)) ?? 0 }]);
+    fresh.push([checksum, { marked_at: NOT_YET, doomed: false, stored: (await repo.store.size(name)) ?? 0 }]);
   }
+  // The mark time is taken once the candidates are visible: a writer starting later sees them and rescues
+  // what it uses (until then they carry a time that is never swept).
+  await index.putGcCandidates(fresh);
+  const visible = Date.now();
+  for (const [, c] of fresh) c.marked_at = visible;
   await index.putGcCandidates(fresh);
   result.marked += fresh.length;
 
-  // Sweep what has waited long enough.
-  const cutoff = markStart - graceMs;
+  // Sweep what has waited long enough, and only what no writer running at the reference scan can have
+  // picked up before it became a candidate (such a writer started before the candidate was marked).
+  const cutoff = Math.min(markStart - graceMs, oldestWriter - 1);
   const due: Buffer[] = [];
   let waiting = 0;
   for (const { checksum, candidate } of index.allGcCandidates()) {
@@ -90,6 +102,15 @@ async function runPass(repo: Repository, graceMs: number, result: CleanupResult)
     await index.doomGcCandidates(due.slice(i, i + DELETE_BATCH), cutoff);
     await finishDoomed(repo, result);
   }
+}
+
+/** Start time of the oldest live writer holding a volume lock (Infinity when none runs). */
+function oldestRunningWriter(repo: Repository): number {
+  let oldest = Infinity;
+  for (const l of repo.index.allLocks()) {
+    if (l.resource.startsWith('volume:') && !isStale(l)) oldest = Math.min(oldest, Date.parse(l.started));
+  }
+  return oldest;
 }
 
 /** Deletes the objects of doomed candidates (also those a killed cleanup left) and forgets them. */

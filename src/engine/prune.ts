@@ -34,14 +34,17 @@ export interface PruneDecision {
  * - keep-last N keeps the N newest complete versions;
  * - keep-daily N (hourly, weekly (ISO weeks), monthly, yearly alike) keeps the newest version of each of the
  *   N most recent calendar days that have a version;
- * - protected versions are always kept; expired versions (expiry date passed) are removed unless protected;
+ * - protected versions are always kept; expired versions (expiry date passed) are removed unless protected,
+ *   and take no slot of any rule (the newest unexpired version of a day is that day's);
  * - an incomplete version is kept only while it is newer than every complete one (it can be resumed).
  * Pure: the caller applies it.
  */
 export function planPrune(versions: VersionRecord[], policy: RetentionPolicy, now = Date.now()): PruneDecision[] {
   const sorted = [...versions].sort((a, b) => b.date.localeCompare(a.date));
   const decisions = new Map<string, PruneDecision>(sorted.map((v) => [v.id, { version: v, keep: false, reasons: [] }]));
-  const complete = sorted.filter((v) => v.complete);
+  const expired = (v: VersionRecord) => v.expire !== null && Date.parse(v.expire) <= now;
+  // Versions on their way out (expired, unprotected) take no bucket or keep-last slot from the others.
+  const complete = sorted.filter((v) => v.complete && !(expired(v) && !v.protected));
   complete.slice(0, policy.last).forEach((v, i) => decisions.get(v.id)!.reasons.push(`last ${i + 1}`));
   for (const rule of RULES) {
     const n = policy[rule];
@@ -60,11 +63,10 @@ export function planPrune(versions: VersionRecord[], policy: RetentionPolicy, no
   const newestComplete = complete[0]?.date ?? '';
   for (const d of decisions.values()) {
     const v = d.version;
-    const expired = v.expire !== null && Date.parse(v.expire) <= now;
     if (v.protected) {
       d.keep = true;
       d.reasons.unshift('protected');
-    } else if (expired) {
+    } else if (expired(v)) {
       d.keep = false;
       d.reasons = ['expired'];
     } else if (!v.complete) {

@@ -141,11 +141,13 @@ interface SelectedBlock {
 }
 
 /**
- * The distinct blocks of the given versions (all blocks of the repository when none are given). A block
- * that the index references but does not know is reported as a record-less block with size from the map.
+ * The distinct blocks of the given versions (with none given: of every version, plus the blocks no version
+ * references). A block a version references but the block table does not know is selected too, with its
+ * size from the map, so that a missing object is found either way.
  */
-function selectBlocks(repo: Repository, versions: VersionRecord[]): SelectedBlock[] {
-  if (versions.length === 0) return [...repo.index.allBlocks()].map(({ checksum, record }) => ({ checksum, record }));
+function selectBlocks(repo: Repository, named: VersionRecord[]): SelectedBlock[] {
+  const all = named.length === 0;
+  const versions = all ? [...repo.index.allVersions()] : named;
   const seen = new Map<string, SelectedBlock>();
   for (const v of versions) {
     const blocks = Math.ceil(v.size / v.block_size);
@@ -165,6 +167,8 @@ function selectBlocks(repo: Repository, versions: VersionRecord[]): SelectedBloc
       seen.set(hex, { checksum: c, record });
     }
   }
+  // --all: also blocks no version references (they are read too: they may be needed again by dedup).
+  if (all) for (const { checksum, record } of repo.index.allBlocks()) if (!seen.has(checksum.toString('hex'))) seen.set(checksum.toString('hex'), { checksum, record });
   return [...seen.values()];
 }
 

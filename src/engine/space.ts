@@ -85,12 +85,21 @@ export async function checkConsistency(repo: Repository): Promise<ConsistencyRep
     const hex = name.slice(name.lastIndexOf('/') + 1);
     if (/^[0-9a-f]{64}$/.test(hex)) inStore.add(hex);
   }
-  const missing: string[] = [];
+  // Everything the index knows or references: the block table and every version's map.
+  const known = new Set<string>();
   let blocks = 0;
   for (const { checksum } of repo.index.allBlocks()) {
     blocks++;
-    const hex = checksum.toString('hex');
-    if (!inStore.delete(hex)) missing.push(hex);
+    known.add(checksum.toString('hex'));
   }
-  return { objects_in_store: blocks - missing.length + inStore.size, blocks_in_index: blocks, missing_objects: missing, unknown_objects: [...inStore] };
+  for (const v of repo.index.allVersions()) {
+    const cursor = repo.index.mapCursor(v.id);
+    for (let i = 0; i < Math.ceil(v.size / v.block_size); i++) {
+      const c = cursor.get(i);
+      if (c) known.add(c.toString('hex'));
+    }
+  }
+  const missing = [...known].filter((hex) => !inStore.has(hex));
+  const unknown = [...inStore].filter((hex) => !known.has(hex));
+  return { objects_in_store: inStore.size, blocks_in_index: blocks, missing_objects: missing, unknown_objects: unknown };
 }

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import { describeSystemError, NotFoundError } from '../errors.js';
+import { BlocksafeError, describeSystemError, NotFoundError } from '../errors.js';
 import type { BlobStore } from './blobstore.js';
 
 /**
@@ -81,6 +81,9 @@ export class DirectoryStore implements BlobStore {
       for (let i = 0; i < files.length; i += SYNC_PARALLEL) await Promise.all(files.slice(i, i + SYNC_PARALLEL).map((f) => fsyncPath(f)));
       await Promise.all(dirs.map((d) => fsyncPath(d, true)));
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        throw new BlocksafeError(`An object written moments ago vanished from ${this.root} before it was flushed (deleted by another program?); nothing refers to it yet: run the command again.`);
+      }
       files.forEach((f) => this.dirtyFiles.add(f));
       dirs.forEach((d) => this.dirtyDirs.add(d));
       throw describeSystemError(err, `Flushing the repository at ${this.root} to disk`);

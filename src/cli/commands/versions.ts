@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { assertRemovable, removeVersion } from '../../engine/remove.js';
+import { assertRemovable, removeVersions } from '../../engine/remove.js';
 import { listVersions, repositoryStats } from '../../engine/versions.js';
 import { ObjectNames } from '../../store/blobstore.js';
 import { formatBytes } from '../../util/size.js';
@@ -120,7 +120,7 @@ export function register(program: Command): void {
           assertRemovable(v, !!opts.force);
           assertOldEnough(v, minAge, !!opts.force);
         }
-        for (const v of versions) await removeVersion(repo, v, !!opts.force);
+        await removeVersions(repo, versions, !!opts.force);
         if (opts.json) printJson({ removed: versions.map((v) => v.id) });
         else for (const v of versions) process.stdout.write(`Removed version ${v.id} (${v.name}).\n`);
       });
