@@ -10,17 +10,19 @@ import type { GlobalOptions } from '../src/cli/context.js';
 import { errorText, type Backend, type Connect, type VersionRecord } from './backend.js';
 import { Frame, TextInput } from './components.js';
 import { HelpScreen } from './HelpScreen.js';
-import { type Job, type Session, SessionContext, useKeys, useTerminalSize } from './hooks.js';
+import { KeyBusContext, SessionContext, useKeyRoot, useKeys, useTerminalSize, type Job, type Session } from './hooks.js';
 import { RemoveScreen } from './RemoveScreen.js';
 import { RestoreWizard } from './RestoreWizard.js';
 import { ScrubScreen } from './ScrubScreen.js';
+import { TagScreen } from './TagScreen.js';
 import { VersionsScreen, type ListAction } from './VersionList.js';
 
 type Screen =
   | { kind: 'list'; notice: string | null; selected: string | null }
   | { kind: 'restore'; version: VersionRecord }
   | { kind: 'scrub'; version: VersionRecord | null }
-  | { kind: 'remove'; version: VersionRecord };
+  | { kind: 'remove'; version: VersionRecord }
+  | { kind: 'tags'; version: VersionRecord };
 
 export interface AppProps {
   /** Opens the repository (asking for a passphrase through the callback when one is needed). */
@@ -87,7 +89,7 @@ function UnlockScreen({ location, error, unlocking, onSubmit }: { location: stri
             }}
           />
         </Text>
-        {unlocking ? <Text color="cyan">Unlocking… (this takes a few seconds on purpose)</Text> : null}
+        {unlocking ? <Text color="cyan">Unlocking…</Text> : null}
       </Box>
     </Frame>
   );
@@ -101,7 +103,17 @@ function Message({ location, text, error }: { location: string; text?: string; e
   );
 }
 
-export function App({ connect, location, onLog, onIntegrityProblem, events }: AppProps) {
+/** The app with its key routing (see useKeyRoot). */
+export function App(props: AppProps) {
+  const bus = useKeyRoot();
+  return (
+    <KeyBusContext.Provider value={bus}>
+      <Screens {...props} />
+    </KeyBusContext.Provider>
+  );
+}
+
+function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppProps) {
   const { exit } = useApp();
   const size = useTerminalSize();
   const [gate, setGate] = useState<Gate>({ kind: 'opening' });
@@ -110,7 +122,7 @@ export function App({ connect, location, onLog, onIntegrityProblem, events }: Ap
   const job = useRef<Job | null>(null);
   const quitting = useRef(false);
   const passphraseWaiter = useRef<((p: string) => void) | null>(null);
-  const backendRef = useRef<Backend | null>(null);
+  const [crashed, setCrashed] = useState(false);
 
   // Open the repository; a wrong passphrase asks again.
   useEffect(() => {
@@ -132,7 +144,6 @@ export function App({ connect, location, onLog, onIntegrityProblem, events }: Ap
       connect(ask).then(
         (backend) => {
           if (!alive) return void backend.close();
-          backendRef.current = backend;
           setGate({ kind: 'ready', backend });
         },
         (err) => {
@@ -183,13 +194,13 @@ export function App({ connect, location, onLog, onIntegrityProblem, events }: Ap
     };
   }, [events, quit]);
 
-  // ctrl-c: stop a running operation, else quit. Always listening (it also keeps the terminal in raw mode).
+  // ctrl-c: stop a running operation, else quit. Always listening, whatever the screen.
   useKeys((input, key) => {
     if (key.ctrl && input === 'c') {
       if (job.current) return job.current.stop();
       return finish();
     }
-    if (gate.kind === 'fatal' && input === 'q') return finish();
+    if ((gate.kind === 'fatal' || crashed) && input === 'q') return quit();
   });
 
   const backend = gate.kind === 'ready' ? gate.backend : null;
@@ -229,6 +240,7 @@ export function App({ connect, location, onLog, onIntegrityProblem, events }: Ap
     if (a.kind === 'restore') setScreen({ kind: 'restore', version: a.version });
     else if (a.kind === 'scrub') setScreen({ kind: 'scrub', version: a.version });
     else if (a.kind === 'scrub-all') setScreen({ kind: 'scrub', version: null });
+    else if (a.kind === 'tags') setScreen({ kind: 'tags', version: a.version });
     else setScreen({ kind: 'remove', version: a.version });
   };
 
@@ -255,6 +267,8 @@ export function App({ connect, location, onLog, onIntegrityProblem, events }: Ap
             <RestoreWizard version={screen.version} onExit={(n) => back(n)} />
           ) : screen.kind === 'scrub' ? (
             <ScrubScreen version={screen.version} onExit={(n) => back(n)} />
+          ) : screen.kind === 'tags' ? (
+            <TagScreen version={screen.version} onExit={(n) => back(n)} />
           ) : (
             <RemoveScreen version={screen.version} onExit={(n) => back(n, n ? null : screen.version.id)} />
           )}
@@ -263,7 +277,16 @@ export function App({ connect, location, onLog, onIntegrityProblem, events }: Ap
       </SessionContext.Provider>
     );
   }
-  return <Guard onError={() => job.current?.stop()}>{content}</Guard>;
+  return (
+    <Guard
+      onError={() => {
+        setCrashed(true);
+        job.current?.stop();
+      }}
+    >
+      {content}
+    </Guard>
+  );
 }
 
 const ALT_SCREEN_ON = '\x1b[?1049h\x1b[2J\x1b[H';
@@ -276,7 +299,7 @@ const ALT_SCREEN_OFF = '\x1b[?25h\x1b[?1049l';
 export async function runUi(opts: GlobalOptions): Promise<number> {
   const { UsageError } = await import('../src/errors.js');
   if (!process.stdin.isTTY || !process.stdout.isTTY) {
-    throw new UsageError('blocksafe ui needs an interactive terminal; in scripts use the commands ls, restore and scrub.');
+    throw new UsageError('The ui command needs an interactive terminal; in scripts use the commands ls, restore and scrub.');
   }
   const { engineConnect } = await import('./engineBackend.js');
   const { location, connect } = engineConnect(opts);

@@ -6,7 +6,7 @@ import { useKeys, useSession } from './hooks.js';
 
 type Section = [string, [string, string][]];
 
-export function helpSections(caps: { scrub: boolean; remove: boolean }): Section[] {
+export function helpSections(caps: { scrub: boolean; remove: boolean; protect: boolean; tags: boolean }): Section[] {
   return [
     [
       'Everywhere',
@@ -29,6 +29,8 @@ export function helpSections(caps: { scrub: boolean; remove: boolean }): Section
               ['S', 'scrub the whole repository'],
             ] as [string, string][])
           : []),
+        ...(caps.protect ? ([['p', 'protect / unprotect the selected version (protected ones cannot be removed)']] as [string, string][]) : []),
+        ...(caps.tags ? ([['t', 'add or remove tags of the selected version']] as [string, string][]) : []),
         ...(caps.remove ? ([['x', 'remove the selected version (type its id to confirm)']] as [string, string][]) : []),
         ['R', 'reload the list'],
       ],
@@ -59,7 +61,7 @@ export function HelpScreen({ onClose }: { onClose: () => void }) {
   const { backend, size } = useSession();
   const [scroll, setScroll] = useState(0);
   const lines: { title?: string; key?: string; text?: string }[] = [];
-  for (const [title, entries] of helpSections({ scrub: !!backend.scrub, remove: !!backend.remove })) {
+  for (const [title, entries] of helpSections({ scrub: !!backend.scrub, remove: !!backend.remove, protect: !!backend.setProtected, tags: !!backend.addTag })) {
     lines.push({ title });
     for (const [key, text] of entries) lines.push({ key, text });
   }

@@ -66,7 +66,7 @@ function DevicePicker({ devices, index, needed, width, height }: { devices: Bloc
 function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
   const effect =
     target.kind === 'new-file'
-      ? `A new file is created (${target.description}); nothing is overwritten.`
+      ? 'A new file is created; nothing is overwritten.'
       : target.kind === 'block'
         ? `ALL DATA on ${target.path} is lost: its first ${formatBytes(v.size)} are overwritten with this version.`
         : target.overwrites
@@ -121,9 +121,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const [devIndex, setDevIndex] = useState(0);
   const [typed, setTyped] = useState('');
   const [error, setError] = useState<string | null>(null);
-  const { view, listener, reset } = useProgress();
-  const viewRef = useRef(view);
-  viewRef.current = view;
+  const { view, listener, reset, snapshot } = useProgress();
   const ctl = useRef<AbortController | null>(null);
   const startedAt = useRef(0);
 
@@ -174,7 +172,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
     if (text.trim() === target.name) return start(target, { force: true, resume: false });
     setError(
       text
-        ? `You typed "${text}", not "${target.name}"; nothing was written. Type ${target.name} exactly, or Esc to go back.`
+        ? `You typed "${text}", not "${target.name}": nothing was written. Type ${target.name} exactly.`
         : `Type ${target.name} and press Enter to overwrite it, or Esc to go back.`,
     );
   };
@@ -202,12 +200,12 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           log(`Restored ${what} with ${outcome.damaged.length} DAMAGED range(s), left unwritten:`);
           for (const d of outcome.damaged) log(`  offset ${d.offset} length ${d.length}: ${d.reason}`);
         } else log(`Restored ${what}: ${formatBytes(version.size)}, every block verified.`);
-        setPhase({ p: 'result', target, outcome, durationMs, last: viewRef.current });
+        setPhase({ p: 'result', target, outcome, durationMs, last: snapshot() });
       },
       (err) => {
         setJob(null);
         const durationMs = Date.now() - startedAt.current;
-        const last = viewRef.current;
+        const last = snapshot();
         const pct = last.progress ? percent(last.progress.doneBytes, last.progress.totalBytes) : '0 %';
         if (err instanceof CancelledError) {
           log(`Restore of ${what} STOPPED at ${pct}; the target is incomplete. Resume: blocksafe ui, or blocksafe restore --resume ${version.id} ${target.path}`);
@@ -434,9 +432,10 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
             ['n', 'no, keep going'],
           ]
         : phase.stopping
-          ? []
+          ? [['…', 'stopping after the blocks in flight, please wait']]
           : [
               ['Esc', 'stop safely'],
+              ['ctrl-c', 'stop without asking'],
               ['?', 'help'],
             ];
       body = (

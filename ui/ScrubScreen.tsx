@@ -23,8 +23,6 @@ export function ScrubScreen({ version, onExit }: { version: VersionRecord | null
   const [phase, setPhase] = useState<Phase>({ p: 'setup' });
   const [error, setError] = useState<string | null>(null);
   const { view, listener, reset } = useProgress();
-  const viewRef = useRef(view);
-  viewRef.current = view;
   const ctl = useRef<AbortController | null>(null);
 
   const scope = whole || !version ? 'the whole repository' : `version ${version.id} (${version.name}, ${longDate(version.date)})`;
@@ -52,6 +50,7 @@ export function ScrubScreen({ version, onExit }: { version: VersionRecord | null
         if (result.damaged.length) {
           noteIntegrityProblem();
           log(`Scrub of ${scope}: ${result.damaged.length} DAMAGED block(s); versions now INVALID: ${result.invalid_versions.join(', ') || 'none'}.`);
+          for (const d of result.damaged) log(`  DAMAGED ${d.reason}`);
         } else log(`Scrub of ${scope}: ${result.blocks_checked} blocks verified, none damaged.`);
         setPhase({ p: 'result', result, durationMs: Date.now() - t0 });
       },
@@ -139,9 +138,10 @@ export function ScrubScreen({ version, onExit }: { version: VersionRecord | null
           ['n', 'no, keep going'],
         ]
       : phase.stopping
-        ? []
+        ? [['…', 'stopping, please wait']]
         : [
             ['Esc', 'stop'],
+            ['ctrl-c', 'stop without asking'],
             ['?', 'help'],
           ];
     body = (
@@ -198,6 +198,13 @@ export function ScrubScreen({ version, onExit }: { version: VersionRecord | null
             <Text dimColor wrap="wrap">They can still be restored: the damaged blocks are reported and skipped. The next backup of the volume heals them.</Text>
           </Box>
         ) : null}
+        {r.damaged.slice(0, 3).map((d) => (
+          <Text key={d.checksum} color="red" wrap="truncate-end">
+            {'  DAMAGED '}
+            {d.reason}
+          </Text>
+        ))}
+        {r.damaged.length > 3 ? <Text dimColor>{`  … and ${r.damaged.length - 3} more damaged blocks (listed when you quit)`}</Text> : null}
         {r.revalidated_versions.length ? <Text color="green">Valid again: {r.revalidated_versions.join(', ')}</Text> : null}
       </Box>
     ) : phase.cancelled ? (

@@ -184,17 +184,33 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
   );
 }
 
-export type ListAction = { kind: 'restore' | 'scrub' | 'remove'; version: VersionRecord } | { kind: 'scrub-all' };
+export type ListAction = { kind: 'restore' | 'scrub' | 'remove' | 'tags'; version: VersionRecord } | { kind: 'scrub-all' };
 
 /** The versions screen: list + filter + detail, and the keys that start the other screens. */
 export function VersionsScreen({ onAction, initialSelected, notice }: { onAction: (a: ListAction) => void; initialSelected?: string | null; notice?: string | null }) {
-  const { backend, size, active, quit, openHelp } = useSession();
-  const [versions, setVersions] = useState<VersionRecord[]>(() => backend.listVersions());
+  const { backend, size, active, quit, openHelp, log } = useSession();
+  // Reading the index can fail (a damaged index, a disk gone): that is an error line, not a crash.
+  const read = (): { list: VersionRecord[]; error: string | null } => {
+    try {
+      return { list: backend.listVersions(), error: null };
+    } catch (err) {
+      return { list: [], error: `Could not read the versions: ${errorText(err)}` };
+    }
+  };
+  const [first] = useState(read);
+  const [versions, setVersionList] = useState<VersionRecord[]>(first.list);
   const [filter, setFilter] = useState('');
   const [filtering, setFiltering] = useState(false);
   const [selectedId, setSelectedId] = useState<string | null>(initialSelected ?? null);
-  const [error, setError] = useState<string | null>(null);
+  const [error, setError] = useState<string | null>(first.error);
+  const reload = () => {
+    const r = read();
+    setVersionList(r.list);
+    setError(r.error);
+  };
   const [usage, setUsage] = useState<UsageState>(null);
+  const [localNotice, setLocalNotice] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
 
   const lines = useMemo(() => groupLines(versions, filter), [versions, filter]);
   const shown = useMemo(() => lines.flatMap((l) => (l.kind === 'version' ? [l.v] : [])), [lines]);
@@ -216,11 +232,16 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
     };
   }, [backend, selected?.id]);
 
+  const shownRef = useRef(shown);
+  shownRef.current = shown;
+  // From the newest state, not this render's: keys may come faster than renders.
   const move = (delta: number) => {
-    if (shown.length === 0) return;
-    const i = Math.max(0, shown.findIndex((v) => v.id === selected?.id));
-    const next = Math.max(0, Math.min(shown.length - 1, i + delta));
-    setSelectedId(shown[next]!.id);
+    setSelectedId((prev) => {
+      const list = shownRef.current;
+      if (list.length === 0) return prev;
+      const i = Math.max(0, list.findIndex((v) => v.id === prev));
+      return list[Math.max(0, Math.min(list.length - 1, i + delta))]!.id;
+    });
     setError(null);
   };
 
@@ -228,7 +249,8 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   const bodyHeight = Math.max(5, size.rows - 4);
   const detailHeight = wide ? bodyHeight - 2 : size.rows >= 30 ? 8 : 6;
   const listWidth = wide ? size.columns - 48 : size.columns;
-  const noticeLines = notice ? 1 : 0;
+  const shownNotice = localNotice ?? notice;
+  const noticeLines = shownNotice ? 1 : 0;
   const listHeight = Math.max(2, (wide ? bodyHeight - 2 : bodyHeight - 2 - detailHeight - 1) - noticeLines);
   const page = Math.max(1, listHeight - 2);
 
@@ -269,8 +291,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
       if (input === 'q') return quit();
       if (input === '?') return openHelp();
       if (input === 'R' || (key.ctrl && input === 'l')) {
-        setVersions(backend.listVersions());
-        setError(null);
+        reload();
         return;
       }
       if (input === 's' && backend.scrub) {
@@ -278,6 +299,25 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
         return onAction({ kind: 'scrub', version: selected });
       }
       if (input === 'S' && backend.scrub) return onAction({ kind: 'scrub-all' });
+      if (input === 'p' && backend.setProtected && selected && !busy) {
+        const on = !selected.protected;
+        setBusy(true);
+        setError(null);
+        backend.setProtected(selected, on).then(
+          () => {
+            reload();
+            setLocalNotice(on ? `Version ${selected.id} is now protected: it cannot be removed.` : `Version ${selected.id} is no longer protected.`);
+            log(`${on ? 'Protected' : 'Unprotected'} version ${selected.id} (${selected.name}, ${longDate(selected.date)}).`);
+            setBusy(false);
+          },
+          (err) => {
+            setError(errorText(err));
+            setBusy(false);
+          },
+        );
+        return;
+      }
+      if (input === 't' && backend.addTag && selected) return onAction({ kind: 'tags', version: selected });
       if ((input === 'x' || key.delete) && backend.remove) {
         if (!selected) return;
         if (selected.protected) return setError(`Version ${selected.id} is protected; it cannot be removed (unprotect it first). Nothing was removed.`);
@@ -298,6 +338,8 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
         ['Enter', 'restore'],
         ['/', 'filter'],
         ...(backend.scrub ? ([['s', 'scrub']] as KeyHint[]) : []),
+        ...(backend.setProtected ? ([['p', selected?.protected ? 'unprotect' : 'protect']] as KeyHint[]) : []),
+        ...(backend.addTag ? ([['t', 'tags']] as KeyHint[]) : []),
         ...(backend.remove ? ([['x', 'remove']] as KeyHint[]) : []),
         ['?', 'help'],
         ['q', 'quit'],
@@ -344,9 +386,9 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
 
   return (
     <Frame title={`blocksafe · ${backend.summary.location}`} right={right} keys={keys} error={error ?? undefined}>
-      {notice ? (
+      {shownNotice ? (
         <Text color="green" wrap="truncate-end">
-          {notice}
+          {shownNotice}
         </Text>
       ) : null}
       {wide ? (

@@ -1,7 +1,7 @@
 /** Building blocks of every screen: the frame with title, error line and key help, a text input, progress. */
 import { Box, Text } from 'ink';
 import { useRef, type ReactNode } from 'react';
-import { bar, formatBytes, formatDuration, percent } from './format.js';
+import { bar, fit, formatBytes, formatDuration, percent } from './format.js';
 import { useKeys, useSession, type ProgressView } from './hooks.js';
 
 /** [key, what it does], e.g. ['Enter', 'restore']. */
@@ -34,12 +34,19 @@ export function KeyBar({ keys, width }: { keys: KeyHint[]; width: number }) {
   );
 }
 
-/** One line, red AND prefixed with "Error:", so it reads on any console. */
+/** Rows the error line needs: one, or up to three when a long message would otherwise lose its end. */
+export function errorRows(error: string | null | undefined, width: number): number {
+  if (!error) return 1;
+  return Math.max(1, Math.min(3, Math.ceil(('Error: ' + error).length / Math.max(20, width))));
+}
+
+/** The error: one message, red AND prefixed with "Error:", so it reads on any console; never a stack trace. */
 export function ErrorLine({ error, width }: { error: string | null | undefined; width: number }) {
+  const rows = errorRows(error, width);
   return (
-    <Box width={width} height={1} overflow="hidden">
+    <Box width={width} height={rows} overflow="hidden">
       {error ? (
-        <Text color="red" bold wrap="truncate-end">
+        <Text color="red" bold wrap={rows > 1 ? 'wrap' : 'truncate-end'}>
           Error: {error}
         </Text>
       ) : (
@@ -50,23 +57,24 @@ export function ErrorLine({ error, width }: { error: string | null | undefined; 
 }
 
 /**
- * A whole screen: title line, body (cut to fit), the error line, and the key help. The body gets
- * rows - 4 lines: one line stays free at the bottom so Ink never has to repaint the whole terminal.
+ * A whole screen: title line, body (cut to fit), the error line, and the key help. The body gets the rest;
+ * one line stays free at the bottom so Ink never has to repaint the whole terminal.
  */
 export function Frame({ title, right, keys, error, children }: { title: string; right?: string; keys: KeyHint[]; error?: string | null; children: ReactNode }) {
   const { size } = useSession();
   const width = size.columns;
   const height = Math.max(8, size.rows - 1);
   const rightText = right ?? '';
+  const titleWidth = Math.max(0, width - rightText.length - 1);
   return (
     <Box flexDirection="column" width={width} height={height}>
       <Box width={width} height={1} overflow="hidden">
         <Text bold inverse wrap="truncate-end">
-          {` ${title}`.padEnd(Math.max(0, width - rightText.length - 1)).slice(0, Math.max(0, width - rightText.length - 1))}
+          {fit(` ${title}`, titleWidth)}
           {rightText ? `${rightText} ` : ''}
         </Text>
       </Box>
-      <Box flexDirection="column" width={width} height={height - 3} overflow="hidden">
+      <Box flexDirection="column" width={width} height={height - 2 - errorRows(error, width)} overflow="hidden">
         {children}
       </Box>
       <ErrorLine error={error} width={width} />
@@ -162,7 +170,7 @@ export function ProgressPanel({ view, width, damagedLabel }: { view: ProgressVie
   return (
     <Box flexDirection="column">
       <Text>
-        {bar(done, total, barWidth)} {p ? percent(done, total) : 'starting…'}
+        {p ? bar(done, total, barWidth) : bar(0, 1, barWidth)} {p ? percent(done, total) : 'starting…'}
       </Text>
       <Text wrap="truncate-end">
         {formatBytes(done)} of {p ? formatBytes(total) : '?'}

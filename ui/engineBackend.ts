@@ -5,11 +5,12 @@
 import * as fs from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/cli/context.js';
+import { config, pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/cli/context.js';
 import { BlockPipeline } from '../src/engine/blockPipeline.js';
 import { blockDeviceSize, mountsOf } from '../src/engine/device.js';
 import type { Progress } from '../src/engine/progress.js';
-import { removeVersion } from '../src/engine/remove.js';
+import { addTags, assertOldEnough, removeTags, setProtected as protectVersion } from '../src/engine/lifecycle.js';
+import { assertRemovable, removeVersion } from '../src/engine/remove.js';
 import { indexDirFor, openStore, Repository, type SecretSource } from '../src/engine/repository.js';
 import { restore as runRestore } from '../src/engine/restore.js';
 import { scrub as runScrub } from '../src/engine/scrub.js';
@@ -62,6 +63,8 @@ class EngineBackend implements Backend {
     private readonly repo: Repository,
     private readonly settings: PipelineSettings,
     location: string,
+    /** rm's guard: versions younger than this many days are not removed ([lifecycle] min_age_days). */
+    private readonly minAgeDays: number,
   ) {
     this.summary = { location, encryption: repo.descriptor.encryption, blockSize: repo.blockSize };
   }
@@ -228,9 +231,24 @@ class EngineBackend implements Backend {
     }
   };
 
+  /** The same checks as "blocksafe rm" without --force: the UI never forces a removal. */
   remove = async (v: VersionRecord) => {
-    // Never forced from the UI: a protected version must be unprotected first.
-    await removeVersion(this.repo, this.repo.index.getVersion(v.id) ?? v, false);
+    const current = this.repo.index.getVersion(v.id) ?? v;
+    assertRemovable(current, false);
+    assertOldEnough(current, this.minAgeDays, false);
+    await removeVersion(this.repo, current, false);
+  };
+
+  setProtected = async (v: VersionRecord, on: boolean) => {
+    await protectVersion(this.repo, v.id, on);
+  };
+
+  addTag = async (v: VersionRecord, tag: string) => {
+    await addTags(this.repo, v.id, [tag]);
+  };
+
+  removeTag = async (v: VersionRecord, tag: string) => {
+    await removeTags(this.repo, v.id, [tag]);
   };
 
   close(): Promise<void> {
@@ -243,9 +261,10 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
   const given = repoLocation(opts);
   const location = /^[a-z0-9]+:\/\//i.test(given) ? given : path.resolve(given);
   const settings = pipelineSettings(opts);
+  const minAgeDays = config(opts).config.lifecycle.min_age_days;
   const askInUi = !opts.keyFile && !opts.passphraseFile && process.env.BLOCKSAFE_PASSPHRASE === undefined;
   const connect: Connect = async (askPassphrase) => {
-    const store = openStore(location);
+    const store = openStore(location, config(opts).config.s3);
     const secret: SecretSource = askInUi
       ? async () => {
           const pass = await askPassphrase();
@@ -255,7 +274,7 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
       : secretSource(opts);
     try {
       const repo = await Repository.open(store, secret, indexDirFor(store));
-      return new EngineBackend(repo, settings, location);
+      return new EngineBackend(repo, settings, location, minAgeDays);
     } catch (err) {
       await store.close().catch(() => undefined);
       throw err;

@@ -1,6 +1,6 @@
 /** Hooks shared by the screens: terminal size, throttled progress, the session context. */
 import { useInput, useStdout, type Key } from 'ink';
-import { createContext, useCallback, useContext, useEffect, useRef, useState } from 'react';
+import { createContext, useCallback, useContext, useEffect, useLayoutEffect, useRef, useState } from 'react';
 import type { Backend, Progress } from './backend.js';
 
 export interface TerminalSize {
@@ -65,7 +65,7 @@ export interface ProgressView {
  * Progress of a running operation, painted at most 4 times a second whatever the rate of events.
  * Throughput counts from the first event of this run, so a resumed restore does not look impossibly fast.
  */
-export function useProgress(): { view: ProgressView; listener: (p: Progress) => void; reset: () => void } {
+export function useProgress(): { view: ProgressView; listener: (p: Progress) => void; reset: () => void; snapshot: () => ProgressView } {
   const latest = useRef<Progress | null>(null);
   const first = useRef<{ t: number; bytes: number } | null>(null);
   const started = useRef(Date.now());
@@ -94,7 +94,7 @@ export function useProgress(): { view: ProgressView; listener: (p: Progress) => 
     started.current = Date.now();
     setView({ progress: null, rate: 0, etaMs: null, elapsedMs: 0 });
   }, []);
-  return { view, listener, reset };
+  return { view, listener, reset, snapshot: compute };
 }
 
 const NO_KEY: Key = {
@@ -130,13 +130,72 @@ function controlKey(c: string): [string, Key] {
   return ['', { ...NO_KEY }];
 }
 
+type KeyListener = (input: string, key: Key) => void;
+
 /**
- * useInput, one key at a time. Ink hands over a run of plain characters as one event, Enter included
- * ("sdb\r" when typed fast, over a slow link, or pasted): that is split here into text and single keys, so an
- * Enter is never lost inside a word. Enter also arrives as "\n" from some terminals.
+ * Routes keys from the one Ink input subscription to the components listening right now, one key at a time.
+ * React renders a state change asynchronously (a scheduler task), so handlers called back to back would see
+ * the state from before the first key: after each key the bus lets the scheduler run (two setImmediate hops;
+ * React's scheduler uses setImmediate in Node) before delivering the next one.
+ */
+export class KeyBus {
+  private readonly listeners = new Set<KeyListener>();
+  private readonly queue: [string, Key][] = [];
+  private draining = false;
+  add(l: KeyListener): () => void {
+    this.listeners.add(l);
+    return () => this.listeners.delete(l);
+  }
+  push(input: string, key: Key): void {
+    this.queue.push([input, key]);
+    if (!this.draining) this.drain();
+  }
+  private drain(): void {
+    const next = this.queue.shift();
+    if (!next) {
+      this.draining = false;
+      return;
+    }
+    this.draining = true;
+    for (const l of [...this.listeners]) l(next[0], next[1]);
+    setImmediate(() => setImmediate(() => this.drain()));
+  }
+}
+
+export const KeyBusContext = createContext<KeyBus | null>(null);
+
+/**
+ * The one subscription to Ink's input, at the root. Ink subscribes useInput handlers in effects, which run
+ * after the new screen is already painted: a key pressed in between would be lost. useKeys subscribes to this
+ * bus during the commit instead, so a screen listens from the moment it is visible.
+ */
+export function useKeyRoot(): KeyBus {
+  const bus = useRef<KeyBus | null>(null);
+  bus.current ??= new KeyBus();
+  const b = bus.current;
+  useInput(useCallback((input: string, key: Key) => dispatchKeys(input, key, (i, k) => b.push(i, k)), [b]));
+  return b;
+}
+
+/**
+ * Keys for a component, one at a time. Ink hands over a run of plain characters as one event, Enter
+ * included ("sdb\r" when typed fast, over a slow link, or pasted): that is split into text and single keys,
+ * so an Enter is never lost inside a word. Enter also arrives as "\n" from some terminals. The newest handler
+ * (with the newest state) is always the one called.
  */
 export function useKeys(handler: (input: string, key: Key) => void, options: { isActive?: boolean } = {}): void {
-  useInput((input, key) => {
+  const bus = useContext(KeyBusContext);
+  const latest = useRef(handler);
+  latest.current = handler;
+  const active = options.isActive !== false;
+  useLayoutEffect(() => {
+    if (!active || !bus) return;
+    return bus.add((i, k) => latest.current(i, k));
+  }, [bus, active]);
+}
+
+function dispatchKeys(input: string, key: Key, handler: (input: string, key: Key) => void): void {
+  {
     if (key.ctrl || key.meta || input.length === 0 || !/[\u0000-\u001f\u007f]/.test(input)) return handler(input, key);
     if (input.length === 1) {
       const [i, k] = controlKey(input);
@@ -148,5 +207,5 @@ export function useKeys(handler: (input: string, key: Key) => void, options: { i
         handler(i, k);
       } else handler(part, { ...NO_KEY });
     }
-  }, options);
+  }
 }

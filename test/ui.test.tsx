@@ -1,0 +1,483 @@
+/**
+ * Component tests of the Ink UI with ink-testing-library. They drive the screens key by key against a
+ * small FAKE data layer (test/uiFake.ts), used only here; test/tui-tmux.test.ts runs the real command on a
+ * real repository.
+ */
+import React from 'react';
+import test from 'ava';
+import { cleanup } from 'ink-testing-library';
+import { App } from '../ui/App.js';
+import type { Backend } from '../ui/backend.js';
+import { groupLines, matchesFilter } from '../ui/VersionList.js';
+import { fakeBackend, fakeVersion, KEY, press, renderAt, sleep, VERSIONS, waitForFrame, type FakeOptions, type Rendered } from './uiFake.js';
+
+void React; // the test files are compiled with the classic JSX runtime
+
+const GiB = 2 ** 30;
+
+// Unmount whatever a failed test left running (timers would keep the worker alive).
+test.afterEach.always(() => cleanup());
+
+async function start(opts: FakeOptions = {}, columns = 80, rows = 24): Promise<{ r: Rendered; backend: ReturnType<typeof fakeBackend>; logs: string[] }> {
+  const backend = fakeBackend(opts);
+  const logs: string[] = [];
+  const r = await renderAt(<App connect={async () => backend} location="/media/usb/blocksafe" onLog={(l) => logs.push(l)} />, columns, rows);
+  await waitForFrame(r, / versions? of /);
+  return { r, backend, logs };
+}
+
+/** Ink removes its input listener when the app exits. */
+async function waitUnmounted(r: Rendered): Promise<void> {
+  for (let i = 0; i < 200 && r.stdin.listenerCount('readable') > 0; i++) await sleep(10);
+  if (r.stdin.listenerCount('readable') > 0) throw new Error('the app did not exit');
+}
+
+function lines(frame: string): string[] {
+  return frame.split('\n');
+}
+
+test.serial('groupLines: groups by volume name in alphabetical order, newest first inside each group', (t) => {
+  const out = groupLines(VERSIONS, '');
+  t.deepEqual(
+    out.map((l) => (l.kind === 'group' ? `== ${l.name}` : l.v.id)),
+    ['== home', 'home0002', 'home0001', '== root', 'root0003', 'root0002', 'root0001'],
+  );
+  t.true(matchesFilter(VERSIONS[1]!, 'root invalid'));
+  t.false(matchesFilter(VERSIONS[0]!, 'root invalid'));
+  t.true(matchesFilter(VERSIONS[2]!, 'keep'));
+});
+
+test.serial('the list shows groups, local dates with offset, sizes and status WORDS; footer keys fit 80x24', async (t) => {
+  const { r } = await start();
+  const frame = r.lastFrame()!;
+  const ls = lines(frame);
+  t.true(ls.length <= 23, `at most 23 lines in a 24-line terminal, got ${ls.length}`);
+  for (const l of ls) t.true(l.length <= 80, `line wider than 80 columns: "${l}"`);
+  t.regex(frame, /== home \(2 versions\)/);
+  t.regex(frame, /== root \(3 versions\)/);
+  t.true(frame.indexOf('== home') < frame.indexOf('== root'));
+  t.true(frame.indexOf('root0003') < frame.indexOf('root0002') && frame.indexOf('root0002') < frame.indexOf('root0001'));
+  const row = (id: string) => ls.find((l) => l.includes(id) && !l.includes('Version'))!;
+  t.regex(row('root0003'), /\d{4}-\d\d-\d\d \d\d:\d\d [+-]\d\d:\d\d/);
+  t.regex(row('root0003'), /20\.0 GiB\s+valid\s+b_daily/);
+  t.regex(row('root0002'), /INVALID/);
+  t.regex(row('root0001'), /valid protected/);
+  t.regex(row('home0002'), /incomplete INVALID|incomplete valid/);
+  // The first version is selected (a marker, not only colour) and detailed below.
+  t.regex(row('home0002'), /^> home0002/);
+  t.regex(frame, /Version home0002 · home/);
+  t.regex(frame, /Size\s+20\.0 GiB = 5120 blocks of 4\.00 MiB/);
+  t.regex(frame, /Blocks\s+2560 read, 1280 new/);
+  t.regex(frame, /q quit/);
+  t.regex(frame, /\? help/);
+  r.unmount();
+});
+
+test.serial('the detail pane follows the selection and shows stored size and damaged block counts', async (t) => {
+  const { r } = await start();
+  await press(r, KEY.down, KEY.down, KEY.down);
+  const frame = await waitForFrame(r, 'Version root0002');
+  t.regex(frame, /^> root0002/m);
+  await waitForFrame(r, /Stored\s+6\.67 GiB in 1000 distinct blocks.*2 DAMAGED/);
+  t.pass();
+  r.unmount();
+});
+
+test.serial('typing a filter narrows the list; Esc clears it', async (t) => {
+  const { r } = await start();
+  await press(r, '/');
+  await press(r, 'h', 'o', 'm', 'e');
+  let frame = await waitForFrame(r, 'Filter: home');
+  t.false(frame.includes('root0003'));
+  t.true(frame.includes('home0001'));
+  await press(r, KEY.enter);
+  // Letters now act as keys again, but the filter stays.
+  frame = await waitForFrame(r, '2 shown');
+  await press(r, KEY.esc);
+  frame = await waitForFrame(r, 'root0003');
+  t.true(frame.includes('press / and type'));
+  // A filter word matches status words too.
+  await press(r, '/', 'i', 'n', 'v', 'a', 'l', 'i', 'd', KEY.enter);
+  frame = await waitForFrame(r, '1 shown');
+  t.true(frame.includes('root0002'));
+  t.false(frame.includes('root0003'));
+  // "q" typed into the filter is text, not quit.
+  await press(r, '/', 'q');
+  frame = await waitForFrame(r, 'No version matches');
+  t.pass();
+  r.unmount();
+});
+
+test.serial('an incomplete version cannot be restored: an error line, no wizard', async (t) => {
+  const { r } = await start();
+  await press(r, KEY.enter);
+  const frame = await waitForFrame(r, 'Error: Version home0002 is incomplete');
+  t.false(frame.includes('Where should it be restored to?'));
+  r.unmount();
+});
+
+test.serial('restore wizard: version → file path → summary → progress → result, without force', async (t) => {
+  const { r, backend, logs } = await start({ stepMs: 15 });
+  await press(r, KEY.down, KEY.enter);
+  let frame = await waitForFrame(r, 'Where should it be restored to?');
+  t.regex(frame, /\[2 Target\]/);
+  t.regex(frame, /home0001 · home/);
+  await press(r, ...'/work/home.img');
+  await press(r, KEY.enter);
+  frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /\[3 Check\]/);
+  t.regex(frame, /A new file is created/);
+  t.regex(frame, /Press Enter to start the restore/);
+  await press(r, KEY.enter);
+  frame = await waitForFrame(r, /Restoring home0001[\s\S]*ETA/);
+  t.regex(frame, /\[4 Restore\]/);
+  frame = await waitForFrame(r, 'DONE: the restore finished and every block was verified.');
+  t.regex(frame, /\[5 Result\]/);
+  t.deepEqual(backend.restores, [{ version: 'home0001', req: { target: '/work/home.img', force: false, resume: false } }]);
+  t.regex(logs.join('\n'), /Restored version home0001 .* to \/work\/home\.img: 2\.00 GiB, every block verified/);
+  await press(r, KEY.enter);
+  frame = await waitForFrame(r, 'Restored home0001 to /work/home.img; every block verified.');
+  t.regex(frame, /^> home0001/m);
+  r.unmount();
+});
+
+test.serial('the device list shows mounted, busy and too-small devices but refuses to pick them', async (t) => {
+  const { r, backend } = await start();
+  await press(r, KEY.down, KEY.down, KEY.enter); // root0003, 20 GiB
+  await waitForFrame(r, 'Where should it be restored to?');
+  await press(r, KEY.tab);
+  let frame = await waitForFrame(r, '/dev/sdb');
+  const row = (name: string) => lines(frame).find((l) => l.includes(`/dev/${name}`))!;
+  t.regex(row('sda'), /System SSD\s+NO: mounted on \//);
+  t.regex(row('sdb'), /yes \(will be overwritten\)/);
+  t.regex(row('sdc'), /NO: too small/);
+  t.regex(row('sdd'), /NO: used as swap/);
+  // The cursor starts on the first usable device; go up to the mounted one and try to choose it.
+  t.regex(row('sdb'), /^\s*> \/dev\/sdb/);
+  await press(r, KEY.up, KEY.enter);
+  frame = await waitForFrame(r, 'Error: /dev/sda cannot be chosen: mounted on / (unmount it first).');
+  t.regex(frame, /\[2 Target\]/);
+  await press(r, KEY.down, KEY.down, KEY.enter);
+  frame = await waitForFrame(r, 'Error: /dev/sdc cannot be chosen: too small');
+  t.regex(frame, /\[2 Target\]/);
+  await press(r, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Error: /dev/sdd cannot be chosen: used as swap');
+  t.deepEqual(backend.restores, []);
+  r.unmount();
+});
+
+test.serial('overwriting a device needs its name typed; a wrong name writes nothing, the right one forces', async (t) => {
+  const { r, backend } = await start({ stepMs: 2 });
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, '/dev/sdb');
+  await press(r, KEY.enter);
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /ALL DATA on \/dev\/sdb is lost/);
+  t.regex(frame, /type its name\s+sdb\s+and press Enter/);
+  await press(r, KEY.enter);
+  await waitForFrame(r, 'Error: Type sdb and press Enter');
+  await press(r, 's', 'd', 'a', KEY.enter);
+  frame = await waitForFrame(r, 'Error: You typed "sda", not "sdb": nothing was written.');
+  t.deepEqual(backend.restores, []);
+  await press(r, KEY.backspace, 'b', KEY.enter);
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores, [{ version: 'root0003', req: { target: '/dev/sdb', force: true, resume: false } }]);
+  r.unmount();
+});
+
+test.serial('an existing non-empty file also needs the typed name; Enter arriving with the text is not lost', async (t) => {
+  const { r, backend } = await start({ files: { '/work/old.img': 5 * GiB }, stepMs: 2 });
+  await press(r, KEY.down, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/old.img\r'); // typed fast: text and Enter in one read
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /OVERWRITTEN/);
+  t.regex(frame, /type its name\s+old\.img/);
+  r.stdin.write('old.img\r');
+  frame = await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/work/old.img', force: true, resume: false }]);
+  r.unmount();
+});
+
+test.serial('a folder or refused target keeps the wizard on the target step with the reason', async (t) => {
+  const { r, backend } = await start();
+  await press(r, KEY.down, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/\r');
+  const frame = await waitForFrame(r, 'Error: /work/ is a folder');
+  t.regex(frame, /\[2 Target\]/);
+  r.stdin.write('\r');
+  t.deepEqual(backend.restores, []);
+  r.unmount();
+});
+
+test.serial('an interrupted restore of the same version is offered for resume', async (t) => {
+  const { r, backend } = await start({ interrupted: { '/dev/sdb': { version: 'root0003', blocks_done: 1024 } }, stepMs: 2 });
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, '/dev/sdb');
+  await press(r, KEY.enter);
+  const frame = await waitForFrame(r, 'An interrupted restore of this version to this target exists');
+  t.regex(frame, /1024 of 5120 blocks \(20\.0 %\)/);
+  t.regex(frame, /r resume/);
+  await press(r, 'r');
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: false, resume: true }]);
+  r.unmount();
+});
+
+test.serial('starting over instead of resuming needs the typed name', async (t) => {
+  const { r, backend } = await start({ interrupted: { '/dev/sdb': { version: 'root0003', blocks_done: 10 } }, stepMs: 2 });
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, '/dev/sdb');
+  await press(r, KEY.enter);
+  await waitForFrame(r, 'An interrupted restore');
+  await press(r, 'o');
+  await waitForFrame(r, 'type its name');
+  r.stdin.write('sdb\r');
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: true, resume: false }]);
+  r.unmount();
+});
+
+test.serial('Esc stops a running restore after confirmation; the result offers resume', async (t) => {
+  const { r, backend, logs } = await start({ stepMs: 40 });
+  await press(r, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/x.img\r');
+  await waitForFrame(r, 'Press Enter to start');
+  await press(r, KEY.enter);
+  await waitForFrame(r, /Restoring home0001/);
+  await press(r, KEY.esc);
+  await waitForFrame(r, 'Stop the restore?');
+  await press(r, 'n');
+  await sleep(60);
+  t.false(r.lastFrame()!.includes('Stop the restore?'));
+  await press(r, KEY.esc);
+  await waitForFrame(r, 'Stop the restore?');
+  await press(r, 'y');
+  let frame = await waitForFrame(r, 'STOPPED at');
+  t.regex(frame, /r resume/);
+  t.regex(logs.join('\n'), /STOPPED .* blocksafe restore --resume home0001 \/work\/x\.img/);
+  await press(r, 'r');
+  frame = await waitForFrame(r, 'DONE');
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [
+      { target: '/work/x.img', force: false, resume: false },
+      { target: '/work/x.img', force: false, resume: true },
+    ],
+  );
+  r.unmount();
+});
+
+test.serial('ctrl-c during a restore stops it (no quit in the middle of a write)', async (t) => {
+  const { r } = await start({ stepMs: 40 });
+  await press(r, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/y.img\r');
+  await waitForFrame(r, 'Press Enter to start');
+  await press(r, KEY.enter);
+  await waitForFrame(r, /Restoring home0001/);
+  await press(r, KEY.ctrlC);
+  await waitForFrame(r, 'STOPPED at');
+  t.pass();
+  r.unmount();
+});
+
+test.serial('engine errors are one red "Error:" line, never a stack trace', async (t) => {
+  const { r } = await start({ restoreError: 'Target /work/z.img: no space left on the device; free some space and retry.', stepMs: 2 });
+  await press(r, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/z.img\r');
+  await waitForFrame(r, 'Press Enter to start');
+  await press(r, KEY.enter);
+  const frame = await waitForFrame(r, 'The restore did not finish.');
+  t.regex(frame, /Error: Target \/work\/z\.img: no space left/);
+  t.false(/\n\s+at .*:\d+:\d+/.test(frame), 'no stack trace');
+  t.regex(frame, /r resume/); // it had written something before failing
+  r.unmount();
+});
+
+test.serial('damaged ranges are listed in the result', async (t) => {
+  const damaged = [{ offset: 8 * 2 ** 20, length: 4 * 2 ** 20, reason: 'block 0123… is damaged: authentication failed' }];
+  const { r } = await start({ damaged, stepMs: 2 });
+  await press(r, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/d.img\r');
+  await waitForFrame(r, 'Press Enter to start');
+  await press(r, KEY.enter);
+  const frame = await waitForFrame(r, 'FINISHED WITH DAMAGE');
+  t.regex(frame, /DAMAGED offset 8388608 \(8\.00 MiB\), 4\.00 MiB: block 0123… is damaged/);
+  r.unmount();
+});
+
+test.serial('the passphrase is asked inside the UI; a wrong one is reported and asked again', async (t) => {
+  const backend = fakeBackend();
+  const connect = async (ask: () => Promise<string>): Promise<Backend> => {
+    const p = await ask();
+    if (p !== 'secret') throw Object.assign(new Error("Wrong passphrase: it opens none of the repository's key slots."), { exitCode: 1 });
+    return backend;
+  };
+  const r = await renderAt(<App connect={connect} location="/media/usb/blocksafe" />);
+  await waitForFrame(r, 'This repository is encrypted.');
+  r.stdin.write('nope');
+  let frame = await waitForFrame(r, 'Passphrase: ****');
+  t.false(frame.includes('nope'), 'the passphrase is never shown');
+  await press(r, KEY.enter);
+  frame = await waitForFrame(r, "Error: Wrong passphrase: it opens none of the repository's key slots.");
+  r.stdin.write('secret\r');
+  frame = await waitForFrame(r, 'versions of');
+  t.regex(frame, /root0003/);
+  r.unmount();
+});
+
+test.serial('a repository that cannot be opened shows the reason, and q quits', async (t) => {
+  const connect = async (): Promise<Backend> => {
+    throw Object.assign(new Error('No blocksafe repository at /nowhere (no blocksafe.json); check --repo or run "blocksafe init".'), { exitCode: 1 });
+  };
+  const r = await renderAt(<App connect={connect} location="/nowhere" />);
+  const frame = await waitForFrame(r, 'Error: No blocksafe repository at /nowhere');
+  t.regex(frame, /q quit/);
+  await press(r, 'q');
+  await waitUnmounted(r);
+  t.pass();
+});
+
+test.serial('q on the list quits the app', async (t) => {
+  const { r } = await start();
+  await press(r, 'q');
+  await waitUnmounted(r);
+  t.pass();
+});
+
+test.serial('p protects and unprotects; t adds and removes tags (when the engine has them)', async (t) => {
+  const { r } = await start({ withLifecycle: true, withRemove: true }, 100, 30);
+  t.regex(r.lastFrame()!, /p protect/);
+  await press(r, KEY.down, KEY.down, 'p'); // root0003
+  let frame = await waitForFrame(r, 'Version root0003 is now protected');
+  t.regex(frame, /root0003 .*valid protected/);
+  // A protected version cannot be removed.
+  await press(r, 'x');
+  await waitForFrame(r, 'Error: Version root0003 is protected');
+  await press(r, 'p');
+  frame = await waitForFrame(r, 'Version root0003 is no longer protected');
+  t.notRegex(frame, /> root0003 .*protected/);
+  await waitForFrame(r, /Stored\s+6\.67 GiB/);
+  await press(r, 't');
+  await waitForFrame(r, 'Tags now: b_daily');
+  r.stdin.write('offsite\r');
+  await waitForFrame(r, 'Tags now: b_daily, offsite');
+  r.stdin.write('bad tag!\r');
+  await waitForFrame(r, 'Error: Invalid tag "bad tag!".');
+  for (let i = 0; i < 8; i++) await press(r, KEY.backspace);
+  r.stdin.write('-b_daily\r');
+  await waitForFrame(r, 'Tags now: offsite');
+  await press(r, KEY.esc);
+  frame = await waitForFrame(r, 'Tags of root0003: added offsite; removed b_daily.');
+  t.regex(frame, /root0003 .*valid\s+offsite/);
+  r.unmount();
+});
+
+test.serial('? opens the help over the screen and Esc closes it', async (t) => {
+  const { r } = await start({ withScrub: true, withRemove: true }, 100, 40);
+  await press(r, '?');
+  let frame = await waitForFrame(r, 'blocksafe · help');
+  t.regex(frame, /Enter\s+restore the selected version/);
+  t.regex(frame, /INVALID\s+some blocks are damaged/);
+  await press(r, KEY.esc);
+  frame = await waitForFrame(r, 'versions of');
+  t.false(frame.includes('blocksafe · help'));
+  r.unmount();
+});
+
+test.serial('scrub and remove keys exist only when the engine provides them', async (t) => {
+  const without = await start();
+  t.false(without.r.lastFrame()!.includes('s scrub'));
+  t.false(without.r.lastFrame()!.includes('x remove'));
+  await press(without.r, 's', 'x');
+  await sleep(50);
+  t.true(without.r.lastFrame()!.includes('versions of'));
+  without.r.unmount();
+
+  const withBoth = await start({ withScrub: true, withRemove: true });
+  t.true(withBoth.r.lastFrame()!.includes('s scrub'));
+  t.true(withBoth.r.lastFrame()!.includes('x remove'));
+  withBoth.r.unmount();
+});
+
+test.serial('scrub of the selected version shows its result with the INVALID versions highlighted by word', async (t) => {
+  const { r } = await start({ withScrub: true }, 100, 30);
+  await press(r, KEY.down, KEY.down, 's');
+  let frame = await waitForFrame(r, 'Scrub: re-read stored blocks');
+  t.regex(frame, /\(\*\) this version: root0003/);
+  await press(r, KEY.enter);
+  frame = await waitForFrame(r, 'DAMAGE FOUND');
+  t.regex(frame, /INVALID root0003 \(root, .*\)\s+\(new\)/);
+  r.unmount();
+});
+
+test.serial('remove asks for the typed id and refuses protected versions', async (t) => {
+  const { r, backend } = await start({ withRemove: true });
+  // root0001 is protected: refused right on the list.
+  await press(r, KEY.down, KEY.down, KEY.down, KEY.down, 'x');
+  await waitForFrame(r, 'Error: Version root0001 is protected');
+  await press(r, KEY.up, 'x');
+  await waitForFrame(r, 'Remove this version from the repository?');
+  r.stdin.write('root\r');
+  await waitForFrame(r, 'Error: You typed "root", not "root0002"; nothing was removed.');
+  t.deepEqual(backend.removed, []);
+  for (let i = 0; i < 4; i++) await press(r, KEY.backspace);
+  r.stdin.write('root0002\r');
+  const frame = await waitForFrame(r, 'Removed version root0002');
+  t.false(frame.includes('> root0002'));
+  t.deepEqual(backend.removed, ['root0002']);
+  r.unmount();
+});
+
+test.serial('the layout adapts on resize: wide terminals get the details beside the list', async (t) => {
+  const { r } = await start({}, 80, 24);
+  t.true(r.lastFrame()!.includes('── details'));
+  Object.defineProperty(r.stdout, 'columns', { value: 150, configurable: true });
+  Object.defineProperty(r.stdout, 'rows', { value: 40, configurable: true });
+  r.stdout.emit('resize');
+  const frame = await waitForFrame(r, 'Details');
+  t.false(frame.includes('── details'));
+  t.regex(frame, /new data/); // the stored-data column appears when there is room
+  t.true(lines(frame).length <= 39);
+  r.unmount();
+});
+
+test.serial('a version bigger than every device still lists them with the reason', async (t) => {
+  const huge = fakeVersion('huge0001', 'data', '2026-11-27T00:00:00.000Z', { size: 4096 * GiB });
+  const { r } = await start({ versions: [huge] });
+  await press(r, KEY.enter, KEY.tab);
+  const frame = await waitForFrame(r, '/dev/sdb');
+  t.regex(frame, /\/dev\/sdb .*NO: too small \(256 GiB < 4\.00 TiB\)/);
+  await press(r, KEY.enter);
+  await waitForFrame(r, /Error: \/dev\/\w+ cannot be chosen/);
+  r.unmount();
+});
+
+test.serial('an index that cannot be read is an error line, not a crash or a stack trace', async (t) => {
+  const backend = fakeBackend();
+  backend.listVersions = () => {
+    throw Object.assign(new Error('The index is damaged (MDB_CORRUPTED); run "blocksafe index rebuild".'), { exitCode: 1 });
+  };
+  const r = await renderAt(<App connect={async () => backend} location="/media/usb/blocksafe" />);
+  const frame = await waitForFrame(r, 'Error: Could not read the versions: The index is damaged');
+  t.false(/\n\s+at .*:\d+:\d+/.test(frame));
+  await press(r, 'q');
+  await waitUnmounted(r);
+  t.pass();
+});
+
+test.serial('a bug in a screen is caught: one error line, q still quits', async (t) => {
+  const backend = fakeBackend();
+  backend.listVersions = () => [{ ...VERSIONS[0]!, tags: null as unknown as string[] }];
+  const r = await renderAt(<App connect={async () => backend} location="/media/usb/blocksafe" />);
+  const frame = await waitForFrame(r, 'Error: Unexpected problem:');
+  t.false(/\n\s+at .*:\d+:\d+/.test(frame));
+  await press(r, 'q');
+  await waitUnmounted(r);
+  t.pass();
+});
