@@ -255,8 +255,10 @@ test.serial('a cache directory on a noexec filesystem is skipped; an explicit no
 
   // Every candidate noexec (HOME, TMPDIR, /tmp, /var/tmp, /dev/shm): the same one-line advice.
   const none = inMountNamespace(
-    // /tmp is covered too, which hides the copied binary: run the built one (build/out is not under /tmp).
-    'for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o noexec,size=16m blocksafe-noexec "$d"; done; exec env -i PATH=/usr/bin:/bin HOME=/tmp/home TMPDIR=/var/tmp "$1" --version',
+    // /tmp is covered too, which may hide the binary (the checkout itself can live under /tmp): run a copy
+    // from an exec-able tmpfs of this namespace.
+    'mkdir -p /run/blocksafe-x; mount -t tmpfs -o size=256m blocksafe-x /run/blocksafe-x; cp "$1" /run/blocksafe-x/blocksafe; ' +
+      'for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o noexec,size=16m blocksafe-noexec "$d"; done; exec env -i PATH=/usr/bin:/bin HOME=/tmp/home TMPDIR=/var/tmp /run/blocksafe-x/blocksafe --version',
     [BUILT],
   );
   t.is(none.status, 1);
