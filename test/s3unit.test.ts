@@ -344,9 +344,14 @@ test('store: deletes go in batches of at most 1000 keys; failed keys of a batch 
   t.deepEqual([...sizes].sort((a, b) => a - b), [2, 500, 500, 1000, 1000], 'three batches, one retried whole, one retried for its 2 failed keys');
   t.deepEqual([...fake.objects.keys()], [store.key('keep')]);
 
-  const small = fakeStore(new FakeS3(), { deleteBatch: 7 });
+  const smallFake = new FakeS3();
+  const small = fakeStore(smallFake, { deleteBatch: 7 });
   await small.delete(Array.from({ length: 20 }, (_, i) => `x${i}`));
-  t.pass();
+  t.deepEqual(
+    smallFake.calls.filter((c) => c.cmd === 'DeleteObjects').map((c) => c.input.Delete.Objects.length),
+    [7, 7, 6],
+    'a configured batch size is honoured',
+  );
 });
 
 test('store: a delete refused for a key is an error, not retried', async (t) => {

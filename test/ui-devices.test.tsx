@@ -81,10 +81,12 @@ test('lists disks, partitions, loop and device-mapper devices with size, model a
 });
 
 test('reads this machine without failing', (t) => {
-  const devices = listBlockDevices();
+  let devices: ReturnType<typeof listBlockDevices> = [];
+  t.notThrows(() => {
+    devices = listBlockDevices();
+  });
   for (const d of devices) {
     t.true(d.size > 0);
     t.true(d.path.startsWith('/dev/'));
   }
-  t.pass();
 });
