@@ -67,6 +67,17 @@ function findTool(name: string): string | null {
 }
 
 let metadata: Promise<string> | null = null;
+/** Scratch directories of this file, removed when it is done. */
+const scratchDirs: string[] = [];
+function scratch(prefix: string): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  scratchDirs.push(dir);
+  return dir;
+}
+test.after.always(() => {
+  for (const d of scratchDirs) rmSync(d, { recursive: true, force: true });
+});
+
 /** Thin pool metadata restored from the XML fixture by the real thin_restore (once per run). */
 function poolMetadata(): Promise<string> {
   metadata ??= (async () => {
@@ -74,7 +85,7 @@ function poolMetadata(): Promise<string> {
     if (!restore || !findTool('thin_delta')) {
       throw new Error('thin-provisioning-tools is not installed (thin_restore/thin_delta not found): install it with `apt-get install thin-provisioning-tools` (.ci/run installs it).');
     }
-    const dir = mkdtempSync(join(tmpdir(), 'blocksafe-thin-'));
+    const dir = scratch('blocksafe-thin-');
     const meta = join(dir, 'meta.bin');
     writeFileSync(meta, '');
     spawnSync('truncate', ['-s', '8M', meta]);
@@ -253,7 +264,7 @@ interface Sim {
 async function makeSim(options: { prev?: string | null; vg?: string; pool?: string; withMeta?: boolean } = {}): Promise<Sim> {
   const vg = options.vg ?? 'vg0';
   const pool = options.pool ?? 'pool';
-  const dir = mkdtempSync(join(tmpdir(), 'blocksafe-lvmsim-'));
+  const dir = scratch('blocksafe-lvmsim-');
   mkdirSync(join(dir, 'vg', vg), { recursive: true });
   mkdirSync(join(dir, 'dev', vg), { recursive: true });
   mkdirSync(join(dir, 'fail'));
@@ -366,7 +377,7 @@ test('a missing volume group or volume is a NotFoundError naming it; nothing is 
 });
 
 test('a missing lvs binary tells the user to install lvm2', async (t) => {
-  const empty = mkdtempSync(join(tmpdir(), 'blocksafe-nopath-'));
+  const empty = scratch('blocksafe-nopath-');
   const run = createCommandRunner({ env: { PATH: empty } });
   const err = await t.throwsAsync(openLvmSource('lvm://vg0/data', { run }), { instanceOf: BlocksafeError });
   t.is(err!.message, 'lvs was not found on PATH; install lvm2 (e.g. apt-get install lvm2) to back up LVM volumes.');
