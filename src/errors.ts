@@ -68,7 +68,7 @@ export function describeSystemError(err: unknown, what: string): BlocksafeError 
     case 'EISDIR':
       return new BlocksafeError(`${what} is a directory, not a file or block device.`, ExitCode.failure, { cause: err });
     case 'EROFS':
-      return new BlocksafeError(`${what} is on a read-only filesystem.`, ExitCode.failure, { cause: err });
+      return new BlocksafeError(`${what}: the filesystem is read-only (mount it read-write to change it).`, ExitCode.failure, { cause: err });
     case 'EIO':
       return new BlocksafeError(`${what}: input/output error from the device.`, ExitCode.failure, { cause: err });
     default:

@@ -5,13 +5,13 @@
 import * as fs from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { config, pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/cli/context.js';
+import { config, openRepositoryAt, pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/cli/context.js';
 import { BlockPipeline } from '../src/engine/blockPipeline.js';
 import { blockDeviceSize, mountsOf } from '../src/engine/device.js';
 import type { Progress } from '../src/engine/progress.js';
 import { addTags, assertOldEnough, removeTags, setProtected as protectVersion } from '../src/engine/lifecycle.js';
 import { assertRemovable, removeVersion } from '../src/engine/remove.js';
-import { indexDirFor, openStore, Repository, type SecretSource } from '../src/engine/repository.js';
+import type { Repository, SecretSource } from '../src/engine/repository.js';
 import { restore as runRestore } from '../src/engine/restore.js';
 import { scrub as runScrub } from '../src/engine/scrub.js';
 import { listVersions } from '../src/engine/versions.js';
@@ -264,7 +264,6 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
   const minAgeDays = config(opts).config.lifecycle.min_age_days;
   const askInUi = !opts.keyFile && !opts.passphraseFile && process.env.BLOCKSAFE_PASSPHRASE === undefined;
   const connect: Connect = async (askPassphrase) => {
-    const store = openStore(location, config(opts).config.s3);
     const secret: SecretSource = askInUi
       ? async () => {
           const pass = await askPassphrase();
@@ -272,13 +271,8 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
           return { type: 'passphrase', value: Buffer.from(pass, 'utf8') };
         }
       : secretSource(opts);
-    try {
-      const repo = await Repository.open(store, secret, indexDirFor(store));
-      return new EngineBackend(repo, settings, location, minAgeDays);
-    } catch (err) {
-      await store.close().catch(() => undefined);
-      throw err;
-    }
+    const repo = await openRepositoryAt(opts, location, secret, true);
+    return new EngineBackend(repo, settings, location, minAgeDays);
   };
   return { location, connect };
 }

@@ -2,6 +2,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import { loadConfig, type LoadedConfig } from '../config/config.js';
 import { describeSystemError, UsageError } from '../errors.js';
 import { BlockPipeline } from '../engine/blockPipeline.js';
+import { openWithTemporaryIndex } from '../engine/rebuild.js';
+import { DirectoryStore } from '../store/directory.js';
 import { indexDirFor, openStore, Repository, type Secret, type SecretSource } from '../engine/repository.js';
 import { defaultThreads } from '../engine/workerPool.js';
 import { Throttle } from '../util/throttle.js';
@@ -84,9 +86,19 @@ export async function openRepository(opts: GlobalOptions): Promise<Repository> {
 }
 
 /** Opens the repository at `location` (e.g. a copy destination) with the same configuration. */
-export async function openRepositoryAt(opts: GlobalOptions, location: string, secret: SecretSource): Promise<Repository> {
+export async function openRepositoryAt(opts: GlobalOptions, location: string, secret: SecretSource, quiet = false): Promise<Repository> {
   const store = openStore(location, config(opts).config.s3);
-  return Repository.open(store, secret, indexDirFor(store));
+  try {
+    // A read-only USB disk at 3 a.m. must still restore: its index is rebuilt in a temporary directory.
+    if (store instanceof DirectoryStore && existsSync(store.root) && !store.writable()) {
+      if (!quiet) process.stderr.write(`blocksafe: note: ${store.root} is read-only; using a temporary index rebuilt from the repository (reading and restoring work, changes do not).\n`);
+      return await openWithTemporaryIndex(store, secret);
+    }
+    return await Repository.open(store, secret, indexDirFor(store));
+  } catch (err) {
+    await store.close().catch(() => undefined);
+    throw err;
+  }
 }
 
 /** The store and index location of --repo, without unlocking anything (index rebuild). */

@@ -1,4 +1,6 @@
-import { existsSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, renameSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
 import { CHECKSUM_BYTES } from '../codec/checksum.js';
 import { BlockMapChunk, CHUNK_BLOCKS } from '../index/blockmap.js';
 import { Index } from '../index/index.js';
@@ -33,9 +35,25 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
   const building = `${dir}.rebuild`;
   rmSync(building, { recursive: true, force: true });
   const index = Index.openAt(building, keys.descriptor.id);
-  const repo = Repository.withIndex(store, keys, index);
-  const result: RebuildResult = { versions: 0, blocks: 0, missing_blocks: 0, damaged_manifests: [], previous_index: null };
+  let result: RebuildResult;
   try {
+    result = await fillIndex(Repository.withIndex(store, keys, index), onProgress);
+  } finally {
+    await index.close();
+  }
+  if (existsSync(dir)) {
+    result.previous_index = `${dir}.old-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+    renameSync(dir, result.previous_index);
+  }
+  renameSync(building, dir);
+  return result;
+}
+
+/** Fills the (empty) index of `repo` from the manifests and attributes in its store. */
+export async function fillIndex(repo: Repository, onProgress?: ProgressListener): Promise<RebuildResult> {
+  const { store, index } = repo;
+  const result: RebuildResult = { versions: 0, blocks: 0, missing_blocks: 0, damaged_manifests: [], previous_index: null };
+  {
     const names: string[] = [];
     for await (const name of store.list(ObjectNames.manifestPrefix)) names.push(name);
     for (const [n, name] of names.entries()) {
@@ -80,13 +98,25 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
       result.blocks += blocks.length;
       onProgress?.({ phase: 'rebuild', doneBytes: n + 1, totalBytes: names.length, damaged: result.damaged_manifests.length });
     }
-  } finally {
-    await index.close();
   }
-  if (existsSync(dir)) {
-    result.previous_index = `${dir}.old-${new Date().toISOString().replace(/[:.]/g, '-')}`;
-    renameSync(dir, result.previous_index);
-  }
-  renameSync(building, dir);
   return result;
+}
+
+/**
+ * Opens a repository whose own index cannot be written (a read-only mounted USB disk, a write-protected
+ * medium): a temporary index is rebuilt from the store in $TMPDIR and removed on close. Read commands and
+ * restores work; anything that writes to the store fails on the read-only filesystem with a clear error.
+ */
+export async function openWithTemporaryIndex(store: BlobStore, secret: SecretSource): Promise<Repository> {
+  const keys = await unlock(store, secret);
+  const dir = mkdtempSync(path.join(tmpdir(), `blocksafe-index-${keys.descriptor.id.slice(0, 8)}-`));
+  const index = Index.openAt(dir, keys.descriptor.id);
+  const repo = Repository.withIndex(store, keys, index, () => rmSync(dir, { recursive: true, force: true }));
+  try {
+    await fillIndex(repo);
+  } catch (err) {
+    await repo.close();
+    throw err;
+  }
+  return repo;
 }

@@ -63,7 +63,14 @@ export class Repository {
     readonly masterKey: Uint8Array | null,
     /** Which key slot the secret opened (null when unencrypted). */
     readonly openedSlot: number | null,
+    /** Runs after close (removes a temporary index). */
+    private readonly afterClose?: () => void,
   ) {}
+
+  /** True when the index is a temporary one rebuilt because the repository is read-only. */
+  get temporaryIndex(): boolean {
+    return this.afterClose !== undefined;
+  }
 
   get id(): string {
     return this.descriptor.id;
@@ -103,6 +110,7 @@ export class Repository {
   async close(): Promise<void> {
     await this.store.close();
     await this.index.close();
+    this.afterClose?.();
   }
 
   static async init(store: BlobStore, opts: InitOptions, indexDir: (id: string) => string): Promise<Repository> {
@@ -147,8 +155,8 @@ export class Repository {
   }
 
   /** A repository object over an index that is being built elsewhere (index rebuild). */
-  static withIndex(store: BlobStore, keys: UnlockedKeys, index: Index): Repository {
-    return new Repository(store, keys.descriptor, keys.keyring, index, keys.masterKey, keys.openedSlot);
+  static withIndex(store: BlobStore, keys: UnlockedKeys, index: Index, afterClose?: () => void): Repository {
+    return new Repository(store, keys.descriptor, keys.keyring, index, keys.masterKey, keys.openedSlot, afterClose);
   }
 
 }

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { constants as fsc } from 'node:fs';
+import { accessSync, constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { BlocksafeError, describeSystemError, NotFoundError } from '../errors.js';
@@ -133,6 +133,16 @@ export class DirectoryStore implements BlobStore {
 
   async close(): Promise<void> {
     await this.sync();
+  }
+
+  /** False on a read-only mount or without write permission (then the index cannot live here). */
+  writable(): boolean {
+    try {
+      accessSync(this.root, fsc.W_OK);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   async removeStaleTemp(olderThanMs: number): Promise<number> {
