@@ -4,15 +4,17 @@
  * maps, hints arithmetic and config files.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
-import { BIN, prngBytes, ROOT, run, runJson, type CliResult, type RepoFixture, type VersionJson, type VersionStats } from './helpers.js';
+import { BIN, cliEnv, prngBytes, ROOT, run, runJson, type CliResult, type RepoFixture, type VersionJson, type VersionStats } from './helpers.js';
 
 /** The version object of docs/CLI.md, with the fields helpers.ts does not (yet) declare. */
 export type FullVersion = VersionJson & { blocks_done: number; stats: VersionStats & { blocks_sampled: number } };
 
-export const MKIMAGE = '/work/shared/bench/mkimage.py';
+/** The benchmark image generator of shared/ (beside the checkout, as in CI; /work/shared in a session). */
+export const MKIMAGE = [path.join(ROOT, '..', 'shared', 'bench', 'mkimage.py'), '/work/shared/bench/mkimage.py'].find((p) => existsSync(p)) ?? path.join(ROOT, '..', 'shared', 'bench', 'mkimage.py');
 
 /**
  * A fresh temporary directory on tmpfs (/dev/shm) when there is one, removed when the test ends. These
@@ -29,16 +31,6 @@ export async function fastTempDir(t: { teardown(fn: () => unknown): void }, pref
   const dir = await fs.mkdtemp(path.join(base, prefix));
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
   return dir;
-}
-
-function cliEnv(extra: Record<string, string | undefined> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BLOCKSAFE_') && !k.startsWith('NODE_OPTIONS')) env[k] = v;
-  for (const [k, v] of Object.entries(extra)) {
-    if (v === undefined) delete env[k];
-    else env[k] = v;
-  }
-  return env;
 }
 
 export interface Background {

@@ -46,7 +46,8 @@ export interface CliOptions {
   cwd?: string;
 }
 
-function cliEnv(extra: Record<string, string | undefined> = {}): NodeJS.ProcessEnv {
+/** The environment of a CLI run: this process's, without BLOCKSAFE_* and NODE_OPTIONS, plus `extra`. */
+export function cliEnv(extra: Record<string, string | undefined> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BLOCKSAFE_') && !k.startsWith('NODE_OPTIONS')) env[k] = v;
   for (const [k, v] of Object.entries(extra)) {
