@@ -5,27 +5,16 @@
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
+import { fastTempDir } from './cliHarness.js';
 import { BIN, listObjects, ROOT, runCli, type CliResult, type RepoFixture, type VersionJson } from './helpers.js';
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-/**
- * A fresh temporary directory on tmpfs (/dev/shm) when there is one, removed when the test ends. These tests
- * run many short CLI commands; on tmpfs their fsyncs cost nothing.
- */
-export async function shmDir(t: ExecutionContext, prefix = 'blocksafe-lc-'): Promise<string> {
-  let base = tmpdir();
-  try {
-    if ((await fs.stat('/dev/shm')).isDirectory()) base = '/dev/shm';
-  } catch {
-    // no /dev/shm: the normal temporary directory
-  }
-  const dir = await fs.mkdtemp(path.join(base, prefix));
-  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
-  return dir;
+/** A fresh temporary directory on tmpfs when there is one (see cliHarness.fastTempDir). */
+export function shmDir(t: ExecutionContext, prefix = 'blocksafe-lc-'): Promise<string> {
+  return fastTempDir(t, prefix);
 }
 
 export interface JsonResult<T> {

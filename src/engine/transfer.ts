@@ -76,14 +76,8 @@ export async function importVersion(repo: Repository, pipeline: BlockPipeline, d
   }
   return withLock(repo.index, LockNames.volume(v.name), 'exclusive', `Volume "${v.name}"`, async () => {
     const writer = await VersionWriter.create(repo, pipeline, {
-      id: v.id,
-      name: v.name,
-      size: v.size,
-      source: v.source,
-      snapshotName: v.snapshot_name,
-      tags: v.tags,
+      ...carriedFields(v),
       base: v.base,
-      protected: v.protected,
       date: new Date(v.date).toISOString(),
     });
     for (const [i, hex] of e.blocks.entries()) {
@@ -135,14 +129,8 @@ export async function copyVersion(src: Repository, srcPipe: BlockPipeline, dst: 
       const writer = existing
         ? await VersionWriter.resume(dst, dstPipe, existing)
         : await VersionWriter.create(dst, dstPipe, {
-            id: v.id,
-            name: v.name,
-            size: v.size,
-            source: v.source,
-            snapshotName: v.snapshot_name,
-            tags: v.tags,
+            ...carriedFields(v),
             base: null,
-            protected: v.protected,
             date: v.date,
           });
       const result: CopyResult = { version: writer.version, blocks_sent: 0, bytes_sent: 0, blocks_known: 0, already_there: false };
@@ -188,3 +176,8 @@ export async function copyVersion(src: Repository, srcPipe: BlockPipeline, dst: 
 }
 
 
+
+/** What a version keeps when it moves to another repository (import, copy). */
+function carriedFields(v: Pick<VersionRecord, 'id' | 'name' | 'size' | 'source' | 'snapshot_name' | 'tags' | 'protected'>) {
+  return { id: v.id, name: v.name, size: v.size, source: v.source, snapshotName: v.snapshot_name, tags: v.tags, protected: v.protected };
+}
