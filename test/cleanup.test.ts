@@ -11,20 +11,17 @@ import { initRepo, makeImage, MiB, prngBytes, runCli, sha256File, type BlockSpec
 import {
   cliJson,
   dataBytes,
-  hasOpen,
   objects,
   okJson,
   overwriteAt,
   shmDir,
-  sleep,
-  spawnCli,
-  writeConfig,
   type CheckJson,
   type CleanupJson,
   type DuJson,
   type RestoreJson,
   type ScrubJson,
 } from './lcHarness.js';
+import { killOnTeardown, pausePoints, spawnCli as spawnCliAt } from './cliHarness.js';
 
 const BS = MiB;
 
@@ -37,6 +34,13 @@ async function restoresIdentical(t: ExecutionContext, repo: RepoFixture, dir: st
   t.deepEqual(r.json.damaged, []);
   const want = typeof image === 'string' ? await sha256File(image) : image.sha256;
   t.is(await sha256File(target), want, `${v.id} restores byte-identical`);
+}
+
+/** A cleanup run `laterMs` in the future (the test clock of src/util/clock.ts), instead of waiting. */
+async function cleanupLater(repo: RepoFixture, grace: string, laterMs: number): Promise<CleanupJson> {
+  const r = await runCli(['cleanup', ...repo.args, '--grace', grace, '--json'], { env: { ...repo.env, BLOCKSAFE_TEST_CLOCK_OFFSET: String(laterMs) } });
+  if (r.code !== 0) throw new Error(`cleanup exited ${r.code}: ${r.stderr}`);
+  return JSON.parse(r.stdout) as CleanupJson;
 }
 
 async function sizes(repoDir: string): Promise<Map<string, number>> {
@@ -118,11 +122,8 @@ test('with a grace period the first cleanup only marks; deletion happens once th
 
   await okJson(repo, ['rm', v1.id]);
   const before = await sizes(repo.dir);
-  const GRACE = 4000;
-  const t0 = Date.now(); // the first cleanup marks after this moment
-  const first = await okJson<CleanupJson>(repo, ['cleanup', '--grace', '4s']);
-  const firstEnd = Date.now(); // ... and before this one
-  t.is(first.grace_ms, GRACE);
+  const first = await okJson<CleanupJson>(repo, ['cleanup', '--grace', '2h']);
+  t.is(first.grace_ms, 2 * 3600_000);
   t.is(first.marked, 6, 'the 6 blocks of v1 are marked');
   t.is(first.deleted, 0, 'nothing is deleted inside the grace period');
   t.is(first.bytes_freed, 0);
@@ -132,17 +133,13 @@ test('with a grace period the first cleanup only marks; deletion happens once th
   // a backup takes 2 of the marked blocks into use again before the grace period ends
   const v3 = await backup(repo, again, 'again');
   t.is(v3.stats.blocks_written, 0, 'precondition: deduplicated against the marked blocks');
-  const early = await okJson<CleanupJson>(repo, ['cleanup', '--grace', '4s']);
-  if (Date.now() - t0 < GRACE) {
-    t.is(early.deleted, 0, 'still inside the grace period');
-    t.is(early.waiting, 4, 'the reused blocks are no longer candidates');
-    t.is(await dataBytes(repo.dir), total);
-  } else {
-    t.log(`machine too slow: ${Date.now() - t0} ms passed before the second cleanup ended; its early-phase checks are skipped`);
-  }
+  const early = await okJson<CleanupJson>(repo, ['cleanup', '--grace', '2h']);
+  t.is(early.deleted, 0, 'still inside the grace period');
+  t.is(early.waiting, 4, 'the reused blocks are no longer candidates');
+  t.is(await dataBytes(repo.dir), total);
 
-  await sleep(Math.max(0, firstEnd + GRACE + 100 - Date.now()));
-  const late = await okJson<CleanupJson>(repo, ['cleanup', '--grace', '4s']);
+  // Three hours later (a fake clock: BLOCKSAFE_TEST_CLOCK_OFFSET), the grace period is over.
+  const late = await cleanupLater(repo, '2h', 3 * 3600_000);
   const after = await sizes(repo.dir);
   const deleted = [...before.keys()].filter((h) => !after.has(h));
   t.is(deleted.length, 4, 'the 4 blocks nobody uses again are deleted after the grace period');
@@ -156,61 +153,6 @@ test('with a grace period the first cleanup only marks; deletion happens once th
   t.is(s.code, 0);
   t.deepEqual(s.json.damaged, []);
 });
-
-interface RaceOutcome {
-  v2: VersionJson;
-  cleanups: CleanupJson[];
-  /** Cleanups that refused to run beside the backup (exit 4). */
-  refused: number;
-  /** Cleanups that started while the backup ran. */
-  during: number;
-}
-
-/** rm v1, then back up the same image again, throttled, while cleanups with `grace` run one after another. */
-async function raceBackupAgainstCleanup(
-  t: ExecutionContext,
-  repo: RepoFixture,
-  dir: string,
-  image: string,
-  grace: string,
-  readLimit: string,
-  premark = false,
-): Promise<RaceOutcome> {
-  const slow = await writeConfig(dir, 'slow.conf', `[pipeline]\nread_limit = ${readLimit}`);
-  const v1 = await backup(repo, image, 'a');
-  await okJson(repo, ['rm', v1.id]);
-  if (premark) {
-    // all of v1's blocks are candidates before the backup starts: it must take them off the list in time
-    const first = await okJson<CleanupJson>(repo, ['cleanup', '--grace', grace]);
-    t.is(first.marked, Math.ceil((await fs.stat(image)).size / BS));
-    t.is(first.deleted, 0);
-  }
-  const bg = spawnCli(t, ['backup', ...repo.args, '--config', slow, image, 'a', '--json'], repo.env);
-  // let the backup get going: once it has the source open it reads (and deduplicates) 1 MiB blocks at the
-  // throttled rate; give it a few blocks' head start
-  while (!bg.exited() && !(await hasOpen(bg.pid, image))) await sleep(20);
-  await sleep(300);
-  t.false(bg.exited(), 'precondition: the backup is still running when the cleanups start');
-  const cleanups: CleanupJson[] = [];
-  let during = 0;
-  let refused = 0;
-  while (!bg.exited()) {
-    during++;
-    const c = await runCli(['cleanup', ...repo.args, '--grace', grace, '--json'], { env: repo.env });
-    // 4 (locked): a cleanup may refuse to run beside a backup; anything else must succeed
-    t.true(c.code === 0 || c.code === 4, `cleanup exited ${c.code}: ${c.stderr}`);
-    if (c.code === 0) cleanups.push(JSON.parse(c.stdout) as CleanupJson);
-    else {
-      refused++;
-      await sleep(100);
-    }
-  }
-  const done = await bg.done;
-  t.is(done.code, 0, `the backup succeeded: ${done.stderr}`);
-  const v2 = JSON.parse(done.stdout) as VersionJson;
-  t.log(`backup: ${v2.stats.blocks_deduplicated} blocks deduplicated, ${v2.stats.blocks_written} written; cleanups: ${cleanups.map((c) => `marked ${c.marked} deleted ${c.deleted}`).join('; ')}`);
-  return { v2, cleanups, refused, during };
-}
 
 async function nothingLost(t: ExecutionContext, repo: RepoFixture, dir: string, v2: VersionJson, image: string, blocks: number): Promise<void> {
   const all = await cliJson<ScrubJson>(repo, ['scrub', '--all']);
@@ -227,26 +169,41 @@ async function nothingLost(t: ExecutionContext, repo: RepoFixture, dir: string, 
   await restoresIdentical(t, repo, dir, v2, image);
 }
 
-test('cleanup --grace 0 run repeatedly while a throttled backup deduplicates against a just-removed version loses nothing', async (t) => {
+test('a cleanup while a backup deduplicates against a just-removed version deletes only what the backup has not reached, and loses nothing', async (t) => {
   const dir = await shmDir(t);
-  const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '1M', encryption: 'none' });
-  const A = await makeImage(path.join(dir, 'a.img'), { blockSize: BS, blocks: Array<BlockSpec>(80).fill('random'), seed: 'race0' });
-  const { v2, cleanups, refused, during } = await raceBackupAgainstCleanup(t, repo, dir, A.path, '0', '20M');
-  t.true(during >= 1, `precondition: cleanups ran during the backup (${during})`);
-  // (on a badly overloaded machine a cleanup may only get to work after the backup committed everything)
-  t.true(refused > 0 || cleanups.some((c) => c.marked > 0), 'precondition: a cleanup found unreferenced blocks while the backup ran');
-  t.true(v2.stats.blocks_deduplicated > 0, 'precondition: the backup deduplicated against blocks of the removed version');
-  await nothingLost(t, repo, dir, v2, A.path, 80);
-});
+  const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '64K', encryption: 'none' });
+  const BLOCKS = 256;
+  const A = await makeImage(path.join(dir, 'a.img'), { blockSize: 64 * 1024, blocks: Array<BlockSpec>(BLOCKS).fill('random'), seed: 'race' });
+  const v1 = await backup(repo, A.path, 'a');
+  await okJson(repo, ['rm', v1.id]);
+  // Every block of v1 is a candidate before the backup starts: it must take them off the list as it goes.
+  const first = await okJson<CleanupJson>(repo, ['cleanup', '--grace', '1h']);
+  t.is(first.marked, BLOCKS);
+  t.is(first.deleted, 0);
 
-test('cleanup with a 2 s grace period, the removed version\'s blocks already marked, run repeatedly during a throttled backup of the same data: deletes what the backup has not reached, loses nothing', async (t) => {
-  const dir = await shmDir(t);
-  const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '1M', encryption: 'none' });
-  const A = await makeImage(path.join(dir, 'a.img'), { blockSize: BS, blocks: Array<BlockSpec>(60).fill('random'), seed: 'race2' });
-  const { v2, cleanups, during } = await raceBackupAgainstCleanup(t, repo, dir, A.path, '2s', '10M', true);
-  t.true(during >= 2, `precondition: several cleanups ran during the backup (${during})`);
-  t.true(v2.stats.blocks_deduplicated > 0, 'precondition: the backup deduplicated against marked blocks of the removed version');
-  t.true(cleanups.some((c) => c.deleted > 0), 'precondition: the cleanups deleted blocks the backup had not reached yet');
-  t.is(v2.stats.blocks_deduplicated + v2.stats.blocks_written, 60);
-  await nothingLost(t, repo, dir, v2, A.path, 60);
+  // The backup of the same data stops after its second commit (128 of 256 blocks recorded).
+  const pause = await pausePoints(t);
+  const bg = killOnTeardown(t, spawnCliAt(['backup', ...repo.args, A.path, 'a', '--json'], { ...repo.env, ...pause.env('writer.commit#2') }));
+  t.true(await pause.reached('writer.commit#2', bg), `the backup reached its second commit: ${bg.stderr()}`);
+
+  // A short grace period is refused outright while anything writes: nothing is deleted.
+  const files = await sizes(repo.dir);
+  const refused = await runCli(['cleanup', ...repo.args, '--grace', '0'], { env: repo.env });
+  t.is(refused.code, 4, refused.stderr);
+  t.regex(refused.stderr, /only allowed while nothing writes .* is writing/);
+  t.deepEqual(await sizes(repo.dir), files);
+
+  // Two hours later (fake clock) the candidates are due: those the backup has not reached are deleted,
+  // those it already relies on are not.
+  const sweep = await cleanupLater(repo, '1h', 2 * 3600_000);
+  t.true(sweep.deleted > 0 && sweep.deleted < BLOCKS, `precondition: a part of the removed version was deleted (${sweep.deleted})`);
+  await pause.go('writer.commit#2');
+  const done = await bg.done;
+  t.is(done.code, 0, `the backup succeeded: ${done.stderr}`);
+  const v2 = JSON.parse(done.stdout) as VersionJson;
+  t.log(`backup: ${v2.stats.blocks_deduplicated} deduplicated, ${v2.stats.blocks_written} written; cleanup deleted ${sweep.deleted}`);
+  t.true(v2.stats.blocks_deduplicated > 0, 'the blocks the backup had reached were deduplicated, not deleted');
+  t.is(v2.stats.blocks_written, sweep.deleted, 'every deleted block was written again');
+  t.is(v2.stats.blocks_deduplicated + v2.stats.blocks_written, BLOCKS);
+  await nothingLost(t, repo, dir, v2, A.path, BLOCKS);
 });

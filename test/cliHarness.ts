@@ -183,3 +183,19 @@ export async function lsJson(repo: RepoFixture, name?: string): Promise<FullVers
 export function have(cmd: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
 }
+
+/**
+ * Test pause points (src/util/pause.ts): `env(steps)` makes a CLI process stop at those steps; `reached`
+ * waits until it stopped there (or exited), `go` lets it continue. Synchronises on state, not on time.
+ */
+export async function pausePoints(t: { teardown(fn: () => unknown): void }) {
+  const dir = await fastTempDir(t, 'blocksafe-pause-');
+  const file = (step: string, what: 'reached' | 'go') => path.join(dir, `${step}.${what}`);
+  return {
+    env: (...steps: string[]) => ({ BLOCKSAFE_TEST_PAUSE_DIR: dir, BLOCKSAFE_TEST_PAUSE: steps.join(',') }),
+    /** Resolves once the process reached `step`; false when it exited first. */
+    reached: (step: string, bg: { exited(): boolean }) =>
+      waitFor(`pause point ${step}`, () => (existsSync(file(step, 'reached')) ? true : bg.exited() ? false : undefined), 120_000, 20),
+    go: (step: string) => fs.writeFile(file(step, 'go'), ''),
+  };
+}

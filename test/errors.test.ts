@@ -4,7 +4,7 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test from 'ava';
 import { blockChecksum } from '../src/codec/checksum.js';
-import { openKeyring, unlockMasterKey, type KeySlot } from '../src/codec/keys.js';
+import { openKeyring, unlockMasterKeys, type KeySlot } from '../src/codec/keys.js';
 import {
   assertCliError,
   attachLoop,
@@ -40,9 +40,8 @@ const loopTest = loopDevicesWork() ? test : test.skip;
 /** The object path of each block of `img` in a key-file repository (computed with the repository's MAC key). */
 async function objectPaths(repo: RepoFixture & { keyFile: string }, img: Image): Promise<(string | null)[]> {
   const slot = JSON.parse(await fs.readFile(path.join(repo.dir, 'keys', 'slot-1.json'), 'utf8')) as KeySlot;
-  const unlocked: Uint8Array | { masterKey: Uint8Array } = unlockMasterKey([slot], 'keyfile', await fs.readFile(repo.keyFile));
-  const master = unlocked instanceof Uint8Array ? unlocked : unlocked.masterKey;
-  const keyring = openKeyring(await fs.readFile(path.join(repo.dir, 'keys', 'keyring')), master);
+  const [{ masterKey }] = unlockMasterKeys([slot], 'keyfile', await fs.readFile(repo.keyFile));
+  const keyring = openKeyring(await fs.readFile(path.join(repo.dir, 'keys', 'keyring')), masterKey!)!;
   const out: (string | null)[] = [];
   for (let i = 0; i < img.blockHashes.length; i++) {
     if (img.kinds[i] === 'zero') {

@@ -219,7 +219,9 @@ export async function repoSnapshot(dir: string): Promise<string[]> {
       const child = rel ? `${rel}/${e.name}` : e.name;
       if (child === 'index') continue;
       if (e.isDirectory()) {
-        lines.push(`${child}/`);
+        // locks/ holds a command's lease while it runs: its files count (a lease left behind is a
+        // difference), the directory itself does not.
+        if (child !== 'locks') lines.push(`${child}/`);
         await walk(child);
       } else {
         lines.push(`${child} ${await sha256File(path.join(dir, child))}`);

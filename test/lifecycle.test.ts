@@ -69,7 +69,7 @@ test('automatic tags: the first version of a name in a day/week/month gets b_dai
   t.deepEqual(c1.tags, [], 'auto_tags = false: no automatic tags');
 });
 
-test('protect refuses rm (nothing changes) until unprotect; rm --force removes a protected version', async (t) => {
+test('protect refuses rm and rm --force (nothing changes) until unprotect', async (t) => {
   const { repo, img } = await setup(t);
   const v1 = await backup(repo, img.path, 'a');
   const v2 = await backup(repo, img.path, 'a');
@@ -86,7 +86,12 @@ test('protect refuses rm (nothing changes) until unprotect; rm --force removes a
   await ok(repo, ['rm', v1.id]);
   t.deepEqual(ids(await ls(repo)), [v2.id]);
 
+  // --force overrides only the minimum age: a protected version stays until unprotect (backy2's promise).
   await okJson(repo, ['protect', v2.id]);
+  const before2 = await repoState(repo);
+  assertCliError(t, await runCli(['rm', ...repo.args, v2.id, '--force'], { env: repo.env }), 1, /protected; run "blocksafe unprotect/);
+  t.deepEqual(await repoState(repo), before2, 'rm --force of a protected version changes nothing');
+  await okJson(repo, ['unprotect', v2.id]);
   const forced = await okJson<{ removed: string[] }>(repo, ['rm', v2.id, '--force']);
   t.deepEqual(forced.removed, [v2.id]);
   t.deepEqual(await ls(repo), []);

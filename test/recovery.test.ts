@@ -4,7 +4,6 @@
  * Real CLI, real files; the S3 halves live in test/s3.test.ts against the real RADOS Gateway.
  */
 import test from 'ava';
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { open as openLmdb } from 'lmdb';
@@ -21,10 +20,12 @@ import {
   runOk,
   sha256File,
   tempDir,
-  BIN,
+  ROOT,
+  run,
   type RepoFixture,
   type VersionJson,
 } from './helpers.js';
+import { killOnTeardown, pausePoints, spawnCli } from './cliHarness.js';
 
 async function image(dir: string, name = 'disk.img', seed = 'recovery') {
   return makeImage(path.join(dir, name), {
@@ -53,13 +54,15 @@ test('index rebuild from the store alone restores tags, protection, expiry and t
   await runOk(['expire', ...repo.args, v2.id, '2031-05-06'], { env: repo.env });
   const before = await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env });
 
+  const strip = (vs: VersionJson[]) => vs.map(({ id, name, date, size, tags, protected: p, expire, valid, complete }) => ({ id, name, date, size, tags, p, expire, valid, complete }));
   await fs.rm(path.join(repo.dir, 'index'), { recursive: true });
-  t.deepEqual(await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env }), [], 'without its index the repository looks empty');
+  // The index is a cache of the store: any command brings the versions back from the manifests.
+  t.deepEqual(strip(await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })), strip(before), 'a lost index is refilled from the store');
+  await fs.rm(path.join(repo.dir, 'index'), { recursive: true });
   const r = await runJson<{ versions: number; missing_blocks: number }>(['index', 'rebuild', ...repo.args], { env: repo.env });
   t.is(r.versions, 2);
   t.is(r.missing_blocks, 0);
   const after = await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env });
-  const strip = (vs: VersionJson[]) => vs.map(({ id, name, date, size, tags, protected: p, expire, valid, complete }) => ({ id, name, date, size, tags, p, expire, valid, complete }));
   t.deepEqual(strip(after), strip(before));
   t.is(await restoredHash(repo, v1.id, dir), img.sha256);
   t.is(await restoredHash(repo, v2.id, dir), img2.sha256);
@@ -114,27 +117,21 @@ test('copy to another repository with other keys, then on to a third; a second c
 
 test('a copy killed midway resumes and completes byte-identical', async (t) => {
   const dir = await tempDir(t);
-  const a = await initRepo(path.join(dir, 'a'), { encryption: 'none', blockSize: '1M' });
-  const b = await initRepo(path.join(dir, 'b'), { encryption: 'none', blockSize: '1M' });
-  const img = await makeImage(path.join(dir, 'big.img'), { blocks: Array(40).fill('random'), blockSize: MiB, seed: 'copykill' });
+  const a = await initRepo(path.join(dir, 'a'), { encryption: 'none', blockSize: '64K' });
+  const b = await initRepo(path.join(dir, 'b'), { encryption: 'none', blockSize: '64K' });
+  // 160 blocks: the destination commits after 64 at the latest, so the first commit is midway.
+  const img = await makeImage(path.join(dir, 'big.img'), { blocks: Array(160).fill('random'), blockSize: 64 * 1024, seed: 'copykill' });
   const v = await backupJson(a, img.path, 'vol');
-  const conf = path.join(dir, 'slow.conf');
-  await fs.writeFile(conf, '[pipeline]\nwrite_limit = 8M\n');
-  const child = spawn(process.execPath, [BIN, 'copy', '--config', conf, ...a.args, v.id, '--to', b.dir], { stdio: 'ignore' });
-  // Wait until the destination has committed some progress, then kill -9.
-  for (let i = 0; i < 100; i++) {
-    await new Promise((r) => setTimeout(r, 100));
-    const ls = await runCli(['ls', ...b.args, '--json']);
-    const vs = ls.code === 0 ? (JSON.parse(ls.stdout) as (VersionJson & { blocks_done: number })[]) : [];
-    if (vs[0] && vs[0].blocks_done > 0) break;
-  }
-  child.kill('SIGKILL');
-  await new Promise((r) => child.on('close', r));
+  // The copy stops at its first committed progress in the destination (a pause point), then is killed.
+  const pause = await pausePoints(t);
+  const bg = killOnTeardown(t, spawnCli(['copy', ...a.args, v.id, '--to', b.dir], pause.env('writer.commit#1')));
+  t.true(await pause.reached('writer.commit#1', bg), bg.stderr());
+  await bg.kill9();
   const partial = (await runJson<(VersionJson & { blocks_done: number })[]>(['ls', ...b.args]))[0]!;
   t.false(partial.complete);
-  t.true(partial.blocks_done > 0 && partial.blocks_done < 40, `blocks_done ${partial.blocks_done}`);
+  t.true(partial.blocks_done > 0 && partial.blocks_done < 160, `blocks_done ${partial.blocks_done}`);
   const resumed = await runJson<{ blocks_sent: number }[]>(['copy', ...a.args, v.id, '--to', b.dir]);
-  t.true(resumed[0]!.blocks_sent <= 40 - partial.blocks_done + 1, 'committed blocks are not sent again');
+  t.true(resumed[0]!.blocks_sent <= 160 - partial.blocks_done + 1, 'committed blocks are not sent again');
   t.is(await restoredHash(b, v.id, dir), img.sha256);
 });
 
@@ -148,6 +145,7 @@ test('export and import keep everything; import of a version whose blocks are mi
   const exported = path.join(dir, 'v.json');
   await runOk(['export', ...repo.args, v.id, exported], { env: repo.env });
   const before = await runJson<VersionJson>(['show', ...repo.args, v.id], { env: repo.env });
+  await runOk(['unprotect', ...repo.args, v.id], { env: repo.env });
   await runOk(['rm', ...repo.args, '--force', v.id], { env: repo.env });
   const imported = await runJson<VersionJson>(['import', ...repo.args, exported], { env: repo.env });
   const { blocks_done: _a, ...i } = imported as VersionJson & { blocks_done?: number };
@@ -211,29 +209,28 @@ test('rekey re-encrypts every object under a new key id and retires the old one'
   t.is((await backupJson(repo, img.path, 'vol')).stats.blocks_written, 0);
 });
 
-test('a newer repository format is refused clearly; an old index is migrated', async (t) => {
+test('a repository written by the previous release (index schema 2, keyring format 1) is migrated and restores; a newer format is refused clearly', async (t) => {
   const dir = await tempDir(t);
-  const repo = await initRepo(path.join(dir, 'repo'), { encryption: 'none', blockSize: '1M' });
-  const img = await image(dir);
-  const v = await backupJson(repo, img.path, 'vol');
-
-  // Migration: turn the index back into schema 1 (no blocks_sampled, no blocks_done), then open it.
+  // Made by blocksafe 6a6f782 (see fixture.json): two versions of one volume, a tag and protection on the first.
+  await run('tar', ['xzf', path.join(ROOT, 'test', 'fixtures', 'schema2-repo.tar.gz'), '-C', dir]);
+  const fx = JSON.parse(await fs.readFile(path.join(dir, 'fixture.json'), 'utf8')) as { v1: string; v2: string; sha1: string; sha2: string };
+  const repo = { dir: path.join(dir, 'repo'), args: ['--repo', path.join(dir, 'repo'), '--key-file', path.join(dir, 'repo.key')], env: {} };
+  const keyringBefore = await fs.readFile(path.join(repo.dir, 'keys', 'keyring'));
+  const listed = await runJson<VersionJson[]>(['ls', ...repo.args]);
+  t.deepEqual(listed.map((v) => v.id).sort(), [fx.v1, fx.v2].sort());
+  const v1 = listed.find((v) => v.id === fx.v1)!;
+  t.true(v1.protected);
+  t.true(v1.tags.includes('keepme'));
+  t.is(await restoredHash(repo, fx.v1, dir), fx.sha1);
+  t.is(await restoredHash(repo, fx.v2, dir), fx.sha2);
+  t.deepEqual((await runJson<{ damaged: unknown[] }>(['scrub', ...repo.args, '--all'])).damaged, []);
+  // The index is at the current schema, and the keyring was rewritten once to authenticate the descriptor.
   const env = openLmdb({ path: path.join(repo.dir, 'index', 'index.mdb'), maxDbs: 16, compression: false });
-  const meta = env.openDB<unknown, string>('meta', {});
-  const versions = env.openDB<Record<string, unknown>, string>('versions', {});
-  const rec = versions.get(v.id)!;
-  const stats = { ...(rec.stats as Record<string, number>) };
-  delete stats.blocks_sampled;
-  const { blocks_done: _drop, ...old } = rec;
-  await versions.put(v.id, { ...old, stats });
-  await meta.put('schema', 1);
+  t.is(env.openDB<unknown, string>('meta', {}).get('schema'), 3);
   await env.close();
-  const shown = await runJson<VersionJson & { blocks_done: number; stats: { blocks_sampled: number } }>(['show', ...repo.args, v.id]);
-  t.is(shown.stats.blocks_sampled, 0);
-  t.is(shown.blocks_done, Math.ceil(img.size / MiB));
-  const env2 = openLmdb({ path: path.join(repo.dir, 'index', 'index.mdb'), maxDbs: 16, compression: false });
-  t.is(env2.openDB<unknown, string>('meta', {}).get('schema'), 2);
-  await env2.close();
+  t.false((await fs.readFile(path.join(repo.dir, 'keys', 'keyring'))).equals(keyringBefore), 'keyring upgraded');
+  // A new backup still deduplicates against the migrated block table.
+  t.is((await backupJson(repo, path.join(dir, 'vol.img'), 'vol')).stats.blocks_written, 0);
 
   // An index from the future is refused with a clear message.
   const env3 = openLmdb({ path: path.join(repo.dir, 'index', 'index.mdb'), maxDbs: 16, compression: false });

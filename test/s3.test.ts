@@ -4,11 +4,11 @@
  * here fails with a message saying how to start it. Each test works in its own fresh bucket.
  */
 import test, { type ExecutionContext } from 'ava';
+import { existsSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { assertCliError, makeImage, MiB, runCli, runJson, runOk, sha256File, tempDir, type CliResult, type Image, type VersionJson } from './helpers.js';
 import { spawnCli, killOnTeardown, waitFor } from './cliHarness.js';
-import { Index } from '../src/index/index.js';
 import {
   bucketExists,
   createBucket,
@@ -76,18 +76,14 @@ test.serial('the gateway stopped in the middle of a backup: one clear error, a c
   const { id } = await runJson<{ id: string }>(['init', ...repo.args, '--block-size', '1M', '--create-bucket']);
   const img = await makeImage(path.join(dir, 'vol.img'), { blockSize: BS, seed: 'outage', blocks: Array.from({ length: BLOCKS }, () => 'random' as const) });
 
-  const bg = killOnTeardown(t, spawnCli(['backup', ...repo.args, img.path, 'vol', '--json']));
-  // Stop the gateway once some progress is committed (about every second): watched in the local index
-  // (LMDB allows readers in other processes), which is cheap enough to poll even on a busy machine.
-  const index = Index.openAt(path.join(repo.stateDir, id), id);
-  try {
-    await waitFor('committed progress', () => (bg.exited() || [...index.allVersions()].some((v) => v.blocks_done > 0) ? true : undefined), 30_000, 20);
-  } finally {
-    await index.close();
-  }
+  // The backup stops at its first committed progress (a test pause point); the gateway goes away then.
+  const pause = await tempDir(t);
+  const bg = killOnTeardown(t, spawnCli(['backup', ...repo.args, img.path, 'vol', '--json'], { BLOCKSAFE_TEST_PAUSE_DIR: pause, BLOCKSAFE_TEST_PAUSE: 'writer.commit' }));
+  await waitFor('committed progress', () => (bg.exited() || existsSync(path.join(pause, 'writer.commit.reached')) ? true : undefined), 60_000, 20);
   t.false(bg.exited(), `the backup must still run when the gateway goes away: ${bg.stderr()}`);
   phase('progress committed; stopping radosgw');
   await stopGateway();
+  await fs.writeFile(path.join(pause, 'writer.commit.go'), '');
   const r = await bg.done;
   phase('the backup failed');
   const msg = assertCliError(t, r, 1, /^blocksafe: S3 endpoint http:\/\/127\.0\.0\.1:\d+ is not reachable: .*ECONNREFUSED.*\(3 attempts in [\d.]+ m?s\); check that it is running/);

@@ -229,10 +229,10 @@ test('store: objects live under the prefix; put/get/has/size/list; NoSuchKey is 
   t.true(await store.has('blocksafe.json'));
   t.false(await store.has('nope'));
   const names: string[] = [];
-  for await (const n of store.list('')) names.push(n);
+  for await (const n of store.list('')) names.push(n.name);
   t.deepEqual(names.sort(), ['blocksafe.json', 'data/ab/abcd']);
   const data: string[] = [];
-  for await (const n of store.list('data/')) data.push(n);
+  for await (const n of store.list('data/')) data.push(n.name);
   t.deepEqual(data, ['data/ab/abcd']);
   t.is(fake.calls.find((c) => c.cmd === 'ListObjectsV2' && c.input.Prefix === 'repo/one/data/')?.cmd, 'ListObjectsV2');
   await store.close();

@@ -112,7 +112,7 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
         refusal: null,
         overwrites: false,
         warning: null,
-        interrupted: interrupted ? { target: abs, version: interrupted.version, blocks_done: interrupted.blocks_done, zeroed: true, sparse: false, started: '2026-11-27T02:30:00.000Z' } : null,
+        interrupted: interrupted ? { target: abs, version: interrupted.version, blocks_done: interrupted.blocks_done, damaged: [], zeroed: true, sparse: false, started: '2026-11-27T02:30:00.000Z' } : null,
         description: 'a new file in /work',
       };
       const dev = (o.devices ?? DEVICES).find((d) => d.path === abs);

@@ -74,8 +74,8 @@ class EngineBackend implements Backend {
   }
 
   async versionUsage(v: VersionRecord, signal: AbortSignal): Promise<VersionUsage> {
-    const cursor = this.repo.index.mapCursor(v.id);
-    const count = Math.ceil(v.size / v.block_size);
+    const count = v.complete ? Math.ceil(v.size / v.block_size) : v.blocks_done;
+    const cursor = this.repo.index.mapCursor(v.id, count);
     // 16 bytes of a 32-byte keyed checksum identify a block well enough for a statistic, at half the memory.
     const seen = new Set<string>();
     const usage: VersionUsage = { blocks: 0, storedBytes: 0, damagedBlocks: 0 };
@@ -194,12 +194,12 @@ class EngineBackend implements Backend {
     return info;
   }
 
-  private pipeline(): BlockPipeline {
+  private pipeline(): Promise<BlockPipeline> {
     return BlockPipeline.start(this.repo, this.settings.threads, { storeRead: this.settings.readThrottle, storeWrite: this.settings.writeThrottle });
   }
 
   async restore(v: VersionRecord, req: RestoreRequest, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<RestoreOutcome> {
-    const pipeline = this.pipeline();
+    const pipeline = await this.pipeline();
     try {
       const r = await runRestore(this.repo, pipeline, v, {
         target: req.target,
@@ -217,7 +217,7 @@ class EngineBackend implements Backend {
   }
 
   scrub = async (req: ScrubRequest, onProgress: (p: Progress) => void, signal: AbortSignal) => {
-    const pipeline = this.pipeline();
+    const pipeline = await this.pipeline();
     try {
       return await runScrub(this.repo, pipeline, {
         versions: req.versions,
@@ -234,9 +234,9 @@ class EngineBackend implements Backend {
   /** The same checks as "blocksafe rm" without --force: the UI never forces a removal. */
   remove = async (v: VersionRecord) => {
     const current = this.repo.index.getVersion(v.id) ?? v;
-    assertRemovable(current, false);
+    assertRemovable(current);
     assertOldEnough(current, this.minAgeDays, false);
-    await removeVersion(this.repo, current, false);
+    await removeVersion(this.repo, current);
   };
 
   setProtected = async (v: VersionRecord, on: boolean) => {

@@ -4,9 +4,13 @@ import { describeSystemError, UsageError } from '../errors.js';
 import { BlockPipeline } from '../engine/blockPipeline.js';
 import { openWithTemporaryIndex } from '../engine/rebuild.js';
 import { DirectoryStore } from '../store/directory.js';
-import { indexDirFor, openStore, Repository, type Secret, type SecretSource } from '../engine/repository.js';
+import { indexDirFor, openStore, Repository, type OpenOptions, type Secret, type SecretSource } from '../engine/repository.js';
+import { syncIndex, type SyncReport } from '../engine/indexSync.js';
+import { s3Settings } from '../store/s3.js';
+import * as path from 'node:path';
 import { defaultThreads } from '../engine/workerPool.js';
 import { Throttle } from '../util/throttle.js';
+import { deferredWarnings, exposedSecretWarning } from '../util/secrets.js';
 import { promptHidden } from './prompt.js';
 
 /** Options every command accepts (see main.ts). */
@@ -38,6 +42,8 @@ export function repoLocation(opts: GlobalOptions): string {
 }
 
 function readSecretFile(file: string, what: string): Buffer {
+  const warning = exposedSecretWarning(file, what);
+  if (warning && !deferredWarnings.includes(warning)) deferredWarnings.push(warning);
   try {
     return readFileSync(file);
   } catch (err) {
@@ -60,7 +66,7 @@ const ROLE = {
  */
 export function secretSource(opts: GlobalOptions, confirm = false, role: SecretRole = 'repository'): SecretSource {
   const r = ROLE[role];
-  return async (): Promise<Secret> => {
+  const source: SecretSource = async (): Promise<Secret> => {
     const keyFile = opts[r.keyFile];
     const passFile = opts[r.passFile];
     if (keyFile) {
@@ -79,6 +85,29 @@ export function secretSource(opts: GlobalOptions, confirm = false, role: SecretR
     if (pass.length === 0) throw new UsageError('The passphrase is empty.');
     return { type: 'passphrase', value: Buffer.from(pass, 'utf8') };
   };
+  // Given on purpose (not merely asked for): a repository claiming to be unencrypted is then refused.
+  source.explicit = !!(opts[r.keyFile] || opts[r.passFile] || process.env[r.env] !== undefined);
+  return source;
+}
+
+/** How repositories are opened with this configuration: lock timings, and where this machine keeps trust records. */
+export function openOptions(opts: GlobalOptions): OpenOptions {
+  const c = config(opts).config;
+  return {
+    locks: { refreshMs: c.locks.refresh, staleMs: c.locks.stale_after, waitMs: c.locks.wait },
+    trustDir: path.join(s3Settings(c.s3).stateDir, 'trust'),
+  };
+}
+
+/** Prints what the index sync with the store found that a user must know (one line each, on stderr). */
+export function reportSync(r: SyncReport | null, quiet = false): void {
+  if (!r || quiet) return;
+  const note = (text: string) => process.stderr.write(`blocksafe: note: ${text}\n`);
+  for (const v of r.vanished) note(`version ${v.id} (${v.name}) is no longer in the store (removed on another machine, or its manifest was deleted); it was dropped from the index.`);
+  for (const d of r.damaged_manifests) note(`the manifest of version ${d.id} is damaged in the store and was not used (${d.reason}).`);
+  if (r.rolled_back.length) note(`the attributes of ${r.rolled_back.join(', ')} in the store were older than the index's (put back by someone?); the index's were written again.`);
+  if (r.foreign_names.length) note(`${r.foreign_names.length} objects in manifests/ are not blocksafe manifests and were ignored (e.g. ${r.foreign_names[0]}).`);
+  if (r.missing_blocks) note(`${r.missing_blocks} blocks named by manifests are missing from the store; their versions are marked invalid.`);
 }
 
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {
@@ -88,15 +117,23 @@ export async function openRepository(opts: GlobalOptions): Promise<Repository> {
 /** Opens the repository at `location` (e.g. a copy destination) with the same configuration. */
 export async function openRepositoryAt(opts: GlobalOptions, location: string, secret: SecretSource, quiet = false): Promise<Repository> {
   const store = openStore(location, config(opts).config.s3);
+  const options = openOptions(opts);
+  let repo: Repository | undefined;
   try {
     // A read-only USB disk at 3 a.m. must still restore: its index is rebuilt in a temporary directory.
     if (store instanceof DirectoryStore && existsSync(store.root) && !store.writable()) {
       if (!quiet) process.stderr.write(`blocksafe: note: ${store.root} is read-only; using a temporary index rebuilt from the repository (reading and restoring work, changes do not).\n`);
-      return await openWithTemporaryIndex(store, secret);
+      repo = await openWithTemporaryIndex(store, secret, options);
+    } else {
+      repo = await Repository.open(store, secret, indexDirFor(store), options);
+      // The index is a cache of the store: brought in line before anything relies on it.
+      repo.syncReport = await syncIndex(repo);
     }
-    return await Repository.open(store, secret, indexDirFor(store));
+    reportSync(repo.syncReport, quiet);
+    return repo;
   } catch (err) {
-    await store.close().catch(() => undefined);
+    if (repo) await repo.close().catch(() => undefined);
+    else await store.close().catch(() => undefined);
     throw err;
   }
 }
@@ -131,11 +168,12 @@ export function pipelineSettings(opts: GlobalOptions): PipelineSettings {
 export async function withPipeline<T>(opts: GlobalOptions, fn: (repo: Repository, pipeline: BlockPipeline, s: PipelineSettings) => Promise<T>): Promise<T> {
   const repo = await openRepository(opts);
   const settings = pipelineSettings(opts);
-  const pipeline = BlockPipeline.start(repo, settings.threads, { storeRead: settings.readThrottle, storeWrite: settings.writeThrottle });
+  let pipeline: BlockPipeline | undefined;
   try {
+    pipeline = await BlockPipeline.start(repo, settings.threads, { storeRead: settings.readThrottle, storeWrite: settings.writeThrottle });
     return await fn(repo, pipeline, settings);
   } finally {
-    await pipeline.close();
+    await pipeline?.close();
     await repo.close();
   }
 }

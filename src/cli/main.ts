@@ -1,5 +1,6 @@
 import { Command, CommanderError } from 'commander';
 import { BlocksafeError, ExitCode } from '../errors.js';
+import { deferredWarnings } from '../util/secrets.js';
 import { VERSION } from '../version.js';
 import { register as registerBackup } from './commands/backup.js';
 import { register as registerConfig } from './commands/config.js';
@@ -39,10 +40,13 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // Indexes, state, exports and restored files hold names, tags, block maps and data: owner only.
+  process.umask(0o077);
   const program = buildProgram();
   const debug = argv.includes('--debug');
   try {
     await program.parseAsync(argv, { from: 'user' });
+    for (const w of deferredWarnings.splice(0)) process.stderr.write(w);
     return Number(process.exitCode ?? 0);
   } catch (err) {
     if (err instanceof CommanderError) {

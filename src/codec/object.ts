@@ -23,6 +23,10 @@ export enum ObjectType {
   Manifest = 2,
   Keyring = 3,
   Attributes = 4,
+  /** A lease in `locks/` (engine/leases.ts). */
+  Lock = 5,
+  /** `gc/generation`: how many cleanups have deleted objects (engine/indexSync.ts). */
+  GcState = 6,
 }
 
 export enum Compression {
@@ -107,7 +111,12 @@ export function objectKeyId(obj: Uint8Array): number {
   return Buffer.from(obj.buffer, obj.byteOffset, obj.byteLength).readUInt32BE(8);
 }
 
-export function decodeObject(raw: Uint8Array, keys: CodecKeys, context?: Uint8Array): DecodedObject {
+/**
+ * Decodes (authenticates, decompresses) an object. `maxPlain` bounds the plaintext: an object is untrusted
+ * input, and a tiny zstd frame can claim or expand to gigabytes; its declared size is checked before any
+ * allocation (our frames always declare it).
+ */
+export function decodeObject(raw: Uint8Array, keys: CodecKeys, context?: Uint8Array, maxPlain = 64 * 2 ** 20): DecodedObject {
   const obj = Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength);
   if (obj.length < FIXED_HEADER || !obj.subarray(0, 4).equals(OBJECT_MAGIC)) {
     throw new IntegrityError('Object header is damaged (bad magic or truncated).');
@@ -147,11 +156,45 @@ export function decodeObject(raw: Uint8Array, keys: CodecKeys, context?: Uint8Ar
   let plain: Buffer;
   if (compression === Compression.None) plain = payload;
   else if (compression === Compression.Zstd) {
+    const declared = zstdContentSize(payload);
+    if (declared === null || declared > maxPlain) {
+      throw new IntegrityError(`Object payload declares ${declared === null ? 'no' : `a ${declared}-byte`} decompressed size (at most ${maxPlain} allowed).`);
+    }
     try {
       plain = zstdDecompress(payload);
     } catch (err) {
       throw new IntegrityError('Object payload does not decompress.', { cause: err });
     }
   } else throw new FormatError(`Object uses unknown compression ${compression}; upgrade blocksafe.`);
+  if (plain.length > maxPlain) throw new IntegrityError(`Object payload is larger than allowed (${plain.length} > ${maxPlain} bytes).`);
   return { type, keyId, plain };
+}
+
+/**
+ * Frame_Content_Size of a single zstd frame (RFC 8878 3.1.1.1), or null when the frame does not declare it
+ * or the header is malformed.
+ */
+export function zstdContentSize(frame: Uint8Array): number | null {
+  if (frame.length < 6 || frame[0] !== 0x28 || frame[1] !== 0xb5 || frame[2] !== 0x2f || frame[3] !== 0xfd) return null;
+  const fhd = frame[4]!;
+  const fcsFlag = fhd >> 6;
+  const singleSegment = (fhd >> 5) & 1;
+  const dictIdFlag = fhd & 3;
+  const fcsBytes = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag]!;
+  if (fcsBytes === 0) return null;
+  const at = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][dictIdFlag]!;
+  if (frame.length < at + fcsBytes) return null;
+  const b = Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength);
+  switch (fcsBytes) {
+    case 1:
+      return b[at]!;
+    case 2:
+      return b.readUInt16LE(at) + 256;
+    case 4:
+      return b.readUInt32LE(at);
+    default: {
+      const big = b.readBigUInt64LE(at);
+      return big > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(big);
+    }
+  }
 }

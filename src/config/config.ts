@@ -1,3 +1,4 @@
+import { deferredWarnings, exposedSecretWarning } from '../util/secrets.js';
 import { readFileSync } from 'node:fs';
 import ini from 'ini';
 import { UsageError } from '../errors.js';
@@ -40,7 +41,16 @@ export const SCHEMA = {
     snapshot_size: { kind: 'string', default: '10%ORIGIN', doc: 'Size of classic (non-thin) LVM snapshots for lvm:// backups, as lvcreate -L/-l takes it (e.g. 5G or 20%ORIGIN).' },
   },
   cleanup: {
-    grace: { kind: 'duration', default: '1h', doc: 'How long a block must stay unreferenced before cleanup deletes it (protects running backups).' },
+    grace: {
+      kind: 'duration',
+      default: '24h',
+      doc: 'How long a block must stay unreferenced before cleanup deletes it. Below 1h only while nothing writes to the repository (e.g. --grace 0 for one-off maintenance).',
+    },
+  },
+  locks: {
+    refresh: { kind: 'duration', default: '5m', doc: 'Heartbeat of held locks and of the lease in the store (locks/) that machines sharing an S3 bucket see.' },
+    stale_after: { kind: 'duration', default: '30m', doc: 'A lock holder silent for this long is counted as dead (a dead process on this machine is noticed at once).' },
+    wait: { kind: 'duration', default: '0s', doc: 'How long a command waits for a lock held by another process before it gives up with exit code 4.' },
   },
   retention: {
     keep_last: { kind: 'int', default: '0', min: 0, max: 100000, doc: 'Default prune policy for every name: keep the N newest versions (0 = rule off). Per name: a [retention.NAME] section with the same keys.' },
@@ -241,9 +251,20 @@ export function loadConfig(explicit?: string, env: NodeJS.ProcessEnv = process.e
       if (code === 'ENOENT') throw new UsageError(`Configuration file ${file} does not exist.`);
       throw new UsageError(`Configuration file ${file} cannot be read (${code ?? (err as Error).message}).`);
     }
-    return { ...parseConfigText(text, file), file };
+    const loaded = { ...parseConfigText(text, file), file };
+    if (hasSecret(loaded.config)) {
+      const warning = exposedSecretWarning(file, 'The configuration file (it holds a secret)');
+      if (warning) deferredWarnings.push(warning);
+    }
+    return loaded;
   }
   return { config: defaults(), file: null, retentionByName: {} };
+}
+
+function hasSecret(c: Config): boolean {
+  return Object.entries(SCHEMA).some(([section, opts]) =>
+    Object.entries(opts as Record<string, Option>).some(([key, opt]) => opt.secret && (c as Record<string, Record<string, unknown>>)[section]![key] !== ''),
+  );
 }
 
 /** The effective configuration as INI text with each option's description. */

@@ -9,7 +9,7 @@ import { LockNames, withLock } from './locks.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
 import { SourceReader } from './sourceReader.js';
-import { VersionWriter, type BlockOutcome } from './versionWriter.js';
+import { withVersionWriter, type BlockOutcome, type VersionWriter } from './versionWriter.js';
 
 export interface BackupOptions {
   /** Path or file:// URI of the file or block device to read. */
@@ -69,7 +69,7 @@ export function newestIncomplete(repo: Repository, name: string): VersionRecord 
  */
 export async function backup(repo: Repository, pipeline: BlockPipeline, opts: BackupOptions): Promise<VersionRecord> {
   validateName(opts.name);
-  return withLock(repo.index, LockNames.volume(opts.name), 'exclusive', `Volume "${opts.name}"`, () => runBackup(repo, pipeline, opts));
+  return withLock(repo.locks, LockNames.volume(opts.name), 'exclusive', `Volume "${opts.name}"`, () => runBackup(repo, pipeline, opts));
 }
 
 /** The interrupted version to continue, if any; checked under the volume lock so a running backup is not "interrupted". */
@@ -89,21 +89,10 @@ async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: Backup
   if (resume) checkResumable(resume, opts.name, info.size, repo.blockSize);
   const base = resolveBase(repo, opts, resume);
   if (opts.hints && !base) throw new UsageError(`--hints needs a base version: give --from VERSION (no complete version of "${opts.name}" exists yet).`);
-  const run = async () => {
-    const writer = resume
-      ? await VersionWriter.resume(repo, pipeline, resume)
-      : await VersionWriter.create(repo, pipeline, {
-          name: opts.name,
-          size: info.size,
-          source: opts.sourceLabel ?? opts.source,
-          snapshotName: opts.snapshotName,
-          tags: opts.tags,
-          base: base?.id ?? null,
-        });
-    return runBackupOn(repo, pipeline, opts, info, writer, base);
-  };
+  const fields = { name: opts.name, size: info.size, source: opts.sourceLabel ?? opts.source, snapshotName: opts.snapshotName, tags: opts.tags, base: base?.id ?? null };
+  const run = () => withVersionWriter(repo, pipeline, resume ?? fields, (writer) => runBackupOn(repo, pipeline, opts, info, writer, base));
   // The base must not be removed while blocks are taken from it.
-  return base ? withLock(repo.index, LockNames.version(base.id), 'shared', `Version ${base.id}`, run) : run();
+  return base ? withLock(repo.locks, LockNames.version(base.id), 'shared', `Version ${base.id}`, run) : run();
 }
 
 async function runBackupOn(
@@ -118,7 +107,7 @@ async function runBackupOn(
   const blocks = writer.blocks;
   const hints = opts.hints && base ? blockHints(opts.hints, bs, info.size) : null;
   const baseBlocks = base ? Math.ceil(base.size / bs) : 0;
-  const baseCursor = base ? repo.index.mapCursor(base.id) : null;
+  const baseCursor = base ? repo.index.mapCursor(base.id, baseBlocks) : null;
   // Only blocks covering the same bytes in both can be compared (a grown or shrunk last block cannot).
   let comparable = Math.min(blocks, baseBlocks);
   if (comparable > 0 && Math.min(bs, info.size - (comparable - 1) * bs) !== Math.min(bs, (base?.size ?? 0) - (comparable - 1) * bs)) comparable--;

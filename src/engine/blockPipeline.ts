@@ -4,7 +4,7 @@ import { ObjectNames } from '../store/blobstore.js';
 import { BufferPool, ownArrayBuffer } from '../util/buffers.js';
 import { gcEvery } from '../util/gc.js';
 import type { Throttle } from '../util/throttle.js';
-import { cleanupRunning } from './locks.js';
+import { cleanupRunning, LockNames, type Lock } from './locks.js';
 import type { Repository } from './repository.js';
 import { WorkerPool } from './workerPool.js';
 
@@ -25,16 +25,26 @@ export class BlockPipeline {
   /** Block-sized buffers shared with the source reader, reused instead of left to the garbage collector. */
   readonly buffers: BufferPool;
 
+  /** A keyring reload in progress, and how many reloads brought new keys (see load). */
+  private keyReload: Promise<boolean> | undefined;
+  private keysUpdated = 0;
+
   private constructor(
     readonly repo: Repository,
     private readonly pool: WorkerPool,
     private readonly limits: PipelineLimits,
+    private readonly keysLock: Lock,
   ) {
     this.buffers = new BufferPool(repo.blockSize, pool.size * 4 + 16);
   }
 
-  static start(repo: Repository, threads?: number, limits: PipelineLimits = {}): BlockPipeline {
-    return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads), limits);
+  /**
+   * Starts the workers with the repository's keys. The pipeline holds the `keys` lock (shared) for its
+   * life: a rekey does not retire a key while a process that may still use it runs.
+   */
+  static async start(repo: Repository, threads?: number, limits: PipelineLimits = {}): Promise<BlockPipeline> {
+    const lock = await repo.locks.acquire(LockNames.keys, 'shared', 'The repository keys (a rekey is retiring old keys)');
+    return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads), limits, lock);
   }
 
   get threads(): number {
@@ -90,7 +100,7 @@ export class BlockPipeline {
     this.buffers.give(new Uint8Array(reply.data));
     await this.limits.storeWrite?.take(reply.object.byteLength);
     await this.repo.store.put(ObjectNames.block(hex), new Uint8Array(reply.object));
-    return { size, stored: reply.object.byteLength, key_id: this.repo.codecKeys.currentKeyId, valid: true, verified: Date.now() };
+    return { size, stored: reply.object.byteLength, key_id: reply.keyId, valid: true, verified: Date.now() };
   }
 
   /**
@@ -100,7 +110,7 @@ export class BlockPipeline {
   async retain(checksum: Buffer): Promise<void> {
     while (this.repo.index.getGcCandidate(checksum)) {
       if (this.repo.index.rescueGcCandidate(checksum) === 'ok') return;
-      if (!cleanupRunning(this.repo.index)) {
+      if (!cleanupRunning(this.repo.locks)) {
         // Doomed by a cleanup that died: its record is gone already, so the block is simply written anew.
         await this.repo.index.removeGcCandidates([checksum]);
         return;
@@ -114,24 +124,51 @@ export class BlockPipeline {
     for (const c of checksums) this.inFlight.delete(c.toString('hex'));
   }
 
-  /** Reads, authenticates, decompresses and verifies one block. Throws IntegrityError naming what is wrong. */
+  /**
+   * Reads, authenticates, decompresses and verifies one block. Throws IntegrityError naming what is wrong.
+   * A block under a key id the workers do not know may have been re-encrypted by a rekey since this process
+   * loaded the keyring: the keyring is read again once before the block counts as damaged.
+   */
   async load(checksum: Buffer, size: number): Promise<Buffer> {
     const hex = checksum.toString('hex');
-    const name = ObjectNames.block(hex);
-    await this.limits.storeRead?.take(size);
-    const raw = await this.repo.store.tryGet(name);
-    if (!raw) throw new IntegrityError(`block ${hex.slice(0, 16)}… is missing from the store`);
-    const object = ownArrayBuffer(raw);
-    const context = ownArrayBuffer(Buffer.from(checksum));
-    const expected = ownArrayBuffer(Buffer.from(checksum));
-    const reply = await this.pool.request({ op: 'open', object, context, checksum: expected, size }, [object, context, expected]);
+    const keysSeen = this.keysUpdated;
+    let reply = await this.open(checksum, size);
+    if (reply.op === 'error' && /unknown key id/.test(reply.message) && (this.keysUpdated !== keysSeen || (await this.reloadKeys()))) reply = await this.open(checksum, size);
     if (reply.op === 'error') throw new IntegrityError(`block ${hex.slice(0, 16)}… is damaged: ${reply.message}`);
     if (reply.op !== 'open') throw pipelineError(reply);
     return Buffer.from(reply.plain);
   }
 
+  private async open(checksum: Buffer, size: number) {
+    const hex = checksum.toString('hex');
+    await this.limits.storeRead?.take(size);
+    const raw = await this.repo.store.tryGet(ObjectNames.block(hex));
+    if (!raw) throw new IntegrityError(`block ${hex.slice(0, 16)}… is missing from the store`);
+    const object = ownArrayBuffer(raw);
+    const context = ownArrayBuffer(Buffer.from(checksum));
+    const expected = ownArrayBuffer(Buffer.from(checksum));
+    return this.pool.request({ op: 'open', object, context, checksum: expected, size }, [object, context, expected]);
+  }
+
+  /** Reads the keyring again and hands new keys to the workers; true when there were new keys. */
+  private reloadKeys(): Promise<boolean> {
+    this.keyReload ??= (async () => {
+      try {
+        if (!(await this.repo.reloadKeyring())) return false;
+        const keys = this.repo.codecKeys;
+        await this.pool.updateKeys({ dataKeys: [...keys.dataKeys], currentKeyId: keys.currentKeyId });
+        this.keysUpdated++;
+        return true;
+      } finally {
+        this.keyReload = undefined;
+      }
+    })();
+    return this.keyReload;
+  }
+
   async close(): Promise<void> {
     await this.pool.close();
+    await this.keysLock.release();
   }
 }
 

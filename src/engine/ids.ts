@@ -10,3 +10,11 @@ export function newVersionId(): string {
   for (const b of bytes) id += ALPHABET[b % ALPHABET.length];
   return id;
 }
+
+/**
+ * Whether `id` can be a version id: lowercase letters and digits only. Ids arrive from import files,
+ * manifests and the command line and become object names, so nothing else may pass.
+ */
+export function isVersionId(id: unknown): id is string {
+  return typeof id === 'string' && /^[a-z0-9]{1,64}$/.test(id);
+}

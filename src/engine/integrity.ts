@@ -7,19 +7,29 @@ import type { Repository } from './repository.js';
  * valid is valid again.
  */
 
-/** Marks these blocks invalid and every version using one of them invalid. Returns the ids of those versions. */
-export async function markDamaged(repo: Repository, damaged: Buffer[]): Promise<string[]> {
+/**
+ * Marks these blocks invalid and every version using one of them invalid. Returns the ids of those versions.
+ * `seen` gives the record each block had when it was found damaged: a record that changed since (a backup
+ * re-stored the block, a rekey or cleanup replaced or removed it) is left alone (compare-and-set).
+ */
+export async function markDamaged(repo: Repository, damaged: Buffer[], seen?: Map<string, BlockRecord>): Promise<string[]> {
   if (damaged.length === 0) return [];
-  const bad = new Set(damaged.map((c) => c.toString('hex')));
-  const changes: [Buffer, BlockRecord][] = [];
+  const changes: { checksum: Buffer; expect: BlockRecord; next: BlockRecord }[] = [];
+  const bad = new Set<string>();
   for (const c of damaged) {
-    const rec = repo.index.getBlock(c);
-    if (rec && rec.valid) changes.push([c, { ...rec, valid: false }]);
+    const hex = c.toString('hex');
+    const rec = seen?.get(hex) ?? repo.index.getBlock(c);
+    if (!rec) {
+      bad.add(hex); // referenced but unknown to the block table: its versions are damaged all the same
+      continue;
+    }
+    if (rec.valid) changes.push({ checksum: c, expect: rec, next: { ...rec, valid: false } });
+    else bad.add(hex);
   }
-  await repo.index.updateBlocks(changes);
+  for (const c of await repo.index.updateBlocksIf(changes)) bad.add(c.toString('hex'));
   const hit: string[] = [];
   for (const v of repo.index.allVersions()) {
-    if (versionUses(repo, v.id, v.size, v.block_size, (hex) => bad.has(hex))) hit.push(v.id);
+    if (versionUses(repo, v.id, v.complete ? v.size : v.blocks_done * v.block_size, v.block_size, (hex) => bad.has(hex))) hit.push(v.id);
   }
   for (const id of hit) await repo.index.updateVersion(id, (v) => (v.valid = false));
   return hit;
@@ -39,8 +49,8 @@ export async function revalidateVersions(repo: Repository): Promise<string[]> {
 
 /** True when some block of the version satisfies `pred` (streams the block map chunk by chunk). */
 function versionUses(repo: Repository, id: string, size: number, blockSize: number, pred: (hex: string, checksum: Buffer) => boolean): boolean {
-  const blocks = Math.ceil(size / blockSize);
-  const cursor = repo.index.mapCursor(id);
+  const blocks = Math.min(Math.ceil(size / blockSize), Number.MAX_SAFE_INTEGER);
+  const cursor = repo.index.mapCursor(id, blocks);
   for (let i = 0; i < blocks; i++) {
     const c = cursor.get(i);
     if (c && pred(c.toString('hex'), c)) return true;

@@ -1,4 +1,4 @@
-import { createSlot, sealKeyring, type KeySlot } from '../codec/keys.js';
+import { createSlot, type KeySlot } from '../codec/keys.js';
 import { RefusedError, UsageError } from '../errors.js';
 import { ObjectNames } from '../store/blobstore.js';
 import { readSlots, type Repository, type Secret } from './repository.js';
@@ -41,11 +41,4 @@ export async function changeSecret(repo: Repository, secret: Secret): Promise<Ke
   await repo.store.put(ObjectNames.slot(id), Buffer.from(JSON.stringify(slot, null, 2)));
   await repo.store.sync();
   return slot;
-}
-
-/** Writes the repository's keyring (after a data key was added or retired). */
-export async function saveKeyring(repo: Repository): Promise<void> {
-  const master = requireEncrypted(repo);
-  await repo.store.put(ObjectNames.keyring, sealKeyring(repo.keyring, master));
-  await repo.store.sync();
 }

@@ -1,5 +1,5 @@
 import { ObjectType } from '../codec/object.js';
-import { RefusedError, UsageError } from '../errors.js';
+import { FormatError, IntegrityError, RefusedError, UsageError } from '../errors.js';
 import type { VersionRecord } from '../index/records.js';
 import { ObjectNames } from '../store/blobstore.js';
 import type { Repository } from './repository.js';
@@ -8,32 +8,71 @@ import type { Repository } from './repository.js';
  * Version bookkeeping: tags, protection, expiry. Each change is written to the index and to the version's
  * attributes object in the store (`attributes/<id>`), so an index rebuild restores it.
  */
+export const ATTRIBUTES_FORMAT = 1;
+
 export interface VersionAttributes {
   attributes_format: 1;
   id: string;
+  /** Incremented on every write: an older object put back (undoing a protect) is noticed. */
+  generation: number;
   tags: string[];
   protected: boolean;
   expire: string | null;
   valid: boolean;
 }
 
+/** Writes the version's attributes object with the next generation (recorded in the index first). */
 export async function writeAttributes(repo: Repository, v: VersionRecord): Promise<void> {
-  const attrs: VersionAttributes = { attributes_format: 1, id: v.id, tags: v.tags, protected: v.protected, expire: v.expire, valid: v.valid };
+  const next = await repo.index.updateVersion(v.id, (x) => {
+    x.attributes_generation = (x.attributes_generation ?? 0) + 1;
+  });
+  const attrs: VersionAttributes = {
+    attributes_format: ATTRIBUTES_FORMAT,
+    id: next.id,
+    generation: next.attributes_generation!,
+    tags: next.tags,
+    protected: next.protected,
+    expire: next.expire,
+    valid: next.valid,
+  };
   const name = ObjectNames.attributes(v.id);
   await repo.store.put(name, repo.encodeMeta(ObjectType.Attributes, Buffer.from(JSON.stringify(attrs)), name));
   await repo.store.sync();
+  repo.trust.noteAttributes(repo.id, [[v.id, attrs.generation]]);
 }
 
+/** The attributes of version `id`, checked field by field, or undefined when there are none. */
 export async function readAttributes(repo: Repository, id: string): Promise<VersionAttributes | undefined> {
   const name = ObjectNames.attributes(id);
   const raw = await repo.store.tryGet(name);
-  return raw ? (JSON.parse(repo.decodeMeta(ObjectType.Attributes, raw, name).toString('utf8')) as VersionAttributes) : undefined;
+  if (!raw) return undefined;
+  let a: VersionAttributes;
+  try {
+    a = JSON.parse(repo.decodeMeta(ObjectType.Attributes, raw, name, 2 ** 20).toString('utf8')) as VersionAttributes;
+  } catch (err) {
+    if (err instanceof SyntaxError) throw new IntegrityError(`The attributes of version ${id} are damaged (not JSON).`);
+    throw err;
+  }
+  if (typeof a?.attributes_format === 'number' && a.attributes_format > ATTRIBUTES_FORMAT) {
+    throw new FormatError(`The attributes of version ${id} have format ${a.attributes_format}, newer than this blocksafe understands (${ATTRIBUTES_FORMAT}); use a newer blocksafe.`);
+  }
+  const ok =
+    a?.attributes_format === ATTRIBUTES_FORMAT &&
+    a.id === id &&
+    Array.isArray(a.tags) &&
+    a.tags.every((t) => typeof t === 'string' && t.length <= 64) &&
+    typeof a.protected === 'boolean' &&
+    typeof a.valid === 'boolean' &&
+    (a.expire === null || (typeof a.expire === 'string' && !Number.isNaN(Date.parse(a.expire))));
+  if (!ok) throw new IntegrityError(`The attributes of version ${id} are damaged or malformed.`);
+  a.generation = Number.isInteger(a.generation) ? a.generation : 0;
+  return a;
 }
 
 async function change(repo: Repository, id: string, fn: (v: VersionRecord) => void): Promise<VersionRecord> {
   const v = await repo.index.updateVersion(id, fn);
   await writeAttributes(repo, v);
-  return v;
+  return repo.index.getVersion(id) ?? v;
 }
 
 export function validateTag(tag: string): void {

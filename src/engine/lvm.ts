@@ -15,6 +15,7 @@
  * development machine has no device-mapper; see docs/LVM.md).
  */
 import { spawn } from 'node:child_process';
+import { childEnvironment } from '../util/secrets.js';
 import { access } from 'node:fs/promises';
 import type { Extent } from './hints.js';
 import { ThinDeltaParser } from './thinDelta.js';
@@ -83,7 +84,8 @@ const STDERR_KEEP = 64 * 1024;
 
 /** The default runner (child_process.spawn, no shell), with `env` for the child (default process.env). */
 export function createCommandRunner(options: { env?: NodeJS.ProcessEnv } = {}): CommandRunner {
-  const env = { ...(options.env ?? process.env), LVM_SUPPRESS_FD_WARNINGS: '1' };
+  // Secrets (passphrases, S3 keys) stay in this process: lvm and its helpers never see them.
+  const env = { ...childEnvironment(options.env ?? process.env), LVM_SUPPRESS_FD_WARNINGS: '1' };
   return (command, args, runOptions) =>
     new Promise<CommandResult>((resolve, reject) => {
       let child;

@@ -5,7 +5,7 @@ import { orderedWindow, type BlockPipeline } from './blockPipeline.js';
 import { LockNames, withLock } from './locks.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
-import { VersionWriter, type BlockOutcome } from './versionWriter.js';
+import { withVersionWriter, type BlockOutcome } from './versionWriter.js';
 
 /** A modified view of a base version (e.g. the copy-on-write overlay of `blocksafe nbd --rw`). */
 export interface ChangedView {
@@ -40,21 +40,14 @@ export async function createOverlayVersion(
 ): Promise<VersionRecord> {
   validateName(opts.name);
   if (base.block_size !== repo.blockSize) throw new RefusedError(`Version ${base.id} has another block size than the repository; it cannot be the base of a new version.`);
-  return withLock(repo.index, LockNames.volume(opts.name), 'exclusive', `Volume "${opts.name}"`, () => run(repo, pipeline, base, view, opts));
+  return withLock(repo.locks, LockNames.volume(opts.name), 'exclusive', `Volume "${opts.name}"`, () => run(repo, pipeline, base, view, opts));
 }
 
 async function run(repo: Repository, pipeline: BlockPipeline, base: VersionRecord, view: ChangedView, opts: OverlayVersionOptions): Promise<VersionRecord> {
-  const writer = await VersionWriter.create(repo, pipeline, {
-    name: opts.name,
-    size: base.size,
-    source: `nbd-overlay:${base.id}`,
-    snapshotName: opts.snapshotName,
-    tags: opts.tags,
-    base: base.id,
-    protected: true,
-  });
+  const fields = { name: opts.name, size: base.size, source: `nbd-overlay:${base.id}`, snapshotName: opts.snapshotName, tags: opts.tags, base: base.id, protected: true };
+  return withVersionWriter(repo, pipeline, fields, async (writer) => {
   const bs = base.block_size;
-  const baseCursor = repo.index.mapCursor(base.id);
+  const baseCursor = repo.index.mapCursor(base.id, Math.ceil(base.size / bs));
   await orderedWindow<BlockOutcome>(
     writer.blocks,
     opts.queueDepth,
@@ -80,4 +73,5 @@ async function run(repo: Repository, pipeline: BlockPipeline, base: VersionRecor
     },
   );
   return writer.finish();
+  });
 }

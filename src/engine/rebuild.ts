@@ -1,15 +1,11 @@
 import { existsSync, mkdtempSync, renameSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
-import { CHECKSUM_BYTES } from '../codec/checksum.js';
-import { BlockMapChunk, CHUNK_BLOCKS } from '../index/blockmap.js';
 import { Index } from '../index/index.js';
-import type { BlockRecord } from '../index/records.js';
-import { ObjectNames, type BlobStore } from '../store/blobstore.js';
-import { readAttributes } from './lifecycle.js';
-import { readManifest } from './manifest.js';
+import type { BlobStore } from '../store/blobstore.js';
+import { syncIndex, type SyncReport } from './indexSync.js';
 import type { ProgressListener } from './progress.js';
-import { Repository, unlock, type SecretSource } from './repository.js';
+import { Repository, unlock, type OpenOptions, type SecretSource } from './repository.js';
 
 export interface RebuildResult {
   versions: number;
@@ -23,21 +19,22 @@ export interface RebuildResult {
 }
 
 /**
- * Recreates the LMDB index from the blob store alone: the manifests give versions and block maps, the
- * attributes objects give tags, protection, expiry and validity, and a listing of the store gives each
- * block's stored size. The new index is built beside the old one and swapped in at the end, so an
- * interrupted rebuild leaves the old index (if any) untouched. Incomplete versions have no manifest and are
- * not recovered; blocks are given verified = 0 so that the next `scrub --percent` checks them first.
+ * Recreates the LMDB index from the blob store alone: an empty index synchronised with the store
+ * (indexSync.ts) imports every manifest with its attributes, and one listing gives each block's stored
+ * size. The new index is built beside the old one and swapped in at the end, so an interrupted rebuild
+ * leaves the old index (if any) untouched. Incomplete versions have no manifest and are not recovered;
+ * blocks are given verified = 0 so that the next `scrub --percent` checks them first.
  */
-export async function rebuildIndex(store: BlobStore, secret: SecretSource, indexDir: (id: string) => string, onProgress?: ProgressListener): Promise<RebuildResult> {
-  const keys = await unlock(store, secret);
+export async function rebuildIndex(store: BlobStore, secret: SecretSource, indexDir: (id: string) => string, opts: OpenOptions = {}, onProgress?: ProgressListener): Promise<RebuildResult> {
+  const keys = await unlock(store, secret, opts);
   const dir = indexDir(keys.descriptor.id);
   const building = `${dir}.rebuild`;
   rmSync(building, { recursive: true, force: true });
-  const index = Index.openAt(building, keys.descriptor.id);
+  const index = Index.openAt(building, keys.descriptor.id, keys.keyring.macKey);
   let result: RebuildResult;
   try {
-    result = await fillIndex(Repository.withIndex(store, keys, index), onProgress);
+    const repo = Repository.withIndex(store, keys, index, true, opts);
+    result = summarize(repo, await syncIndex(repo, onProgress));
   } finally {
     await index.close();
   }
@@ -49,57 +46,10 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
   return result;
 }
 
-/** Fills the (empty) index of `repo` from the manifests and attributes in its store. */
-export async function fillIndex(repo: Repository, onProgress?: ProgressListener): Promise<RebuildResult> {
-  const { store, index } = repo;
-  const result: RebuildResult = { versions: 0, blocks: 0, missing_blocks: 0, damaged_manifests: [], previous_index: null };
-  {
-    const names: string[] = [];
-    for await (const name of store.list(ObjectNames.manifestPrefix)) names.push(name);
-    for (const [n, name] of names.entries()) {
-      const id = name.slice(ObjectNames.manifestPrefix.length);
-      let manifest;
-      try {
-        manifest = await readManifest(repo, id);
-      } catch {
-        result.damaged_manifests.push(id);
-        continue;
-      }
-      const version = { ...manifest.header.version, complete: true };
-      version.blocks_done = manifest.header.blocks;
-      const attrs = await readAttributes(repo, id).catch(() => undefined);
-      if (attrs) Object.assign(version, { tags: attrs.tags, protected: attrs.protected, expire: attrs.expire, valid: attrs.valid });
-      const blocks: [Buffer, BlockRecord][] = [];
-      const seen = new Set<string>();
-      const chunks: [number, BlockMapChunk][] = [];
-      const bs = version.block_size;
-      for (let c = 0; c * CHUNK_BLOCKS < manifest.header.blocks; c++) {
-        const entries = Math.min(CHUNK_BLOCKS, manifest.header.blocks - c * CHUNK_BLOCKS);
-        const chunk = BlockMapChunk.empty();
-        manifest.map.copy(chunk.buf, 0, c * CHUNK_BLOCKS * CHECKSUM_BYTES, (c * CHUNK_BLOCKS + entries) * CHECKSUM_BYTES);
-        for (let i = 0; i < entries; i++) {
-          const checksum = chunk.get(i);
-          if (!checksum || index.getBlock(checksum)) continue;
-          const hex = checksum.toString('hex');
-          if (seen.has(hex)) continue;
-          seen.add(hex);
-          const blockNo = c * CHUNK_BLOCKS + i;
-          const stored = await store.size(ObjectNames.block(hex));
-          if (stored === undefined) {
-            result.missing_blocks++;
-            version.valid = false;
-          }
-          blocks.push([Buffer.from(checksum), { size: Math.min(bs, version.size - blockNo * bs), stored: stored ?? 0, key_id: 0, valid: stored !== undefined, verified: 0 }]);
-        }
-        chunks.push([c, chunk]);
-      }
-      await index.commitProgress(version, blocks, chunks);
-      result.versions++;
-      result.blocks += blocks.length;
-      onProgress?.({ phase: 'rebuild', doneBytes: n + 1, totalBytes: names.length, damaged: result.damaged_manifests.length });
-    }
-  }
-  return result;
+function summarize(repo: Repository, r: SyncReport): RebuildResult {
+  let blocks = 0;
+  for (const _ of repo.index.allBlocks()) blocks++;
+  return { versions: r.imported.length, blocks, missing_blocks: r.missing_blocks, damaged_manifests: r.damaged_manifests.map((d) => d.id), previous_index: null };
 }
 
 /**
@@ -107,13 +57,13 @@ export async function fillIndex(repo: Repository, onProgress?: ProgressListener)
  * medium): a temporary index is rebuilt from the store in $TMPDIR and removed on close. Read commands and
  * restores work; anything that writes to the store fails on the read-only filesystem with a clear error.
  */
-export async function openWithTemporaryIndex(store: BlobStore, secret: SecretSource): Promise<Repository> {
-  const keys = await unlock(store, secret);
+export async function openWithTemporaryIndex(store: BlobStore, secret: SecretSource, opts: OpenOptions = {}): Promise<Repository> {
+  const keys = await unlock(store, secret, opts);
   const dir = mkdtempSync(path.join(tmpdir(), `blocksafe-index-${keys.descriptor.id.slice(0, 8)}-`));
-  const index = Index.openAt(dir, keys.descriptor.id);
-  const repo = Repository.withIndex(store, keys, index, () => rmSync(dir, { recursive: true, force: true }));
+  const index = Index.openAt(dir, keys.descriptor.id, keys.keyring.macKey);
+  const repo = Repository.withIndex(store, keys, index, false, opts, () => rmSync(dir, { recursive: true, force: true }));
   try {
-    await fillIndex(repo);
+    repo.syncReport = await syncIndex(repo);
   } catch (err) {
     await repo.close();
     throw err;

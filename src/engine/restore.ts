@@ -10,6 +10,7 @@ import { BlockPipeline, orderedWindow } from './blockPipeline.js';
 import { blockDeviceSize, mountsOf, readFully, writeFully } from './device.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
+import { pausePoint } from '../util/pause.js';
 
 export interface RestoreOptions {
   target: string;
@@ -110,8 +111,9 @@ async function looksEmpty(fh: fs.FileHandle, size: number): Promise<boolean> {
   return true;
 }
 
-/** The restore state is updated after this many blocks (after an fdatasync of the target). */
+/** The restore state is updated after this many blocks or this much time (after an fdatasync of the target). */
 const CHECKPOINT_EVERY_BLOCKS = 64;
+const CHECKPOINT_EVERY_MS = 5000;
 
 /**
  * Restores a version to a file or block device. Every block is authenticated and its checksum recomputed;
@@ -125,8 +127,8 @@ export async function restore(repo: Repository, pipeline: BlockPipeline, version
     throw new RefusedError(`Version ${version.id} is incomplete (its backup was interrupted); resume or repeat the backup, or pick another version.`);
   }
   const targetKey = await canonicalTarget(opts.target);
-  return withLock(repo.index, LockNames.target(targetKey), 'exclusive', `Restore target ${opts.target}`, () =>
-    withLock(repo.index, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey)),
+  return withLock(repo.locks, LockNames.target(targetKey), 'exclusive', `Restore target ${opts.target}`, () =>
+    withLock(repo.locks, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey)),
   );
 }
 
@@ -146,23 +148,28 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
       throw new RefusedError(`A restore of version ${state.version} to ${opts.target} was interrupted; continue it with --resume, or start over with --force.`);
     }
     ({ fh, zeroed } = await prepareTarget(version, opts.target, opts.force));
-    state = { target: targetKey, version: version.id, blocks_done: 0, zeroed, sparse: opts.sparse, started: new Date().toISOString() };
+    state = { target: targetKey, version: version.id, blocks_done: 0, damaged: [], zeroed, sparse: opts.sparse, started: new Date().toISOString() };
     await repo.index.putRestoreState(state);
   }
   const bs = version.block_size;
   const blocks = Math.ceil(version.size / bs);
   const skipSparse = zeroed || state.sparse;
   const zero = Buffer.alloc(bs);
-  const damaged: DamagedRange[] = [];
-  const cursor = repo.index.mapCursor(version.id);
+  // Damage found before an interruption is still damage: a resumed restore reports it too.
+  const damaged: DamagedRange[] = state.damaged.map((d) => ({ ...d }));
+  const cursor = repo.index.mapCursor(version.id, blocks);
   const writeThrottle = opts.writeThrottle ?? UNLIMITED;
   let bytesWritten = 0;
   let sinceCheckpoint = 0;
+  let lastCheckpoint = Date.now();
   const checkpoint = async (done: number) => {
     await fh.datasync();
     state.blocks_done = done;
+    state.damaged = damaged.map((d) => ({ ...d }));
     await repo.index.putRestoreState(state);
     sinceCheckpoint = 0;
+    lastCheckpoint = Date.now();
+    await pausePoint('restore.checkpoint');
   };
   try {
     await orderedWindow<{ error?: string }>(
@@ -201,7 +208,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
           if (last && last.offset + last.length === offset && last.reason === out.error) last.length += length;
           else damaged.push({ offset, length, reason: out.error });
         }
-        if (++sinceCheckpoint >= CHECKPOINT_EVERY_BLOCKS) await checkpoint(i + 1);
+        if (++sinceCheckpoint >= CHECKPOINT_EVERY_BLOCKS || Date.now() - lastCheckpoint >= CHECKPOINT_EVERY_MS) await checkpoint(i + 1);
         opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, (i + 1) * bs), totalBytes: version.size, damaged: damaged.length });
       },
       state.blocks_done,

@@ -8,6 +8,7 @@ import { LockNames, withLock } from './locks.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
 import { SourceReader } from './sourceReader.js';
+import { pausePoint } from '../util/pause.js';
 
 export interface ScrubOptions {
   /** Versions to scrub; empty means every block of the repository (--all). */
@@ -63,7 +64,7 @@ export async function scrub(repo: Repository, pipeline: BlockPipeline, opts: Scr
   const locks = opts.versions.map((v) => v.id);
   const run = () => runScrub(repo, pipeline, opts);
   // Hold every named version (shared) so none is removed while it is being scrubbed.
-  const hold = locks.reduceRight<() => Promise<ScrubResult>>((inner, id) => () => withLock(repo.index, LockNames.version(id), 'shared', `Version ${id}`, inner), run);
+  const hold = locks.reduceRight<() => Promise<ScrubResult>>((inner, id) => () => withLock(repo.locks, LockNames.version(id), 'shared', `Version ${id}`, inner), run);
   return hold();
 }
 
@@ -88,7 +89,10 @@ async function runScrub(repo: Repository, pipeline: BlockPipeline, opts: ScrubOp
   const totalBytes = chosen.reduce((n, b) => n + b.record.size, 0);
   const damaged: DamagedBlock[] = [];
   const damagedChecksums: Buffer[] = [];
-  const verified: [Buffer, BlockRecord][] = [];
+  const seen = new Map<string, BlockRecord>();
+  // Records are updated only if unchanged since they were read (compare-and-set): a cleanup may have
+  // removed a block meanwhile, a backup healed it, a rekey replaced its object.
+  const verified: { checksum: Buffer; expect: BlockRecord; next: BlockRecord }[] = [];
   let doneBytes = 0;
   await orderedWindow<string | null>(
     chosen.length,
@@ -108,16 +112,18 @@ async function runScrub(repo: Repository, pipeline: BlockPipeline, opts: ScrubOp
       if (error) {
         damaged.push({ checksum: checksum.toString('hex'), reason: error });
         damagedChecksums.push(checksum);
+        seen.set(checksum.toString('hex'), record);
       } else {
-        verified.push([checksum, { ...record, valid: true, verified: Date.now() }]);
-        if (verified.length >= 256) await repo.index.updateBlocks(verified.splice(0));
+        verified.push({ checksum, expect: record, next: { ...record, valid: true, verified: Date.now() } });
+        if (verified.length >= 256) await repo.index.updateBlocksIf(verified.splice(0));
       }
       doneBytes += record.size;
       opts.onProgress?.({ phase: 'scrub', doneBytes, totalBytes, damaged: damaged.length });
     },
   );
-  await repo.index.updateBlocks(verified);
-  const invalidated = await markDamaged(repo, damagedChecksums);
+  await pausePoint('scrub.update');
+  await repo.index.updateBlocksIf(verified);
+  const invalidated = await markDamaged(repo, damagedChecksums, seen);
   const revalidated = await revalidateVersions(repo);
   await syncValidity(repo, [...invalidated, ...revalidated]);
   const differences = opts.source ? await compareWithSource(repo, pipeline, opts.versions[0]!, opts) : [];
@@ -150,8 +156,8 @@ function selectBlocks(repo: Repository, named: VersionRecord[]): SelectedBlock[]
   const versions = all ? [...repo.index.allVersions()] : named;
   const seen = new Map<string, SelectedBlock>();
   for (const v of versions) {
-    const blocks = Math.ceil(v.size / v.block_size);
-    const cursor = repo.index.mapCursor(v.id);
+    const blocks = v.complete ? Math.ceil(v.size / v.block_size) : v.blocks_done;
+    const cursor = repo.index.mapCursor(v.id, blocks);
     for (let i = 0; i < blocks; i++) {
       const c = cursor.get(i);
       if (!c) continue;
@@ -179,7 +185,7 @@ async function compareWithSource(repo: Repository, pipeline: BlockPipeline, v: V
   const bs = v.block_size;
   const blocks = Math.ceil(Math.max(info.size, v.size) / bs);
   const reader = await SourceReader.open(path, { blockSize: bs, slots: opts.queueDepth, direct: opts.direct });
-  const cursor = repo.index.mapCursor(v.id);
+  const cursor = repo.index.mapCursor(v.id, Math.ceil(v.size / bs));
   const diffs: SourceDifference[] = [];
   try {
     await orderedWindow<boolean>(

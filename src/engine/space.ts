@@ -30,14 +30,15 @@ export function diskUsage(repo: Repository): DiskUsage {
   const refs = new Map<string, { count: number; last: string; stored: number }>();
   const versions = [...repo.index.allVersions()];
   const eachBlock = (id: string, size: number, bs: number, fn: (hex: string, c: Buffer) => void) => {
-    const cursor = repo.index.mapCursor(id);
+    const cursor = repo.index.mapCursor(id, Math.ceil(size / bs));
     for (let i = 0; i < Math.ceil(size / bs); i++) {
       const c = cursor.get(i);
       if (c) fn(c.toString('hex'), c);
     }
   };
+  const mapped = (v: (typeof versions)[number]) => (v.complete ? v.size : Math.min(v.size, v.blocks_done * v.block_size));
   for (const v of versions) {
-    eachBlock(v.id, v.size, v.block_size, (hex, c) => {
+    eachBlock(v.id, mapped(v), v.block_size, (hex, c) => {
       let e = refs.get(hex);
       if (!e) refs.set(hex, (e = { count: 0, last: '', stored: repo.index.getBlock(c)?.stored ?? 0 }));
       if (e.last !== v.id) {
@@ -49,7 +50,7 @@ export function diskUsage(repo: Repository): DiskUsage {
   const usage: VersionUsage[] = versions.map((v) => {
     const u: VersionUsage = { id: v.id, name: v.name, date: v.date, size: v.size, referenced_bytes: 0, exclusive_bytes: 0, shared_bytes: 0 };
     const seen = new Set<string>();
-    eachBlock(v.id, v.size, v.block_size, (hex) => {
+    eachBlock(v.id, mapped(v), v.block_size, (hex) => {
       if (seen.has(hex)) return;
       seen.add(hex);
       const e = refs.get(hex)!;
@@ -81,7 +82,7 @@ export interface ConsistencyReport {
 /** Cheap consistency check of index against store: one listing, no object reads. */
 export async function checkConsistency(repo: Repository): Promise<ConsistencyReport> {
   const inStore = new Set<string>();
-  for await (const name of repo.store.list(ObjectNames.blockPrefix)) {
+  for await (const { name } of repo.store.list(ObjectNames.blockPrefix)) {
     const hex = name.slice(name.lastIndexOf('/') + 1);
     if (/^[0-9a-f]{64}$/.test(hex)) inStore.add(hex);
   }
@@ -93,8 +94,9 @@ export async function checkConsistency(repo: Repository): Promise<ConsistencyRep
     known.add(checksum.toString('hex'));
   }
   for (const v of repo.index.allVersions()) {
-    const cursor = repo.index.mapCursor(v.id);
-    for (let i = 0; i < Math.ceil(v.size / v.block_size); i++) {
+    const blocks = v.complete ? Math.ceil(v.size / v.block_size) : v.blocks_done;
+    const cursor = repo.index.mapCursor(v.id, blocks);
+    for (let i = 0; i < blocks; i++) {
       const c = cursor.get(i);
       if (c) known.add(c.toString('hex'));
     }

@@ -2,12 +2,14 @@ import { FormatError, RefusedError, UsageError } from '../errors.js';
 import type { VersionRecord } from '../index/records.js';
 import { isoLocal } from '../util/time.js';
 import { validateName } from './backup.js';
+import { validateTag } from './lifecycle.js';
 import { BlockPipeline, orderedWindow } from './blockPipeline.js';
+import { isVersionId } from './ids.js';
 import { LockNames, withLock } from './locks.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
 import { versionJson, type VersionJson } from './versionJson.js';
-import { VersionWriter } from './versionWriter.js';
+import { withVersionWriter, type BlockOutcome } from './versionWriter.js';
 
 /**
  * Moving versions between repositories.
@@ -35,7 +37,7 @@ export interface ExportedVersion {
 export function exportVersion(repo: Repository, v: VersionRecord): ExportedVersion {
   if (!v.complete) throw new RefusedError(`Version ${v.id} is incomplete; only complete versions can be exported.`);
   const count = Math.ceil(v.size / v.block_size);
-  const cursor = repo.index.mapCursor(v.id);
+  const cursor = repo.index.mapCursor(v.id, count);
   const blocks: (string | null)[] = [];
   for (let i = 0; i < count; i++) blocks.push(cursor.get(i)?.toString('hex') ?? null);
   return {
@@ -56,6 +58,14 @@ function checkExport(data: unknown): ExportedVersion {
   if (!v || typeof v.id !== 'string' || typeof v.size !== 'number' || typeof v.block_size !== 'number' || !Array.isArray(e.blocks)) {
     throw new FormatError('The export is incomplete (version fields or block list missing); was it truncated?');
   }
+  // Everything below becomes index entries, object names and dates: an export file is untrusted input.
+  if (!isVersionId(v.id)) throw new FormatError(`The export names version "${String(v.id).slice(0, 40)}", which is not a version id (lowercase letters and digits); nothing was imported.`);
+  if (!Number.isSafeInteger(v.size) || v.size < 0 || !Number.isSafeInteger(v.block_size) || v.block_size <= 0) throw new FormatError('The export has an impossible size or block size; nothing was imported.');
+  if (typeof v.name !== 'string' || typeof v.source !== 'string' || typeof v.snapshot_name !== 'string' || !Array.isArray(v.tags) || v.tags.some((t) => typeof t !== 'string')) {
+    throw new FormatError('The export has malformed version fields (name, source, snapshot name or tags); nothing was imported.');
+  }
+  if (Number.isNaN(Date.parse(v.date)) || (v.expire !== null && Number.isNaN(Date.parse(String(v.expire))))) throw new FormatError('The export has a malformed date; nothing was imported.');
+  if (v.base !== null && !isVersionId(v.base)) throw new FormatError('The export names a malformed base version; nothing was imported.');
   if (e.blocks.length !== Math.ceil(v.size / v.block_size)) throw new FormatError(`The export lists ${e.blocks.length} blocks but its size needs ${Math.ceil(v.size / v.block_size)}; was it truncated?`);
   for (const b of e.blocks) if (b !== null && !/^[0-9a-f]{64}$/.test(b)) throw new FormatError(`The export has a malformed block checksum "${String(b).slice(0, 20)}".`);
   return e;
@@ -66,6 +76,7 @@ export async function importVersion(repo: Repository, pipeline: BlockPipeline, d
   const e = checkExport(data);
   const v = e.version;
   validateName(v.name);
+  v.tags.forEach(validateTag);
   if (v.block_size !== repo.blockSize) throw new RefusedError(`The exported version has block size ${v.block_size}, this repository ${repo.blockSize}; it cannot be imported here.`);
   const existing = repo.index.getVersion(v.id);
   if (existing?.complete) throw new RefusedError(`Version ${v.id} already exists in this repository; nothing was imported.`);
@@ -74,25 +85,28 @@ export async function importVersion(repo: Repository, pipeline: BlockPipeline, d
     const foreign = e.repository_id !== repo.id ? ` (it was exported from repository ${e.repository_id}; use "blocksafe copy" to move versions with their blocks)` : '';
     throw new RefusedError(`${missing} of the version's blocks are missing from this repository${foreign}; nothing was imported.`);
   }
-  return withLock(repo.index, LockNames.volume(v.name), 'exclusive', `Volume "${v.name}"`, async () => {
-    const writer = await VersionWriter.create(repo, pipeline, {
-      ...carriedFields(v),
-      base: v.base,
-      date: new Date(v.date).toISOString(),
-    });
-    for (const [i, hex] of e.blocks.entries()) {
-      const length = Math.min(v.block_size, v.size - i * v.block_size);
-      if (hex === null) await writer.record(i, { kind: 'sparse', length });
-      else {
-        const checksum = Buffer.from(hex, 'hex');
-        await pipeline.retain(checksum);
-        await writer.record(i, { kind: 'referenced', length, checksum });
+  const fields = { ...carriedFields(v), base: v.base, date: new Date(v.date).toISOString() };
+  return withLock(repo.locks, LockNames.volume(v.name), 'exclusive', `Volume "${v.name}"`, () =>
+    withVersionWriter(repo, pipeline, fields, async (writer) => {
+      for (const [i, hex] of e.blocks.entries()) {
+        const length = Math.min(v.block_size, v.size - i * v.block_size);
+        if (hex === null) await writer.record(i, { kind: 'sparse', length });
+        else {
+          const checksum = Buffer.from(hex, 'hex');
+          await pipeline.retain(checksum);
+          // Checked again now that it is held: a cleanup may have deleted it since the check above.
+          if (!repo.index.getBlock(checksum)) {
+            await writer.abandon();
+            throw new RefusedError(`Block ${hex.slice(0, 16)}… of the version was deleted by a cleanup while importing; nothing was imported.`);
+          }
+          await writer.record(i, { kind: 'referenced', length, checksum });
+        }
       }
-    }
-    // Keep the original backup's statistics and bookkeeping, not those of the import.
-    Object.assign(writer.version, { expire: v.expire ? new Date(v.expire).toISOString() : null, valid: v.valid });
-    return writer.finish({ stats: v.stats });
-  });
+      // Keep the original backup's statistics and bookkeeping, not those of the import.
+      Object.assign(writer.version, { expire: v.expire ? new Date(v.expire).toISOString() : null, valid: v.valid });
+      return writer.finish({ stats: v.stats });
+    }),
+  );
 }
 
 export interface CopyOptions {
@@ -124,20 +138,14 @@ export async function copyVersion(src: Repository, srcPipe: BlockPipeline, dst: 
   const existing = dst.index.getVersion(v.id);
   if (existing?.complete) return { version: existing, blocks_sent: 0, bytes_sent: 0, blocks_known: 0, already_there: true };
   if (existing && existing.source !== v.source) throw new RefusedError(`The destination has an unrelated version with id ${v.id}; nothing was copied.`);
-  return withLock(src.index, LockNames.version(v.id), 'shared', `Version ${v.id}`, () =>
-    withLock(dst.index, LockNames.volume(v.name), 'exclusive', `Volume "${v.name}" in the destination`, async () => {
-      const writer = existing
-        ? await VersionWriter.resume(dst, dstPipe, existing)
-        : await VersionWriter.create(dst, dstPipe, {
-            ...carriedFields(v),
-            base: null,
-            date: v.date,
-          });
+  return withLock(src.locks, LockNames.version(v.id), 'shared', `Version ${v.id}`, () =>
+    withLock(dst.locks, LockNames.volume(v.name), 'exclusive', `Volume "${v.name}" in the destination`, () =>
+      withVersionWriter(dst, dstPipe, existing ?? { ...carriedFields(v), base: null, date: v.date }, async (writer) => {
       const result: CopyResult = { version: writer.version, blocks_sent: 0, bytes_sent: 0, blocks_known: 0, already_there: false };
-      const cursor = src.index.mapCursor(v.id);
+      const cursor = src.index.mapCursor(v.id, Math.ceil(v.size / v.block_size));
       const blocks = writer.blocks;
       const translations: [Buffer, Buffer][] = [];
-      await orderedWindow<import('./versionWriter.js').BlockOutcome>(
+      await orderedWindow<BlockOutcome>(
         blocks,
         opts.queueDepth,
         async (i) => {
@@ -171,7 +179,8 @@ export async function copyVersion(src: Repository, srcPipe: BlockPipeline, dst: 
       Object.assign(writer.version, { expire: v.expire, valid: v.valid });
       result.version = await writer.finish({ stats: v.stats });
       return result;
-    }),
+      }),
+    ),
   );
 }
 

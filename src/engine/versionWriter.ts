@@ -1,11 +1,14 @@
 import { BlockMapChunk, CHUNK_BLOCKS } from '../index/blockmap.js';
+import { NotFoundError } from '../errors.js';
 import { emptyStats, type BlockRecord, type VersionRecord, type VersionStats } from '../index/records.js';
 import type { BlockPipeline } from './blockPipeline.js';
 import { newVersionId } from './ids.js';
 import { revalidateVersions } from './integrity.js';
 import { autoTagsFor, syncValidity, writeAttributes } from './lifecycle.js';
+import { LockNames, type Lock } from './locks.js';
 import { writeManifest } from './manifest.js';
 import type { Repository } from './repository.js';
+import { pausePoint } from '../util/pause.js';
 
 /** What became of one block of a version being written. */
 export type BlockOutcome =
@@ -38,7 +41,13 @@ export interface NewVersionFields {
  * Writes a version's block map in volume order with backup's durability rules: the version is recorded as
  * incomplete first; block objects are durable before the index refers to them; progress (new block records,
  * the current map chunk, blocks_done, stats) is committed in groups, so a resume continues at blocks_done;
- * the version becomes complete only after its manifest is durable. Backup, copy and the NBD overlay use it.
+ * the version becomes complete only after its manifest is durable. Backup, copy, import and the NBD overlay
+ * use it.
+ *
+ * A writer owns its version for its whole life: it holds `version:ID` exclusively (rm, prune and a second
+ * writer are refused with exit 4) and `writer` shared (cleanup and rekey see it). Every commit checks that
+ * the version is still there, and before the manifest is published the writer checks that its locks are
+ * still its own; it stops otherwise, so nothing it wrote is ever published over a removal.
  */
 export class VersionWriter {
   private chunkNo: number;
@@ -53,10 +62,24 @@ export class VersionWriter {
     private readonly repo: Repository,
     private readonly pipeline: BlockPipeline,
     readonly version: VersionRecord,
+    private readonly locks: Lock[],
   ) {
     this.chunkNo = Math.floor(version.blocks_done / CHUNK_BLOCKS);
     this.chunk = repo.index.getChunk(version.id, this.chunkNo) ?? BlockMapChunk.empty();
     this.previousDuration = version.stats.duration_ms;
+  }
+
+  /** Takes the locks a writer of version `id` holds for its life. */
+  private static async own(repo: Repository, id: string): Promise<Lock[]> {
+    const locks: Lock[] = [];
+    try {
+      locks.push(await repo.locks.acquire(LockNames.version(id), 'exclusive', `Version ${id}`));
+      locks.push(await repo.locks.acquire(LockNames.writer, 'shared', 'Writing versions (a cleanup is deleting objects)'));
+      return locks;
+    } catch (err) {
+      for (const l of locks) await l.release();
+      throw err;
+    }
   }
 
   /** Starts a new, incomplete version. */
@@ -81,14 +104,31 @@ export class VersionWriter {
       base: f.base ?? null,
       stats: emptyStats(),
     };
-    await repo.index.putVersion(version);
-    return new VersionWriter(repo, pipeline, version);
+    const locks = await VersionWriter.own(repo, id);
+    try {
+      await repo.index.createVersion(version);
+    } catch (err) {
+      for (const l of locks) await l.release();
+      throw err;
+    }
+    return new VersionWriter(repo, pipeline, version, locks);
   }
 
-  /** Continues an incomplete version at its blocks_done. */
+  /** Continues an incomplete version at its blocks_done (refused while another writer still owns it). */
   static async resume(repo: Repository, pipeline: BlockPipeline, version: VersionRecord): Promise<VersionWriter> {
-    await repo.index.putVersion(version);
-    return new VersionWriter(repo, pipeline, version);
+    const locks = await VersionWriter.own(repo, version.id);
+    // Read again under the lock: the record a caller picked may be out of date (or gone).
+    const current = repo.index.getVersion(version.id);
+    if (!current || current.complete || current.removing) {
+      for (const l of locks) await l.release();
+      throw new NotFoundError(`The interrupted version ${version.id} is no longer there to resume (completed or removed meanwhile); start a new backup.`);
+    }
+    return new VersionWriter(repo, pipeline, current, locks);
+  }
+
+  /** Gives up ownership (after finish, abandon, or a failure that leaves the version resumable). */
+  async release(): Promise<void> {
+    for (const l of this.locks.splice(0)) await l.release();
   }
 
   get blocks(): number {
@@ -144,6 +184,7 @@ export class VersionWriter {
 
   async commit(): Promise<void> {
     await this.repo.store.sync(); // objects durable before the index refers to them
+    this.repo.locks.assertHealthy();
     const records = [...this.pending.values()];
     this.version.stats.duration_ms = this.previousDuration + Date.now() - this.started;
     await this.repo.index.commitProgress(this.version, records, [[this.chunkNo, this.chunk]]);
@@ -151,6 +192,7 @@ export class VersionWriter {
     this.pending = new Map();
     this.sinceCommit = 0;
     this.lastCommit = Date.now();
+    await pausePoint('writer.commit');
   }
 
   /**
@@ -164,6 +206,9 @@ export class VersionWriter {
     version.complete = true;
     version.stats = opts.stats ? { ...opts.stats } : { ...version.stats, duration_ms: this.previousDuration + Date.now() - this.started };
     // The manifest describes the finished version; only once it is durable does the index say complete.
+    // Published only by a writer that still holds its locks (a lost lease means others may count us dead).
+    await pausePoint('writer.finish');
+    this.repo.locks.assertHealthy();
     await writeManifest(this.repo, version);
     const done = await this.repo.index.updateVersion(version.id, (v) => {
       v.complete = true;
@@ -183,5 +228,23 @@ export class VersionWriter {
   /** Drops the unfinished version (hints found wrong, …); blocks already stored are left to cleanup. */
   async abandon(): Promise<void> {
     await this.repo.index.removeVersion(this.version.id);
+  }
+}
+
+/**
+ * Runs `fn` with a writer for a new version (`fields`) or an interrupted one (a version record), and gives
+ * up the writer's locks whatever happens; an interrupted run leaves the version incomplete and resumable.
+ */
+export async function withVersionWriter<T>(
+  repo: Repository,
+  pipeline: BlockPipeline,
+  what: NewVersionFields | VersionRecord,
+  fn: (writer: VersionWriter) => Promise<T>,
+): Promise<T> {
+  const writer = 'format' in what ? await VersionWriter.resume(repo, pipeline, what) : await VersionWriter.create(repo, pipeline, what);
+  try {
+    return await fn(writer);
+  } finally {
+    await writer.release();
   }
 }

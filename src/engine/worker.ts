@@ -10,7 +10,7 @@ import { gcEvery } from '../util/gc.js';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js';
 
 const init = workerData as WorkerInit;
-const keys: CodecKeys = { currentKeyId: init.currentKeyId, dataKeys: new Map(init.dataKeys) };
+let keys: CodecKeys = { currentKeyId: init.currentKeyId, dataKeys: new Map(init.dataKeys) };
 const macKey = init.macKey;
 
 function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer[] } {
@@ -30,10 +30,13 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
       });
       const out = ownArrayBuffer(obj);
       // The input travels back so the main thread can reuse it for the next block.
-      return { reply: { seq: req.seq, op: 'seal', object: out, data: req.data }, transfer: [out, req.data] };
+      return { reply: { seq: req.seq, op: 'seal', object: out, data: req.data, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [out, req.data] };
     }
+    case 'keys':
+      keys = { currentKeyId: req.currentKeyId, dataKeys: new Map(req.dataKeys) };
+      return { reply: { seq: req.seq, op: 'keys' }, transfer: [] };
     case 'open': {
-      const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context));
+      const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context), req.size);
       if (decoded.type !== ObjectType.Block) throw new Error('object is not a block object');
       if (decoded.plain.length !== req.size) throw new Error(`block has ${decoded.plain.length} bytes instead of ${req.size}`);
       const actual = blockChecksum(macKey, decoded.plain);
@@ -51,7 +54,7 @@ parentPort!.on('message', (req: WorkerRequest) => {
   try {
     const { reply, transfer } = handle(req);
     parentPort!.postMessage(reply, transfer);
-    if (req.op !== 'digest') tick();
+    if (req.op === 'seal' || req.op === 'open') tick();
   } catch (err) {
     parentPort!.postMessage({ seq: req.seq, op: 'error', message: (err as Error).message } satisfies WorkerReply);
   }

@@ -84,6 +84,21 @@ export class WorkerPool {
     });
   }
 
+  /** Sends new keys to every worker; requests sent after this resolves use them. */
+  async updateKeys(keys: import('./workerProtocol.js').WorkerKeys): Promise<void> {
+    await Promise.all(
+      this.workers.map(
+        (w, i) =>
+          new Promise<void>((resolve, reject) => {
+            const seq = ++this.seq;
+            this.load[i]!++;
+            this.pending.set(seq, { resolve: () => resolve(), reject, worker: i });
+            w.postMessage({ op: 'keys', ...keys, seq });
+          }),
+      ),
+    );
+  }
+
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.terminate()));
   }

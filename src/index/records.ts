@@ -54,6 +54,12 @@ export interface VersionRecord {
   /** Version this one was taken incrementally from, if any. */
   base: string | null;
   stats: VersionStats;
+  /** Set by `rm` before it deletes the manifest, so a concurrent index sync does not report a vanished version. */
+  removing?: boolean;
+  /** Generation of the attributes object last written or read for this version (rollback detection). */
+  attributes_generation?: number;
+  /** Store time of the attributes object when it was last read: a listing with another time means "read it again". */
+  attributes_mtime?: number;
 }
 
 export interface BlockRecord {
@@ -67,16 +73,26 @@ export interface BlockRecord {
   verified: number;
 }
 
-export interface LockRecord {
-  resource: string;
-  mode: 'shared' | 'exclusive';
+/** Who holds a lock: enough to tell, on the same machine, whether the process is still alive. */
+export interface LockHolder {
   host: string;
+  /** The kernel's boot id (/proc/sys/kernel/random/boot_id): pids are only comparable within one boot. */
+  boot_id: string;
+  /** Inode of the holder's pid namespace (/proc/self/ns/pid): pids are only comparable within one namespace. */
+  pid_ns: string;
   pid: number;
   /** Process start time (clock ticks since boot, /proc/PID/stat field 22): detects a reused pid. */
   pid_start: number | null;
   command: string;
+}
+
+export interface LockRecord extends LockHolder {
+  resource: string;
+  mode: 'shared' | 'exclusive';
   /** ISO-8601 UTC. */
   started: string;
+  /** Last heartbeat (ms since epoch): a holder that stopped refreshing is stale after the configured time. */
+  refreshed: number;
 }
 
 /** Progress of a restore, so an interrupted one can continue where it stopped. */
@@ -84,6 +100,8 @@ export interface RestoreState {
   target: string;
   version: string;
   blocks_done: number;
+  /** Damaged ranges found before the last checkpoint: a resumed restore reports them too. */
+  damaged: { offset: number; length: number; reason: string }[];
   /** The target read as zeros where nothing was written (fresh or truncated file). */
   zeroed: boolean;
   sparse: boolean;

@@ -1,3 +1,13 @@
+import { UsageError } from '../errors.js';
+
+/** One entry of a listing: sizes and times come with the listing, so nobody has to ask per object. */
+export interface ObjectInfo {
+  name: string;
+  size: number;
+  /** Last modification, ms since epoch, by the store's clock (file mtime, S3 LastModified). */
+  mtime: number;
+}
+
 /**
  * A blob store holds named, immutable-once-written objects: block objects, version manifests, key slots,
  * the keyring and the repository descriptor. Names are '/'-separated relative paths such as
@@ -19,11 +29,27 @@ export interface BlobStore {
   /** Stored size in bytes, or undefined when the object does not exist. */
   size(name: string): Promise<number | undefined>;
   delete(names: string[]): Promise<void>;
-  /** Every object name under `prefix` (e.g. "data/"), in no particular order. */
-  list(prefix: string): AsyncIterable<string>;
+  /** Every object under `prefix` (e.g. "data/"), in no particular order. */
+  list(prefix: string): AsyncIterable<ObjectInfo>;
   close(): Promise<void>;
   /** Removes leftovers of interrupted writes older than `olderThanMs`; returns how many. Optional. */
   removeStaleTemp?(olderThanMs: number): Promise<number>;
+}
+
+/** Object names are '/'-separated segments of letters, digits, '.', '_' and '-', never '.', '..' or empty. */
+const SEGMENT = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$/;
+
+/**
+ * Refuses a name that could leave the store's root (absolute, '..', empty segments, odd characters). Names
+ * are built from ids and checksums that may come from untrusted input (an import file, a manifest), so
+ * every store checks them before touching a path or key.
+ */
+export function checkObjectName(name: string): string {
+  const parts = name.split('/');
+  if (parts.length === 0 || parts.length > 4 || parts.some((p) => !SEGMENT.test(p) || p === '.' || p === '..')) {
+    throw new UsageError(`"${name.slice(0, 80)}" is not a valid object name in a blocksafe repository.`);
+  }
+  return name;
 }
 
 /** Object names used by the repository (see docs/FORMAT.md). */
@@ -38,4 +64,7 @@ export const ObjectNames = {
   manifestPrefix: 'manifests/',
   attributes: (versionId: string) => `attributes/${versionId}`,
   attributesPrefix: 'attributes/',
+  lease: (holder: string) => `locks/${holder}`,
+  leasePrefix: 'locks/',
+  gcGeneration: 'gc/generation',
 };

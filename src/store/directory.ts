@@ -3,7 +3,7 @@ import { accessSync, constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { BlocksafeError, describeSystemError, NotFoundError } from '../errors.js';
-import type { BlobStore } from './blobstore.js';
+import { checkObjectName, type BlobStore, type ObjectInfo } from './blobstore.js';
 
 /**
  * Blob store in a directory, typically on an external USB disk. Objects are written to `tmp/` and renamed
@@ -23,7 +23,7 @@ export class DirectoryStore implements BlobStore {
   }
 
   private file(name: string): string {
-    return path.join(this.root, ...name.split('/'));
+    return path.join(this.root, ...checkObjectName(name).split('/'));
   }
 
   private async ensureDir(dir: string): Promise<void> {
@@ -79,7 +79,9 @@ export class DirectoryStore implements BlobStore {
     try {
       // Batched: the kernel writes many objects back at once instead of one fsync per object in the pipeline.
       for (let i = 0; i < files.length; i += SYNC_PARALLEL) await Promise.all(files.slice(i, i + SYNC_PARALLEL).map((f) => fsyncPath(f)));
-      await Promise.all(dirs.map((d) => fsyncPath(d, true)));
+      await Promise.all(dirs.map((d) => fsyncPath(d, true).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw err; // a directory removed meanwhile has nothing left to flush
+      })));
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
         throw new BlocksafeError(`An object written moments ago vanished from ${this.root} before it was flushed (deleted by another program?); nothing refers to it yet: run the command again.`);
@@ -121,13 +123,20 @@ export class DirectoryStore implements BlobStore {
   async delete(names: string[]): Promise<void> {
     for (const name of names) {
       const file = this.file(name);
-      await fs.rm(file, { force: true });
+      try {
+        await fs.unlink(file);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue; // never written, or gone already
+        throw describeSystemError(err, `Deleting ${name} from the repository at ${this.root}`);
+      }
+      this.dirtyFiles.delete(file);
       this.dirtyDirs.add(path.dirname(file));
     }
   }
 
-  async *list(prefix: string): AsyncIterable<string> {
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
     const base = prefix.replace(/\/$/, '');
+    if (base) checkObjectName(base);
     yield* walk(this.root, base);
   }
 
@@ -166,18 +175,22 @@ export class DirectoryStore implements BlobStore {
   }
 }
 
-async function* walk(root: string, rel: string): AsyncIterable<string> {
+async function* walk(root: string, rel: string): AsyncIterable<ObjectInfo> {
   let entries: import('node:fs').Dirent[];
   try {
     entries = await fs.readdir(path.join(root, rel), { withFileTypes: true });
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw err;
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return;
+    throw describeSystemError(err, `Listing ${rel || 'the repository'} in ${root}`);
   }
   for (const e of entries) {
     const child = rel ? `${rel}/${e.name}` : e.name;
     if (e.isDirectory()) yield* walk(root, child);
-    else if (e.isFile()) yield child;
+    else if (e.isFile()) {
+      const st = await fs.stat(path.join(root, child)).catch(() => undefined);
+      if (st) yield { name: child, size: st.size, mtime: st.mtimeMs }; // else removed while listing
+    }
   }
 }
 

@@ -8,7 +8,7 @@ import type { Readable } from 'node:stream';
 import ini from 'ini';
 import { BlocksafeError, NotFoundError, UsageError } from '../errors.js';
 import { Throttle } from '../util/throttle.js';
-import type { BlobStore } from './blobstore.js';
+import { checkObjectName, type BlobStore, type ObjectInfo } from './blobstore.js';
 import {
   classifyFailure,
   formatMs,
@@ -247,7 +247,7 @@ export class S3Store implements BlobStore {
   }
 
   key(name: string): string {
-    return this.keyPrefix + name;
+    return this.keyPrefix + checkObjectName(name);
   }
 
   private connect(): Promise<{ client: S3Api; sdk: Sdk }> {
@@ -480,8 +480,8 @@ export class S3Store implements BlobStore {
     });
   }
 
-  async *list(prefix: string): AsyncIterable<string> {
-    const full = this.key(prefix);
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    const full = this.keyPrefix + (prefix ? `${checkObjectName(prefix.replace(/\/$/, ''))}/` : '');
     let token: string | undefined;
     do {
       const page = (await this.call('ListObjectsV2', full || '/', (client, sdk, signal) =>
@@ -489,10 +489,12 @@ export class S3Store implements BlobStore {
           new sdk.ListObjectsV2Command({ Bucket: this.bucket, ...(full ? { Prefix: full } : {}), MaxKeys: this.settings.listPage, ...(token ? { ContinuationToken: token } : {}) }),
           { abortSignal: signal },
         ),
-      )) as { Contents?: { Key?: string }[]; IsTruncated?: boolean; NextContinuationToken?: string };
+      )) as { Contents?: { Key?: string; Size?: number; LastModified?: Date }[]; IsTruncated?: boolean; NextContinuationToken?: string };
       this.bucketChecked = true;
       for (const o of page.Contents ?? []) {
-        if (o.Key && o.Key.startsWith(this.keyPrefix) && !o.Key.endsWith('/')) yield o.Key.slice(this.keyPrefix.length);
+        if (o.Key && o.Key.startsWith(this.keyPrefix) && !o.Key.endsWith('/')) {
+          yield { name: o.Key.slice(this.keyPrefix.length), size: o.Size ?? 0, mtime: o.LastModified ? new Date(o.LastModified).getTime() : 0 };
+        }
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
       if (page.IsTruncated && !token) throw new BlocksafeError(`S3 endpoint ${this.endpointLabel} returned a truncated listing without a continuation token for ${this.location}.`);

@@ -60,18 +60,21 @@ export function register(program: Command): void {
   program
     .command('rekey')
     .description('rotate the data key: new objects use a new key id, old objects are re-encrypted, old keys retired')
+    .option('--master', 'also replace the master key: other key slots are removed (they open only the old one); add them again with "key add"')
     .option('--json', 'print the result as JSON')
     .action(async (_o: unknown, cmd: Command) => {
-      const opts = cmd.optsWithGlobals<GlobalOptions>();
+      const opts = cmd.optsWithGlobals<GlobalOptions & { master?: boolean }>();
       const progress = progressReporter(!opts.json);
       const s = pipelineSettings(opts);
-      const r = await withRepository(opts, (repo) => rekey(repo, s.threads, s.queueDepth, progress.listener));
+      const r = await withRepository(opts, (repo) => rekey(repo, { threads: s.threads, queueDepth: s.queueDepth, master: !!opts.master, onProgress: progress.listener }));
       progress.done();
       if (opts.json) return printJson(r);
       process.stdout.write(
         `Data key ${r.key_id}${r.started_new_key ? ' introduced' : ' (rotation continued)'}: re-encrypted ${r.blocks_rewritten} blocks and ${r.metadata_rewritten} metadata objects.` +
           (r.retired_keys.length ? ` Retired key ids ${r.retired_keys.join(', ')}.` : '') +
           (r.kept_because ? ` Old keys kept: ${r.kept_because}.` : '') +
+          (r.master_rotated ? ` New master key: your secret now opens slot ${r.new_slot}; removed slots ${r.removed_slots.join(', ')} (add other passphrases again with "key add").` : '') +
+          (opts.master && !r.master_rotated ? ' The master key was NOT replaced (the old keys could not be retired yet); run rekey --master again later.' : '') +
           '\n',
       );
     });

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { UsageError } from '../../errors.js';
+import { ExitCode, LockedError, UsageError } from '../../errors.js';
 import { cleanup } from '../../engine/cleanup.js';
 import { addTags, parseDate, removeTags, setExpire, setProtected } from '../../engine/lifecycle.js';
 import { describePolicy, planPrune, policyIsEmpty, type RetentionPolicy } from '../../engine/prune.js';
@@ -85,6 +85,7 @@ export function register(program: Command): void {
           throw new UsageError(`No retention policy for ${empty.map((n) => `"${n}"`).join(', ')}: give --keep-* options or set [retention] in the config; nothing was removed.`);
         }
         const removed: string[] = [];
+        const skipped: { id: string; reason: string }[] = [];
         if (!opts.json) {
           for (const p of plans) {
             process.stdout.write(`${p.name} (policy: ${describePolicy(p.policy)})\n`);
@@ -97,8 +98,14 @@ export function register(program: Command): void {
           for (const p of plans) {
             for (const d of p.decisions) {
               if (d.keep) continue;
-              await removeVersion(repo, d.version, false);
-              removed.push(d.version.id);
+              try {
+                await removeVersion(repo, d.version);
+                removed.push(d.version.id);
+              } catch (err) {
+                // In use (a backup writing it, a restore or export reading it): the rest of the plan goes on.
+                if (!(err instanceof LockedError)) throw err;
+                skipped.push({ id: d.version.id, reason: err.message });
+              }
             }
           }
         }
@@ -111,10 +118,13 @@ export function register(program: Command): void {
               versions: p.decisions.map((d) => ({ id: d.version.id, date: isoLocal(new Date(d.version.date)), keep: d.keep, reasons: d.reasons })),
             })),
             removed,
+            skipped,
           });
         } else {
+          for (const s of skipped) process.stdout.write(`NOT removed ${s.id}: ${s.reason}\n`);
           process.stdout.write(opts.dryRun ? 'Dry run: nothing was removed.\n' : `Removed ${removed.length} versions; run "blocksafe cleanup" to free their space.\n`);
         }
+        if (skipped.length > 0) process.exitCode = ExitCode.locked;
       });
     });
 
@@ -130,7 +140,8 @@ export function register(program: Command): void {
       if (opts.json) return printJson(result);
       process.stdout.write(
         `Deleted ${result.deleted} objects, freed ${formatBytes(result.bytes_freed)}; ${result.marked} newly unreferenced, ` +
-          `${result.waiting} waiting for the grace period (${formatDuration(grace)}) to end, ${result.unmarked} referenced again.\n`,
+          `${result.waiting} waiting for the grace period (${formatDuration(grace)}) to end, ${result.unmarked} referenced again.\n` +
+          (result.sweep_postponed ? `Nothing was deleted this time: ${result.sweep_postponed}\n` : ''),
       );
     });
 }

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BlocksafeError, NotFoundError, UsageError } from '../../errors.js';
 import { validateName } from '../../engine/backup.js';
-import { acquireLock, LockNames, type Lock } from '../../engine/locks.js';
+import { LockNames, type Lock } from '../../engine/locks.js';
 import { createOverlayVersion } from '../../engine/overlayVersion.js';
 import { BlockCache, cacheCapacity } from '../../nbd/blockCache.js';
 import { NbdExport } from '../../nbd/export.js';
@@ -77,7 +77,7 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, refs: s
   // From here on SIGINT/SIGTERM mean "stop cleanly" (a signal during start-up stops right after it).
   const stopSignal = waitForSignal();
   try {
-    for (const v of versions) locks.push(await acquireLock(repo.index, LockNames.version(v.id), 'shared', `Version ${v.id}`));
+    for (const v of versions) locks.push(await repo.locks.acquire(LockNames.version(v.id), 'shared', `Version ${v.id}`));
     for (const v of versions) if (!repo.index.hasVersion(v.id)) throw new NotFoundError(`Version ${v.id} was removed meanwhile; nothing is served.`);
 
     const cache = new BlockCache(pipeline, cacheCapacity(repo.blockSize));

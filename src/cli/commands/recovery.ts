@@ -5,7 +5,7 @@ import { rebuildIndex } from '../../engine/rebuild.js';
 import { copyVersion, exportVersion, importVersion } from '../../engine/transfer.js';
 import { BlockPipeline } from '../../engine/blockPipeline.js';
 import { formatBytes } from '../../util/size.js';
-import { openRepositoryAt, pipelineSettings, secretSource, storeOf, withPipeline, type GlobalOptions } from '../context.js';
+import { openOptions, openRepositoryAt, pipelineSettings, secretSource, storeOf, withPipeline, type GlobalOptions } from '../context.js';
 import { printJson, versionJson } from '../output.js';
 import { progressReporter } from '../progressLine.js';
 
@@ -19,7 +19,7 @@ export function register(program: Command): void {
       const opts = cmd.optsWithGlobals<GlobalOptions>();
       const { store, indexDir } = storeOf(opts);
       try {
-        const r = await rebuildIndex(store, secretSource(opts), indexDir);
+        const r = await rebuildIndex(store, secretSource(opts), indexDir, openOptions(opts));
         if (opts.json) return printJson(r);
         process.stdout.write(`Rebuilt the index: ${r.versions} versions, ${r.blocks} blocks.\n`);
         if (r.missing_blocks) process.stdout.write(`${r.missing_blocks} blocks named by manifests are MISSING from the store; their versions are marked invalid.\n`);
@@ -83,8 +83,9 @@ export function register(program: Command): void {
       const results = await withPipeline(opts, async (src, srcPipe, s) => {
         const versions = refs.map((r) => src.index.resolveVersion(r));
         const dst = await openRepositoryAt(opts, opts.to, secretSource(opts, false, 'destination'));
-        const dstPipe = BlockPipeline.start(dst, pipelineSettings(opts).threads, { storeWrite: s.writeThrottle });
+        let dstPipe: BlockPipeline | undefined;
         try {
+          dstPipe = await BlockPipeline.start(dst, pipelineSettings(opts).threads, { storeWrite: s.writeThrottle });
           const out = [];
           for (const v of versions) {
             const progress = progressReporter(!opts.json);
@@ -93,7 +94,7 @@ export function register(program: Command): void {
           }
           return out;
         } finally {
-          await dstPipe.close();
+          await dstPipe?.close();
           await dst.close();
         }
       });

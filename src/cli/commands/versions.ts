@@ -1,7 +1,6 @@
 import type { Command } from 'commander';
 import { assertRemovable, removeVersions } from '../../engine/remove.js';
 import { listVersions, repositoryStats } from '../../engine/versions.js';
-import { ObjectNames } from '../../store/blobstore.js';
 import { formatBytes } from '../../util/size.js';
 import { displayLocal, formatDuration } from '../../util/time.js';
 import { assertOldEnough } from '../../engine/lifecycle.js';
@@ -39,7 +38,6 @@ export function register(program: Command): void {
         });
         if (opts.json) printJson(versions.map(versionJson));
         else process.stdout.write(versions.length ? versionsTable(versions) + '\n' : 'No versions.\n');
-        if (versions.length === 0 && [...repo.index.allVersions()].length === 0) await hintRebuild(repo);
       });
     });
 
@@ -108,7 +106,7 @@ export function register(program: Command): void {
     .command('rm')
     .description('remove versions from the repository (their space is freed by a later cleanup)')
     .argument('<version...>', 'version ids or unique prefixes')
-    .option('-f, --force', 'also remove protected versions')
+    .option('-f, --force', 'also remove versions younger than [lifecycle] min_age_days (protected versions never: unprotect them first)')
     .option('--json', 'print JSON')
     .action(async (refs: string[], _o: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<GlobalOptions & { force?: boolean }>();
@@ -117,20 +115,12 @@ export function register(program: Command): void {
         const versions = refs.map((r) => repo.index.resolveVersion(r));
         const minAge = config(opts).config.lifecycle.min_age_days;
         for (const v of versions) {
-          assertRemovable(v, !!opts.force);
+          assertRemovable(v);
           assertOldEnough(v, minAge, !!opts.force);
         }
-        await removeVersions(repo, versions, !!opts.force);
+        await removeVersions(repo, versions);
         if (opts.json) printJson({ removed: versions.map((v) => v.id) });
         else for (const v of versions) process.stdout.write(`Removed version ${v.id} (${v.name}).\n`);
       });
     });
-}
-
-/** An empty index over a store with manifests: a new machine or a lost index, not an empty repository. */
-async function hintRebuild(repo: import('../../engine/repository.js').Repository): Promise<void> {
-  for await (const _ of repo.store.list(ObjectNames.manifestPrefix)) {
-    process.stderr.write('blocksafe: note: the local index is empty but the repository holds versions; run "blocksafe index rebuild" to recover them.\n');
-    return;
-  }
 }
