@@ -33,7 +33,8 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
       return { reply: { seq: req.seq, op: 'seal', object: out, data: req.data }, transfer: [out, req.data] };
     }
     case 'open': {
-      const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context));
+      // The block's size from the index bounds its decompression (a zstd bomb is refused, not inflated).
+      const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context), { maxPlain: req.size });
       if (decoded.type !== ObjectType.Block) throw new Error('object is not a block object');
       if (decoded.plain.length !== req.size) throw new Error(`block has ${decoded.plain.length} bytes instead of ${req.size}`);
       const actual = blockChecksum(macKey, decoded.plain);
