@@ -85,6 +85,12 @@ export async function main(argv: string[]): Promise<number> {
       if (debug) process.stderr.write(`${err.stack}\n${err.cause instanceof Error ? `caused by: ${err.cause.stack}\n` : ''}`);
       return err.exitCode;
     }
+    if ((err as { blocksafeNative?: boolean })?.blocksafeNative) {
+      // The single executable's addon loader (build/runtime/native.mjs): its message is the one line to show.
+      process.stderr.write(`blocksafe: ${(err as Error).message}\n`);
+      if (debug) process.stderr.write(`${(err as Error).stack}\n`);
+      return ExitCode.failure;
+    }
     process.stderr.write(`blocksafe: unexpected error: ${(err as Error)?.message ?? String(err)} (run with --debug for details; please report it)\n`);
     if (debug) process.stderr.write(`${(err as Error)?.stack}\n`);
     return ExitCode.failure;
