@@ -103,7 +103,10 @@ const ratio = {};
 for (let r = 0; r < rounds + 1; r++) {
   for (const [kind, blocks] of Object.entries(data)) {
     const bytes = blocks.length * CELL;
-    for (const [name, impl] of Object.entries(impls)) {
+    // The order of the implementations rotates round by round (the first one in a round measured slower here).
+    const entries = Object.entries(impls);
+    const rotated = entries.map((_, i) => entries[(i + r) % entries.length]);
+    for (const [name, impl] of rotated) {
       let packed;
       time(`${kind}|compress|${name}`, bytes, () => {
         packed = blocks.map((b) => impl.compress(b));

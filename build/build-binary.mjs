@@ -233,10 +233,26 @@ assets['native-manifest.json'] = manifestFile;
 
 const bundled = Date.now();
 
-// 6. The SEA blob.
+// 6. The SEA blob. Its main script is the tiny build/runtime/loader.cjs (answers --version itself); the
+//    bundle is an asset, with a V8 code cache made here by this very Node binary (the one injected below).
+const loaderFile = path.join(OUT, 'loader.cjs');
+{
+  const text = fs.readFileSync(path.join(ROOT, 'build', 'runtime', 'loader.cjs'), 'utf8');
+  if (!text.includes('${__VERSION__}')) fail('build/runtime/loader.cjs lost its ${__VERSION__} placeholder');
+  fs.writeFileSync(loaderFile, text.replace('${__VERSION__}', pkg.version.replace(/[^0-9A-Za-z.+-]/g, '')));
+}
+assets['app.cjs'] = mainFile;
+if (!args.has('--no-code-cache')) {
+  const { Script } = await import('node:vm');
+  // Exactly the source and file name loader.cjs compiles.
+  const script = new Script(`(function (exports, require, module, __filename, __dirname) {${mainCode}\n})`, { filename: 'blocksafe.cjs' });
+  const cacheFile = path.join(OUT, 'app.cache');
+  fs.writeFileSync(cacheFile, script.createCachedData());
+  assets['app.cache'] = cacheFile;
+}
 const blobFile = path.join(OUT, 'sea-prep.blob');
 const seaConfig = {
-  main: mainFile,
+  main: loaderFile,
   output: blobFile,
   disableExperimentalSEAWarning: true,
   // V8 code cache of the main script: measured start-up gain, see docs/BINARY.md.
@@ -292,7 +308,8 @@ fs.renameSync(tmpTarget, target);
     let r = run('--version');
     if (r.status !== 0 || r.stdout.trim() !== pkg.version) fail(`build/out/blocksafe --version failed (status ${r.status}):\n${r.stdout}${r.stderr}`);
     r = run('init', '--repo', 'repo', '--encryption', 'none');
-    if (r.status === 0) r = run('ls', '--repo', 'repo', '--json');
+    if (r.status === 0) r = run('ls', '--repo', 'repo', '--json', '--debug');
+    if (r.status === 0 && /code cache was rejected/.test(r.stderr)) fail(`the embedded code cache was rejected at run time (${r.stderr.trim()}): is the injected node the one that ran the build?`);
     if (r.status !== 0 || !r.stdout.trim().startsWith('[')) fail(`build/out/blocksafe init + ls failed (status ${r.status}${r.signal ? `, signal ${r.signal}` : ''}):\n${r.stdout}${r.stderr}`);
   } finally {
     fs.rmSync(scratch, { recursive: true, force: true });
