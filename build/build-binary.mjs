@@ -79,7 +79,7 @@ const common = {
   bundle: true,
   platform: 'node',
   format: 'cjs',
-  target: 'node20',
+  target: 'node24',
   write: false,
   metafile: true,
   logLevel: 'silent',
