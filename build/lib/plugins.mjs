@@ -1,15 +1,15 @@
 /**
  * esbuild plugins of the single-executable build.
  *
- *  - nativeAddons: routes the three ways our dependencies find their `.node` files to the run-time loader
- *    build/runtime/native.mjs, and records which addon files must be embedded:
- *      * lmdb and msgpackr-extract call `node-gyp-build-optional-packages(dir)` -> replaced by a module
- *        that calls loadNative('<package>'); the file that module would have picked here (same Node,
- *        same ABI as the executable) is the one embedded;
- *      * zstd-napi's binding.js does require(`./build/${buildType}/binding.node`) -> replaced.
+ *  - nativeAddons: routes the way our dependencies find their `.node` files to the run-time loader
+ *    build/runtime/native.mjs, and records which addon files must be embedded: lmdb and msgpackr-extract
+ *    call `node-gyp-build-optional-packages(dir)` -> replaced by a module that calls
+ *    loadNative('<package>'); the file that module would have picked here (same Node, same ABI as the
+ *    executable) is the one embedded, unless build-binary.mjs substitutes a build for an older glibc
+ *    (`overrides`, see build/compat/). (zstd is node:zlib's since Node 24: no addon.)
  *    Any other `.node` import stops esbuild ("no loader is configured for .node files").
  *  - inkForCommonJs: ink 6 cannot be bundled to CommonJS as published because of top-level `await`
- *    (Node 20's SEA runs one CommonJS script): yoga-layout awaits the instantiation of its WebAssembly,
+ *    (Node's SEA runs one CommonJS script): yoga-layout awaits the instantiation of its WebAssembly,
  *    and ink's reconciler awaits two development-only imports. See the comments at each patch. It only
  *    acts when ink is part of a bundle (the self-test bundle build/probe/ink-probe.mjs always includes
  *    it, so a patch that stops applying fails every build, also before the UI exists).
@@ -81,19 +81,6 @@ export function nativeAddons(addons) {
         loader: 'js',
         resolveDir: HERE,
       }));
-      build.onLoad({ filter: /[\\/]zstd-napi[\\/]binding\.js$/, namespace: 'file' }, (args) => {
-        const text = readFileSync(args.path, 'utf8');
-        // Fails loudly if zstd-napi changes how it finds its addon.
-        replaceExactly(text, 'module.exports = require(`./build/${buildType}/binding.node`);', '', { file: args.path, label: 'zstd-napi binding' });
-        const source = path.join(path.dirname(args.path), 'build', 'Release', 'binding.node');
-        if (!existsSync(source)) return { errors: [{ text: `${source} is missing: run npm ci (zstd-napi compiles its addon on install)` }] };
-        addons.set('zstd-napi', { name: 'zstd-napi', source });
-        return {
-          contents: `module.exports = require(${JSON.stringify(RUNTIME_NATIVE)}).loadNative("zstd-napi");\n`,
-          loader: 'js',
-          resolveDir: HERE,
-        };
-      });
     },
   };
 }

@@ -14,6 +14,7 @@
  * import time) is reported as one line by the catch below instead of a stack trace.
  */
 import workerBundle from 'blocksafe:worker-source';
+import { VERSION } from '../../src/version.ts';
 import { nativePaths } from './native.mjs';
 
 let workerSource;
@@ -31,16 +32,25 @@ Object.defineProperty(globalThis, '__blocksafeWorkerSource', {
 
 const argv = process.argv.slice(2);
 
-import('../../src/cli/main.ts')
-  .then(({ main }) => main(argv))
-  .then(
-    (code) => {
-      process.exitCode = code;
-    },
-    (err) => {
-      if (err?.blocksafeNative) process.stderr.write(`blocksafe: ${err.message}\n`);
-      else process.stderr.write(`blocksafe: unexpected error while starting: ${err?.message ?? String(err)} (run with --debug for details; please report it)\n`);
-      if (argv.includes('--debug')) process.stderr.write(`${err?.stack ?? err}\n`);
-      process.exitCode = 1;
-    },
-  );
+if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-V')) {
+  // As src/cli/run.ts: the version needs neither the argument parser nor any command module.
+  process.stdout.write(`${VERSION}\n`);
+} else {
+  start();
+}
+
+function start() {
+  import('../../src/cli/main.ts')
+    .then(({ main }) => main(argv))
+    .then(
+      (code) => {
+        process.exitCode = code;
+      },
+      (err) => {
+        if (err?.blocksafeNative) process.stderr.write(`blocksafe: ${err.message}\n`);
+        else process.stderr.write(`blocksafe: unexpected error while starting: ${err?.message ?? String(err)} (run with --debug for details; please report it)\n`);
+        if (argv.includes('--debug')) process.stderr.write(`${err?.stack ?? err}\n`);
+        process.exitCode = 1;
+      },
+    );
+}

@@ -1,6 +1,6 @@
 /**
  * Run-time loader of the native addons inside the single executable (bundled into the main script and into
- * the worker script; see build/lib/plugins.mjs for how `require('zstd-napi/binding')` and lmdb's
+ * the worker script; see build/lib/plugins.mjs for how lmdb's and msgpackr-extract's
  * `node-gyp-build-optional-packages` are routed here).
  *
  * Node can only `dlopen` a file, so each addon, embedded as a SEA asset, is written once to a cache
@@ -11,16 +11,26 @@
  * Cache directory candidates, in order (the first one that works is used for all addons of the process):
  *   1. $BLOCKSAFE_CACHE_DIR, when set: the only candidate (an explicit choice is never silently ignored);
  *   2. $XDG_CACHE_HOME/blocksafe, else $HOME/.cache/blocksafe (home from the password file without HOME);
- *   3. $TMPDIR/blocksafe-<uid>, /tmp/blocksafe-<uid>, /var/tmp/blocksafe-<uid>, /dev/shm/blocksafe-<uid>
- *      (created 0700 and used only when owned by the user and not writable by others).
+ *   3. $TMPDIR/blocksafe-<uid>, /tmp/blocksafe-<uid>, /var/tmp/blocksafe-<uid>, /dev/shm/blocksafe-<uid>.
  * A candidate is skipped when /proc/self/mountinfo says its filesystem is mounted `noexec`, when it
  * cannot be created or written (read-only, full, permission), and when the kernel refuses to map code from
- * it anyway (dlopen fails with "failed to map segment" / EPERM: noexec seen too late, SELinux...). An existing file is used only when its SHA-256 matches the embedded one; otherwise it is
- * rewritten. Writes go to a temporary name and are renamed into place, so concurrent first starts and
- * crashes never leave a half-written addon under the final name.
+ * it anyway (dlopen fails with "failed to map segment" / EPERM: noexec seen too late, SELinux...).
  *
- * Worker threads get the paths the main thread resolved (see entry.mjs) in
- * `globalThis.__blocksafeNativePaths` and just dlopen them.
+ * Trust (issue 14, item 4: a planted library would run as this user, often root). Two independent layers:
+ *   - Directories: every directory used, and each of its ancestors, must belong to this user or root and
+ *     be writable by nobody else (ancestors may be sticky, root-owned, world-writable ones such as /tmp).
+ *     A candidate failing this is skipped (for BLOCKSAFE_CACHE_DIR: a one-line error), so `sudo -E`
+ *     with HOME or XDG_CACHE_HOME in another user's directory falls back to /tmp/blocksafe-0.
+ *   - Files: an addon is opened once (O_NOFOLLOW), checked through that descriptor (a regular file of
+ *     this user, writable by nobody else, of the embedded size), hashed through it, and loaded through it:
+ *     `dlopen("/proc/self/fd/N")`. Whatever happens to the name meanwhile, the code that runs is the code
+ *     that was hashed. A file failing any check is replaced by a fresh one written through a new
+ *     descriptor (O_EXCL) and loaded through that. The descriptors stay open for the life of the process
+ *     (close-on-exec), and worker threads load the same /proc/self/fd paths.
+ *   Without /proc (a chroot), the verified file is loaded by its path, which the directory layer makes
+ *   safe: nobody but this user and root can change an entry on it.
+ * Writes go to a temporary name and are renamed into place, so concurrent first starts and crashes never
+ * leave a half-written addon under the final name.
  *
  * Outside the single executable (the bundle run by plain `node`, as the build's self-test does) the addons
  * are loaded straight from node_modules, from the paths recorded in the manifest at build time.
@@ -41,7 +51,8 @@ export class NativeLoadError extends Error {
 }
 
 const MANIFEST_ASSET = 'native-manifest.json';
-const ADVICE = 'set BLOCKSAFE_CACHE_DIR to a writable directory on a filesystem mounted without "noexec" (findmnt -o TARGET,OPTIONS lists the mounts)';
+const ADVICE =
+  'set BLOCKSAFE_CACHE_DIR to a directory of this user that nobody else can write to (nor to any directory above it), on a filesystem mounted without "noexec" (findmnt -o TARGET,OPTIONS lists the mounts)';
 
 /** name -> module.exports, per thread. */
 const loaded = new Map();
@@ -165,29 +176,33 @@ function extractAndLoad(name, entry) {
       failures.push(`${candidate.dir}: mounted noexec`);
       continue;
     }
-    let file;
+    let loadable;
     try {
-      file = materialize(candidate, name, entry);
+      const dir = trustedDir(candidate, path.join('native', entry.sha256.slice(0, 16)));
+      loadable = openVerified(dir, entry, () => embeddedBytes(name, entry));
     } catch (err) {
+      if (err instanceof NativeLoadError) throw err;
       failures.push(`${candidate.dir}: ${oneLine(err)}`);
       continue;
     }
     try {
-      const exports = dlopen(file);
+      const exports = dlopen(loadable.loadPath);
       chosenDir = candidate;
-      return { exports, file };
+      return { exports, file: loadable.loadPath };
     } catch (err) {
+      fs.closeSync(loadable.fd);
       if (isNoExec(err)) {
         failures.push(`${candidate.dir}: mounted noexec (${oneLine(err)})`);
         continue;
       }
-      if (/GLIBC_[0-9.]+' not found|GLIBCXX_/.test(String(err?.message))) {
-        throw new NativeLoadError(
-          `cannot load the native module ${name}: this system's C library is too old (blocksafe needs glibc 2.34 or newer: Debian 12, Ubuntu 22.04, RHEL 9 or later): ${oneLine(err)}`,
-          { cause: err },
-        );
+      const glibc = /(GLIBC|GLIBCXX)_([0-9.]+)' not found/.exec(String(err?.message));
+      if (glibc) {
+        const needs = manifest().glibc ? `glibc ${manifest().glibc} or newer` : `a newer C library (${glibc[1]}_${glibc[2]})`;
+        throw new NativeLoadError(`cannot load the native module ${name}: this system's C library is too old (this blocksafe needs ${needs}): ${oneLine(err)}`, {
+          cause: err,
+        });
       }
-      throw new NativeLoadError(`cannot load the native module ${name} from ${file}: ${oneLine(err)}`, { cause: err });
+      throw new NativeLoadError(`cannot load the native module ${name} from ${loadable.file}: ${oneLine(err)}`, { cause: err });
     }
   }
   const tried = failures.join('; ');
@@ -195,6 +210,137 @@ function extractAndLoad(name, entry) {
     throw new NativeLoadError(`cannot use BLOCKSAFE_CACHE_DIR for the native module ${name} (${tried}); ${ADVICE}`);
   }
   throw new NativeLoadError(`no usable cache directory for the native module ${name} (tried ${tried}); ${ADVICE}`);
+}
+
+function embeddedBytes(name, entry) {
+  const bytes = new Uint8Array(sea().getAsset(entry.asset));
+  if (bytes.length !== entry.size || sha256(bytes) !== entry.sha256) {
+    throw new NativeLoadError(`the embedded copy of the native module ${name} is damaged (the executable itself is corrupt: download or build it again)`);
+  }
+  return bytes;
+}
+
+const euid = () => (typeof process.geteuid === 'function' ? process.geteuid() : 0);
+
+/**
+ * Why `st` (lstat of directory `dir`) may not be trusted, or undefined when it may. `own`: a directory
+ * blocksafe writes into (this user's, writable by nobody else); otherwise an ancestor (this user's or
+ * root's; writable by others only when sticky and root's, as /tmp).
+ */
+function distrust(dir, st, own) {
+  const uid = euid();
+  if (!st.isDirectory()) return `${dir} is not a directory`;
+  if (own ? st.uid !== uid : st.uid !== uid && st.uid !== 0) return `${dir} is owned by uid ${st.uid}, not by this user (uid ${uid})${own ? '' : ' or root'}`;
+  if (st.mode & 0o022) {
+    if (own || !(st.mode & 0o1000) || st.uid !== 0) return `${dir} is writable by other users (mode ${(st.mode & 0o7777).toString(8)})`;
+  }
+  return undefined;
+}
+
+/**
+ * Creates (0700) and checks `candidate.dir/sub`: every ancestor of the candidate directory trusted, the
+ * candidate directory and everything below it this user's alone. Returns the real path of `sub`.
+ */
+export function trustedDir(candidate, sub) {
+  if (candidate.within && !fs.statSync(candidate.within).isDirectory()) throw new Error(`${candidate.within} is not a directory`);
+  // The nearest existing ancestor and all above it must be trusted before anything is created below.
+  let existing = path.dirname(candidate.dir);
+  while (!fs.existsSync(existing)) existing = path.dirname(existing);
+  const real = fs.realpathSync(existing);
+  for (let d = real; ; d = path.dirname(d)) {
+    const why = distrust(d, fs.lstatSync(d), false);
+    if (why) throw new Error(why);
+    if (d === '/') break;
+  }
+  // Then each missing level, created 0700; the candidate directory and below must be this user's alone.
+  const rel = path.relative(existing, path.join(candidate.dir, sub)).split(path.sep);
+  const ownFrom = path.relative(existing, candidate.dir).split(path.sep).length - 1;
+  let d = real;
+  rel.forEach((part, i) => {
+    d = path.join(d, part);
+    try {
+      fs.mkdirSync(d, { mode: 0o700 });
+    } catch (err) {
+      if (err.code !== 'EEXIST') throw err;
+    }
+    const why = distrust(d, fs.lstatSync(d), i >= ownFrom);
+    if (why) throw new Error(why);
+  });
+  return d;
+}
+
+let procFd;
+/** True when /proc/self/fd/N names this process's descriptors (not in a chroot without /proc). */
+function procFdWorks(fd) {
+  if (procFd === undefined) {
+    try {
+      const st = fs.fstatSync(fd);
+      const viaProc = fs.statSync(`/proc/self/fd/${fd}`);
+      procFd = viaProc.ino === st.ino && viaProc.dev === st.dev;
+    } catch {
+      procFd = false;
+    }
+  }
+  return procFd;
+}
+
+function readAllFd(fd, size) {
+  const buf = Buffer.allocUnsafe(size + 1);
+  let off = 0;
+  for (;;) {
+    const n = fs.readSync(fd, buf, off, buf.length - off, off);
+    if (n === 0) break;
+    off += n;
+    if (off === buf.length) break; // longer than expected: the size check fails
+  }
+  return buf.subarray(0, off);
+}
+
+/**
+ * The addon `entry.file` in the trusted directory `dir`, verified and ready to load: `{ fd, loadPath, file }`.
+ * `loadPath` is `/proc/self/fd/<fd>` (the descriptor that was checked and hashed) when /proc works, else
+ * the file's path. `bytes()` gives the embedded copy, used when the cached file is missing or fails a check.
+ * Exported for test/binary.test.ts (the swap race).
+ */
+export function openVerified(dir, entry, bytes) {
+  const file = path.join(dir, entry.file);
+  const uid = euid();
+  let fd;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    const st = fs.fstatSync(fd);
+    if (st.isFile() && st.uid === uid && (st.mode & 0o022) === 0 && st.size === entry.size && sha256(readAllFd(fd, entry.size)) === entry.sha256) {
+      return { fd, file, loadPath: procFdWorks(fd) ? `/proc/self/fd/${fd}` : file };
+    }
+  } catch {
+    // missing, a symlink, unreadable: written afresh below
+  }
+  if (fd !== undefined) fs.closeSync(fd);
+  // A fresh copy through a descriptor of our own (O_EXCL: never someone else's file or link).
+  const data = bytes();
+  const tmp = `${file}.tmp-${process.pid}-${threadId}-${randomBytes(6).toString('hex')}`;
+  fd = fs.openSync(tmp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o700);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    fs.fsyncSync(fd);
+    fs.fchmodSync(fd, 0o500);
+  } catch (err) {
+    fs.closeSync(fd);
+    fs.rmSync(tmp, { force: true });
+    throw err;
+  }
+  const viaFd = procFdWorks(fd);
+  try {
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    // Only this user or root can touch the directory; loading through the descriptor is right either way.
+    if (!viaFd) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+  return { fd, file, loadPath: viaFd ? `/proc/self/fd/${fd}` : file };
 }
 
 let mounts;
@@ -235,64 +381,6 @@ function isNoExec(err) {
 
 function oneLine(err) {
   return String(err?.message ?? err).replace(/\s+/g, ' ').trim();
-}
-
-/** Makes `candidate.dir` usable; returns the path of the verified addon file inside it. */
-function materialize(candidate, name, entry) {
-  prepareRoot(candidate);
-  const dir = path.join(candidate.dir, 'native', entry.sha256.slice(0, 16));
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const final = path.join(dir, entry.file);
-  if (hashOf(final) === entry.sha256) return final;
-  const bytes = new Uint8Array(sea().getAsset(entry.asset));
-  if (bytes.length !== entry.size || sha256(bytes) !== entry.sha256) {
-    throw new NativeLoadError(`the embedded copy of the native module ${name} is damaged (the executable itself is corrupt: download or build it again)`);
-  }
-  const tmp = `${final}.tmp-${process.pid}-${threadId}-${randomBytes(4).toString('hex')}`;
-  let fd;
-  try {
-    fd = fs.openSync(tmp, 'wx', 0o755);
-    let off = 0;
-    while (off < bytes.length) off += fs.writeSync(fd, bytes, off, bytes.length - off);
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fd = undefined;
-    fs.renameSync(tmp, final);
-  } catch (err) {
-    if (fd !== undefined) fs.closeSync(fd);
-    fs.rmSync(tmp, { force: true });
-    throw err;
-  }
-  return final;
-}
-
-function prepareRoot(candidate) {
-  if (!candidate.shared) {
-    // ~/.cache may be created, the home directory itself never (HOME=/nonexistent for system users).
-    if (candidate.within && !fs.statSync(candidate.within).isDirectory()) throw new Error(`${candidate.within} is not a directory`);
-    fs.mkdirSync(candidate.dir, { recursive: true, mode: 0o700 });
-    return;
-  }
-  // A per-user directory in a world-writable place: never trust one that someone else could write into,
-  // since a planted .node file would run as this user (the hash check alone would leave a race).
-  try {
-    fs.mkdirSync(candidate.dir, { mode: 0o700 });
-  } catch (err) {
-    if (err.code !== 'EEXIST') throw err;
-  }
-  const st = fs.lstatSync(candidate.dir);
-  const uid = typeof process.getuid === 'function' ? process.getuid() : st.uid;
-  if (!st.isDirectory()) throw new Error('exists and is not a directory');
-  if (st.uid !== uid) throw new Error(`owned by uid ${st.uid}, not by this user`);
-  if (st.mode & 0o022) throw new Error('writable by other users');
-}
-
-function hashOf(file) {
-  try {
-    return sha256(fs.readFileSync(file));
-  } catch {
-    return undefined;
-  }
 }
 
 function sha256(bytes) {

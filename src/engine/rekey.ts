@@ -134,7 +134,7 @@ async function reencryptMetadata(repo: Repository, current: number): Promise<num
     for (const name of names) {
       const raw = await repo.store.tryGet(name);
       if (!raw || objectKeyId(raw) === current) continue;
-      await repo.store.put(name, repo.encodeMeta(type, repo.decodeMeta(type, raw, name, 256 * 2 ** 20), name));
+      await repo.store.put(name, repo.encodeMeta(type, repo.decodeMeta(type, raw, name), name));
       n++;
     }
   }

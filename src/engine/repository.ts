@@ -136,9 +136,9 @@ export class Repository {
     return encodeObject(plain, this.codecKeys, { type, compress: true, zstdLevel: 3, context: Buffer.from(name) });
   }
 
-  /** Decodes a metadata object; its plaintext may be at most `maxPlain` bytes (it is untrusted input). */
-  decodeMeta(type: ObjectType, raw: Uint8Array, name: string, maxPlain = 64 * 2 ** 20): Buffer {
-    const obj = decodeObject(raw, this.codecKeys, Buffer.from(name), maxPlain);
+  /** Decodes a metadata object; its plaintext is bounded by its type (codec/object.ts MAX_PLAIN) or `maxPlain`. */
+  decodeMeta(type: ObjectType, raw: Uint8Array, name: string, maxPlain?: number): Buffer {
+    const obj = decodeObject(raw, this.codecKeys, Buffer.from(name), { maxPlain });
     if (obj.type !== type) throw new IntegrityError(`Object ${name} has type ${obj.type}, expected ${type}.`);
     return obj.plain;
   }

@@ -36,7 +36,8 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
       keys = { currentKeyId: req.currentKeyId, dataKeys: new Map(req.dataKeys) };
       return { reply: { seq: req.seq, op: 'keys' }, transfer: [] };
     case 'open': {
-      const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context), req.size);
+      // The block's size from the index bounds its decompression (a zstd bomb is refused, not inflated).
+      const decoded = decodeObject(new Uint8Array(req.object), keys, new Uint8Array(req.context), { maxPlain: req.size });
       if (decoded.type !== ObjectType.Block) throw new Error('object is not a block object');
       if (decoded.plain.length !== req.size) throw new Error(`block has ${decoded.plain.length} bytes instead of ${req.size}`);
       const actual = blockChecksum(macKey, decoded.plain);
