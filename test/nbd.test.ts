@@ -295,19 +295,26 @@ class RawClient {
   }
 
   /** NBD_OPT_STARTTLS, then a TLS-PSK handshake (Node's client) on the same connection. */
-  async startTls(identity: string, key: Buffer): Promise<void> {
+  async startTls(identity: string, key: Buffer, opts: { version?: 'TLSv1.2' | 'TLSv1.3'; ciphers?: string } = {}): Promise<tls.TLSSocket> {
     const replies = await this.option(NBD.OPT_STARTTLS);
     if (replies.pop()!.type !== NBD.REP_ACK) throw new Error('STARTTLS refused');
     this.socket.removeAllListeners('data');
     const secure = tls.connect({
       socket: this.socket,
       pskCallback: () => ({ identity, psk: key }),
-      ciphers: 'TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256',
+      ciphers: opts.ciphers ?? 'TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:ECDHE-PSK-CHACHA20-POLY1305',
+      minVersion: opts.version ?? 'TLSv1.2',
+      maxVersion: opts.version ?? 'TLSv1.3',
       checkServerIdentity: () => undefined,
     });
-    await once(secure, 'secureConnect');
+    await Promise.race([
+      once(secure, 'secureConnect'),
+      once(secure, 'error').then(([err]) => Promise.reject(err)),
+      once(secure, 'close').then(() => Promise.reject(new Error('closed during the TLS handshake'))),
+    ]);
     this.socket = secure;
     this.listen(secure);
+    return secure;
   }
 
   async read(n: number): Promise<Buffer> {
@@ -858,7 +865,7 @@ test('default: a private Unix socket (0600 in a 0700 directory) that another loc
   const user = otherUser();
   const f = await setup();
   const out = await tempDir(t);
-  const srv = await startServer(t, f.repo, ['disk']);
+  const srv = await startServer(t, f.repo, ['--verbose', 'disk']);
   const socket = srv.listening.socket!;
   t.truthy(socket, 'listens on a Unix socket by default');
   t.is(srv.listening.address, null);
@@ -873,8 +880,12 @@ test('default: a private Unix socket (0600 in a 0700 directory) that another loc
 
   // The owner reads the backup…
   const copy = path.join(out, 'copy.img');
-  await run('nbdcopy', [srv.uri('disk'), copy]);
+  await run('nbdcopy', ['--connections=1', srv.uri('disk'), copy]);
   t.is(await sha256File(copy), f.image.sha256);
+  const connections = () => (srv.stderr().match(/connection from/g) ?? []).length;
+  await until('the owner has disconnected', () => /disconnected/.test(srv.stderr()));
+  const owners = connections();
+  t.true(owners >= 1);
   // …another user gets nothing, not even the list of exports.
   const other = await runAs(user, 'nbdinfo', [srv.uri('disk')]);
   t.not(other.code, 0, `another user connected: ${other.stdout}`);
@@ -882,10 +893,10 @@ test('default: a private Unix socket (0600 in a 0700 directory) that another loc
   const otherList = await runAs(user, 'nbdinfo', ['--list', `nbd+unix:///?socket=${socket}`]);
   t.not(otherList.code, 0);
   t.regex(otherList.stderr, /Permission denied/);
-  t.false(/connection from/.test(srv.stderr()), 'the server never saw a connection from the other user');
 
   const stopped = await srv.stop();
   t.is(stopped.code, 0, stopped.stderr);
+  t.is(connections(), owners, 'the server never accepted a connection from the other user');
   t.false(await fs.lstat(socket).then(() => true, () => false), 'socket removed');
   t.false(await fs.lstat(dir).then(() => true, () => false), 'private directory removed');
 });
@@ -1000,6 +1011,16 @@ test('TLS-PSK over TCP: nbdinfo and nbdcopy (nbds://) read byte-identical data; 
   t.is((await c.go('disk')).pop()!.type, NBD.REP_ACK);
   const r = await c.simple(NBD.CMD_READ, 4 * MiB - 100, 300);
   t.deepEqual(r.data, await readRange(f.image.path, 4 * MiB - 100, 300));
+  // TLS 1.2 with ECDHE-PSK (forward secret) is accepted; TLS 1.2 with plain PSK (no forward secrecy) is not.
+  const v12 = await RawClient.connect(srv.target);
+  t.teardown(() => v12.close());
+  const s12 = await v12.startTls('alice', key, { version: 'TLSv1.2', ciphers: 'ECDHE-PSK-CHACHA20-POLY1305' });
+  t.is(s12.getProtocol(), 'TLSv1.2');
+  t.is((await v12.go('disk')).pop()!.type, NBD.REP_ACK);
+  t.is((await v12.simple(NBD.CMD_READ, 0, 4096)).error, 0);
+  const plainPsk = await RawClient.connect(srv.target);
+  t.teardown(() => plainPsk.close());
+  await t.throwsAsync(plainPsk.startTls('alice', key, { version: 'TLSv1.2', ciphers: 'PSK-AES128-GCM-SHA256' }));
   // NBD_OPT_EXPORT_NAME without TLS ends the session.
   const e = await RawClient.connect(srv.target);
   t.teardown(() => e.close());
@@ -1190,4 +1211,34 @@ test('--idle-timeout and --stall-timeout: idle clients, writes stalled mid-paylo
   for (let i = 0; i < 40; i++) r.sendRequest(NBD.CMD_READ, 0, 4 * MiB);
   await until('not-reading logged', () => /stopped reading replies for 0\.3 s \(stall_timeout\)/.test(stall.stderr()));
   t.is((await stall.stop()).code, 0);
+});
+
+test('--rw with request_memory at its 32M minimum: nbdcopy writing 32 MiB requests over 4 connections waits for the budget, nothing is lost', async (t) => {
+  requireTools('nbdcopy');
+  const f = await setup();
+  const dir = await tempDir(t);
+  const conf = path.join(dir, 'appliance.conf');
+  await fs.writeFile(conf, '[nbd]\nrequest_memory = 32M\n');
+  const tooSmall = path.join(dir, 'small.conf');
+  await fs.writeFile(tooSmall, '[nbd]\nrequest_memory = 16M\n');
+  const refused = await runCli(['nbd', ...f.repo.args, '--config', tooSmall, 'disk'], { env: f.repo.env });
+  t.is(refused.code, 2);
+  t.regex(refused.stderr, /request_memory must be at least 32M/);
+
+  // 96 MiB: three 32 MiB writes in flight at once would need three times the budget.
+  const image = await makeImage(path.join(dir, 'big.img'), { blocks: Array.from({ length: 24 }, (_, i) => (i % 3 === 0 ? 'zero' : 'random')), seed: 'budget' });
+  // Its own repository: the shared one is listed by concurrent tests.
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'));
+  const v = await runJson<VersionJson>(['backup', ...repo.args, image.path, 'budget'], { env: repo.env });
+  const srv = await startServer(t, repo, ['--config', conf, '--rw', v.id]);
+  // New content for the whole export: the image with every byte inverted.
+  const source = path.join(dir, 'inverted.img');
+  const data = await fs.readFile(image.path);
+  for (let i = 0; i < data.length; i++) data[i] = ~data[i]! & 0xff;
+  await fs.writeFile(source, data);
+  await run('nbdcopy', ['--connections=4', '--requests=8', '--request-size=33554432', '--flush', source, srv.uri(v.id)]);
+  const back = path.join(dir, 'back.img');
+  await run('nbdcopy', ['--connections=4', '--request-size=33554432', srv.uri(v.id), back]);
+  t.is(await sha256File(back), await sha256File(source), 'every write arrived, in the right place');
+  t.is((await srv.stop()).code, 0);
 });
