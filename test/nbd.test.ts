@@ -5,9 +5,11 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import * as tls from 'node:tls';
 import test, { type ExecutionContext } from 'ava';
 import {
   BIN,
@@ -21,6 +23,7 @@ import {
   runCli,
   runJson,
   runOk,
+  runStatus,
   sha256File,
   tempDir,
   type Image,
@@ -39,6 +42,9 @@ const TOOLS: Record<string, string> = {
   fusermount3: 'fuse3',
   losetup: 'mount',
   'mkfs.ext4': 'e2fsprogs',
+  psktool: 'gnutls-bin',
+  useradd: 'passwd',
+  runuser: 'util-linux',
 };
 
 /** Fails (never skips) the test when a client is missing, naming the Debian package to install. */
@@ -97,14 +103,30 @@ test.after.always(async () => {
 
 // ---------------------------------------------------------------------------------------- the server
 
+interface Listening {
+  address: string | null;
+  socket: string | null;
+  tls: string | null;
+  tls_identities: string[];
+  secret_names: boolean;
+  read_only: boolean;
+  max_connections: number;
+  exports: { name: string; version: string; size: number; alias: boolean; uri: string }[];
+}
+
 interface Server {
   proc: ChildProcess;
+  /** TCP port, or 0 on a Unix socket. */
   port: number;
-  listening: { address: string | null; socket: string | null; read_only: boolean; exports: { name: string; version: string; size: number; alias: boolean; uri: string }[] };
+  /** Where a RawClient connects: the socket path or the TCP port. */
+  target: string | number;
+  listening: Listening;
+  /** The printed URI of an export (by its plain name: the secret prefix of --insecure-tcp is found). */
   uri: (name: string) => string;
   /** SIGINT, then the exit code and all output. */
   stop: () => Promise<{ code: number | null; stdout: string; stderr: string; events: any[] }>;
   stderr: () => string;
+  pid: number;
 }
 
 function cliEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
@@ -113,9 +135,12 @@ function cliEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...env, ...extra };
 }
 
-/** Starts `blocksafe nbd --json` and waits until it listens (its first JSON line). Stopped at teardown. */
-async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[], listen: string[] = ['--listen', '127.0.0.1:0']): Promise<Server> {
-  const proc = spawn(process.execPath, [BIN, 'nbd', ...repo.args, ...listen, '--json', ...args], { cwd: ROOT, env: cliEnv(repo.env), stdio: ['ignore', 'pipe', 'pipe'] });
+/**
+ * Starts `blocksafe nbd --json` and waits until it listens (its first JSON line). Stopped at teardown.
+ * Without `listen` arguments the server uses its default: a new private Unix socket.
+ */
+async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[], listen: string[] = [], env: Record<string, string> = {}): Promise<Server> {
+  const proc = spawn(process.execPath, [BIN, 'nbd', ...repo.args, ...listen, '--json', ...args], { cwd: ROOT, env: cliEnv({ ...repo.env, ...env }), stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   proc.stdout!.on('data', (b: Buffer) => (stdout += b.toString()));
@@ -135,14 +160,22 @@ async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[
     if (Date.now() > deadline) throw new Error(`blocksafe nbd did not start listening within 20 s:\n${stderr}`);
     await new Promise((r) => setTimeout(r, 25));
   }
-  const listening = JSON.parse(stdout.split('\n')[0]!);
+  const listening = JSON.parse(stdout.split('\n')[0]!) as Listening & { event: string };
   if (listening.event !== 'listening') throw new Error(`unexpected first line: ${stdout}`);
   const port = listening.address ? Number(listening.address.split(':').pop()) : 0;
+  const uri = (name: string) => {
+    const e = listening.exports.find((x) => x.name === name || x.name.endsWith(`/${name}`));
+    if (e) return e.uri;
+    // Not an export (a test of unknown names): the URI the server would print for it.
+    return listening.socket ? `nbd+unix:///${name}?socket=${listening.socket}` : `nbd://127.0.0.1:${port}/${name}`;
+  };
   return {
     proc,
+    pid: proc.pid!,
     port,
+    target: listening.socket ?? port,
     listening,
-    uri: (name) => (listening.socket ? `nbd+unix:///${name}?socket=${listening.socket}` : `nbd://127.0.0.1:${port}/${name}`),
+    uri,
     stderr: () => stderr,
     stop: async () => {
       stopped = true;
@@ -156,6 +189,22 @@ async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[
       return { code, stdout, stderr, events };
     },
   };
+}
+
+/** Polls `cond` until it holds; fails after `ms` (a generous upper bound, never what makes a test pass). */
+async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 30_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Resident memory of a process, from /proc. */
+function rssBytes(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no VmRSS for ${pid}`);
+  return Number(m[1]) * 1024;
 }
 
 /** A pause that does not keep the test process alive (so a finished race does not delay the exit). */
@@ -188,6 +237,8 @@ const NBD = {
   REP_INFO: 3,
   REP_META_CONTEXT: 4,
   REP_ERR_UNSUP: 0x80000001,
+  REP_ERR_POLICY: 0x80000002,
+  REP_ERR_TLS_REQD: 0x80000005,
   REP_ERR_INVALID: 0x80000003,
   REP_ERR_UNKNOWN: 0x80000006,
   CMD_READ: 0,
@@ -210,7 +261,11 @@ class RawClient {
   flags = 0;
   size = 0n;
 
-  private constructor(readonly socket: net.Socket) {
+  private constructor(public socket: net.Socket) {
+    this.listen(socket);
+  }
+
+  private listen(socket: net.Socket): void {
     socket.on('data', (b: Buffer) => {
       this.buf = Buffer.concat([this.buf, b]);
       this.wake?.();
@@ -223,15 +278,43 @@ class RawClient {
     socket.on('error', end);
   }
 
-  static async connect(port: number): Promise<RawClient> {
-    const socket = net.connect(port, '127.0.0.1');
+  /** Connects (to a Unix socket path or a port on 127.0.0.1) without reading anything. */
+  static async open(target: string | number): Promise<RawClient> {
+    const socket = typeof target === 'string' ? net.connect(target) : net.connect(target, '127.0.0.1');
     await once(socket, 'connect');
-    const c = new RawClient(socket);
+    return new RawClient(socket);
+  }
+
+  static async connect(target: string | number): Promise<RawClient> {
+    const c = await RawClient.open(target);
     const hello = await c.read(18);
     if (hello.subarray(0, 8).toString() !== 'NBDMAGIC' || hello.readBigUInt64BE(8) !== NBD.IHAVEOPT) throw new Error('bad server greeting');
     if ((hello.readUInt16BE(16) & 3) !== 3) throw new Error('server lacks FIXED_NEWSTYLE|NO_ZEROES');
-    socket.write(Buffer.from([0, 0, 0, 3]));
+    c.socket.write(Buffer.from([0, 0, 0, 3]));
     return c;
+  }
+
+  /** NBD_OPT_STARTTLS, then a TLS-PSK handshake (Node's client) on the same connection. */
+  async startTls(identity: string, key: Buffer, opts: { version?: 'TLSv1.2' | 'TLSv1.3'; ciphers?: string } = {}): Promise<tls.TLSSocket> {
+    const replies = await this.option(NBD.OPT_STARTTLS);
+    if (replies.pop()!.type !== NBD.REP_ACK) throw new Error('STARTTLS refused');
+    this.socket.removeAllListeners('data');
+    const secure = tls.connect({
+      socket: this.socket,
+      pskCallback: () => ({ identity, psk: key }),
+      ciphers: opts.ciphers ?? 'TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:ECDHE-PSK-CHACHA20-POLY1305',
+      minVersion: opts.version ?? 'TLSv1.2',
+      maxVersion: opts.version ?? 'TLSv1.3',
+      checkServerIdentity: () => undefined,
+    });
+    await Promise.race([
+      once(secure, 'secureConnect'),
+      once(secure, 'error').then(([err]) => Promise.reject(err)),
+      once(secure, 'close').then(() => Promise.reject(new Error('closed during the TLS handshake'))),
+    ]);
+    this.socket = secure;
+    this.listen(secure);
+    return secure;
   }
 
   async read(n: number): Promise<Buffer> {
@@ -362,10 +445,9 @@ test('read-only: nbdinfo size and export list, nbdcopy and qemu-img byte-identic
   requireTools('nbdinfo', 'nbdcopy', 'qemu-img');
   const f = await setup();
   const out = await tempDir(t);
-  const port = await freePort();
-  const srv = await startServer(t, f.repo, [], ['--listen', `127.0.0.1:${port}`]);
-  t.is(srv.port, port, 'listens on the port given');
+  const srv = await startServer(t, f.repo, []);
   t.true(srv.listening.read_only);
+  t.is(srv.listening.tls, null);
   // Every complete version under its id, plus each volume name (other tests may have added versions).
   const all = await runJson<VersionJson[]>(['ls', ...f.repo.args], { env: f.repo.env });
   const expectedNames = [...all.filter((v) => v.complete).map((v) => v.id), ...new Set(all.filter((v) => v.complete).map((v) => v.name))];
@@ -378,7 +460,7 @@ test('read-only: nbdinfo size and export list, nbdcopy and qemu-img byte-identic
   t.is(JSON.parse((await run('nbdinfo', ['--json', srv.uri('disk')])).stdout).exports[0]['export-size'], f.image.size, 'volume name = newest version');
   t.is((await run('nbdinfo', ['--size', srv.uri(f.fs.id)])).stdout.trim(), String(32 * MiB));
 
-  const list = (await run('nbdinfo', ['--list', `nbd://127.0.0.1:${port}`])).stdout;
+  const list = (await run('nbdinfo', ['--list', `nbd+unix:///?socket=${srv.listening.socket}`])).stdout;
   for (const n of [f.disk.id, f.fs.id, 'disk', 'fs']) t.true(list.includes(`export="${n}"`), `--list shows ${n}:\n${list}`);
 
   const copy = path.join(out, 'copy.img');
@@ -414,13 +496,14 @@ test('protocol details: option errors, EPERM on read-only writes, EINVAL out of 
   const srv = await startServer(t, f.repo, [f.disk.id]);
   const bs = 4 * MiB;
 
-  const c = await RawClient.connect(srv.port);
+  const c = await RawClient.connect(srv.target);
   t.teardown(() => c.close());
   // NBD_OPT_LIST: every export with a description; unsupported options are refused, not fatal.
   const list = await c.option(NBD.OPT_LIST);
   const listed = list.filter((r) => r.type === NBD.REP_SERVER).map((r) => r.data.subarray(4, 4 + r.data.readUInt32BE(0)).toString());
   t.deepEqual(listed.sort(), [f.disk.id, 'disk'].sort());
-  t.is((await c.option(NBD.OPT_STARTTLS)).pop()!.type, NBD.REP_ERR_UNSUP);
+  // No --tls-psk: STARTTLS is refused by policy (NOTLS mode), not fatal.
+  t.is((await c.option(NBD.OPT_STARTTLS)).pop()!.type, NBD.REP_ERR_POLICY);
   t.is((await c.option(NBD.OPT_LIST, Buffer.from('x'))).pop()!.type, NBD.REP_ERR_INVALID);
   // Meta contexts need structured replies first.
   t.is((await c.option(NBD.OPT_SET_META_CONTEXT, RawClient.metaData(f.disk.id, ['base:allocation']))).pop()!.type, NBD.REP_ERR_INVALID);
@@ -445,7 +528,7 @@ test('protocol details: option errors, EPERM on read-only writes, EINVAL out of 
   t.is((await c.simple(NBD.CMD_FLUSH, 0, 0)).error, 0);
 
   // Structured replies with base:allocation.
-  const s = await RawClient.connect(srv.port);
+  const s = await RawClient.connect(srv.target);
   t.teardown(() => s.close());
   t.is((await s.option(NBD.OPT_STRUCTURED_REPLY)).pop()!.type, NBD.REP_ACK);
   const lm = await s.option(NBD.OPT_LIST_META_CONTEXT, RawClient.metaData(f.disk.id, []));
@@ -492,10 +575,10 @@ test('protocol details: option errors, EPERM on read-only writes, EINVAL out of 
   s.sendRequest(NBD.CMD_DISC, 0, 0);
   t.true(await s.closedWithin(3000));
   // NBD_OPT_ABORT is acknowledged; an unknown NBD_OPT_EXPORT_NAME ends the session.
-  const a = await RawClient.connect(srv.port);
+  const a = await RawClient.connect(srv.target);
   t.teardown(() => a.close());
   t.is((await a.option(NBD.OPT_ABORT)).pop()!.type, NBD.REP_ACK);
-  const e = await RawClient.connect(srv.port);
+  const e = await RawClient.connect(srv.target);
   t.teardown(() => e.close());
   e.sendOption(NBD.OPT_EXPORT_NAME, Buffer.from('nope'));
   t.true(await e.closedWithin(3000));
@@ -507,7 +590,8 @@ test('many clients at once; clients vanishing mid-request do not disturb the oth
   requireTools('nbdcopy', 'qemu-io');
   const f = await setup();
   const out = await tempDir(t);
-  const srv = await startServer(t, f.repo, ['disk']);
+  // 12 + 3 × 2 + 4 connections at once: above the default cap of 16.
+  const srv = await startServer(t, f.repo, ['--max-connections', '64', 'disk']);
 
   // rm of a served version: refused, exit code 4 (locked), even with --force.
   const rm = await runCli(['rm', ...f.repo.args, '--force', f.disk.id], { env: f.repo.env });
@@ -515,7 +599,7 @@ test('many clients at once; clients vanishing mid-request do not disturb the oth
   t.regex(rm.stderr, /lock/i);
 
   const rude = async () => {
-    const c = await RawClient.connect(srv.port);
+    const c = await RawClient.connect(srv.target);
     await c.go('disk');
     for (let i = 0; i < 4; i++) c.sendRequest(NBD.CMD_READ, i * 4 * MiB, 8 * MiB);
     c.close(); // gone before the replies
@@ -672,10 +756,13 @@ test('usage errors: --keep-as without --rw, several versions, unknown version, a
   const unknown = await runCli(['nbd', ...f.repo.args, 'zzzzzzzz'], { env: f.repo.env });
   t.is(unknown.code, 1);
   t.regex(unknown.stderr, /No version "zzzzzzzz"/);
-  const bad = await runCli(['nbd', ...f.repo.args, '--listen', 'localhost:99999'], { env: f.repo.env });
+  const bad = await runCli(['nbd', ...f.repo.args, '--tcp', 'localhost:99999', '--insecure-tcp'], { env: f.repo.env });
   t.is(bad.code, 2);
-  const srv = await startServer(t, f.repo, [f.disk.id]);
-  const busy = await runCli(['nbd', ...f.repo.args, '--listen', `127.0.0.1:${srv.port}`, f.disk.id], { env: f.repo.env });
+  const renamed = await runCli(['nbd', ...f.repo.args, '--listen', '127.0.0.1:10809'], { env: f.repo.env });
+  t.is(renamed.code, 2);
+  t.regex(renamed.stderr, /--listen was replaced by --tcp/);
+  const srv = await startServer(t, f.repo, [f.disk.id], ['--tcp', '127.0.0.1:0', '--insecure-tcp']);
+  const busy = await runCli(['nbd', ...f.repo.args, '--tcp', `127.0.0.1:${srv.port}`, '--insecure-tcp', f.disk.id], { env: f.repo.env });
   t.is(busy.code, 1);
   t.regex(busy.stderr, /^blocksafe: Cannot listen on 127\.0\.0\.1:\d+: the address is in use/);
   t.is((await srv.stop()).code, 0);
@@ -684,7 +771,7 @@ test('usage errors: --keep-as without --rw, several versions, unknown version, a
 test('--rw overlay semantics: unaligned writes, zeroing and trims across granules and the short last granule match a model', async (t) => {
   const f = await setup();
   const srv = await startServer(t, f.repo, ['--rw', f.disk.id]);
-  const c = await RawClient.connect(srv.port);
+  const c = await RawClient.connect(srv.target);
   t.teardown(() => c.close());
   t.is((await c.go(f.disk.id)).pop()!.type, NBD.REP_ACK);
   t.false(transmissionFlag(c.flags, 1), 'not read-only');
@@ -738,7 +825,7 @@ test('a damaged block gives EIO for the reads that need it; the rest of the vers
   await fh.close();
 
   const srv = await startServer(t, repo, [v.id]);
-  const c = await RawClient.connect(srv.port);
+  const c = await RawClient.connect(srv.target);
   t.teardown(() => c.close());
   t.is((await c.go(v.id)).pop()!.type, NBD.REP_ACK);
   t.is((await c.simple(NBD.CMD_READ, MiB + 10, 100)).error, 5, 'EIO for the damaged block');
@@ -751,4 +838,407 @@ test('a damaged block gives EIO for the reads that need it; the rest of the vers
   const stopped = await srv.stop();
   t.is(stopped.code, 0);
   t.regex(stopped.stderr, /damaged/, 'the reason is logged');
+});
+
+// ------------------------------------------------------------------------------------ access control
+
+const OTHER_USER = 'blocksafe-nbd-other';
+
+/** An unprivileged local user to run clients as (created once; tests run as root). */
+function otherUser(): string {
+  requireTools('useradd', 'runuser');
+  if (spawnSync('id', ['-u', OTHER_USER], { stdio: 'ignore' }).status !== 0) {
+    const r = spawnSync('useradd', ['--system', '--no-create-home', '--shell', '/usr/sbin/nologin', OTHER_USER], { encoding: 'utf8' });
+    // Two test processes may race to create it.
+    if (r.status !== 0 && spawnSync('id', ['-u', OTHER_USER], { stdio: 'ignore' }).status !== 0) throw new Error(`useradd failed: ${r.stderr}`);
+  }
+  return OTHER_USER;
+}
+
+function runAs(user: string, cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return runStatus('runuser', ['-u', user, '--', cmd, ...args]);
+}
+
+test('default: a private Unix socket (0600 in a 0700 directory) that another local user cannot connect to; removed on exit', async (t) => {
+  requireTools('nbdinfo', 'nbdcopy');
+  if (process.getuid?.() !== 0) return t.fail('this test needs root (to run a client as another user)');
+  const user = otherUser();
+  const f = await setup();
+  const out = await tempDir(t);
+  const srv = await startServer(t, f.repo, ['--verbose', 'disk']);
+  const socket = srv.listening.socket!;
+  t.truthy(socket, 'listens on a Unix socket by default');
+  t.is(srv.listening.address, null);
+  const dir = path.dirname(socket);
+  const dst = await fs.lstat(dir);
+  const sst = await fs.lstat(socket);
+  t.true(sst.isSocket());
+  t.is(sst.mode & 0o777, 0o600, 'socket mode 0600');
+  t.is(dst.mode & 0o777, 0o700, 'directory mode 0700');
+  t.is(sst.uid, process.getuid!());
+  t.is(dst.uid, process.getuid!());
+
+  // The owner reads the backup…
+  const copy = path.join(out, 'copy.img');
+  await run('nbdcopy', ['--connections=1', srv.uri('disk'), copy]);
+  t.is(await sha256File(copy), f.image.sha256);
+  const connections = () => (srv.stderr().match(/connection from/g) ?? []).length;
+  await until('the owner has disconnected', () => /disconnected/.test(srv.stderr()));
+  const owners = connections();
+  t.true(owners >= 1);
+  // …another user gets nothing, not even the list of exports.
+  const other = await runAs(user, 'nbdinfo', [srv.uri('disk')]);
+  t.not(other.code, 0, `another user connected: ${other.stdout}`);
+  t.regex(other.stderr, /Permission denied/);
+  const otherList = await runAs(user, 'nbdinfo', ['--list', `nbd+unix:///?socket=${socket}`]);
+  t.not(otherList.code, 0);
+  t.regex(otherList.stderr, /Permission denied/);
+
+  const stopped = await srv.stop();
+  t.is(stopped.code, 0, stopped.stderr);
+  t.is(connections(), owners, 'the server never accepted a connection from the other user');
+  t.false(await fs.lstat(socket).then(() => true, () => false), 'socket removed');
+  t.false(await fs.lstat(dir).then(() => true, () => false), 'private directory removed');
+});
+
+test('--socket PATH in a directory others can enter: the socket is still 0600 and refuses another user', async (t) => {
+  requireTools('nbdinfo');
+  if (process.getuid?.() !== 0) return t.fail('this test needs root (to run a client as another user)');
+  const user = otherUser();
+  const f = await setup();
+  const dir = await tempDir(t);
+  await fs.chmod(dir, 0o755);
+  const socket = path.join(dir, 'nbd.sock');
+  const srv = await startServer(t, f.repo, ['disk'], ['--socket', socket]);
+  t.is(srv.listening.socket, socket);
+  t.is((await fs.lstat(socket)).mode & 0o777, 0o600);
+  const other = await runAs(user, 'nbdinfo', ['--size', srv.uri('disk')]);
+  t.not(other.code, 0);
+  t.regex(other.stderr, /Permission denied/);
+  t.is((await run('nbdinfo', ['--size', srv.uri('disk')])).stdout.trim(), String(f.image.size), 'the owner connects');
+  t.is((await srv.stop()).code, 0);
+});
+
+test('TCP needs --tls-psk or an explicit --insecure-tcp; --insecure-tcp serves only under per-run secret names, unlisted', async (t) => {
+  requireTools('nbdinfo', 'nbdcopy');
+  const f = await setup();
+  const out = await tempDir(t);
+  const plain = await runCli(['nbd', ...f.repo.args, '--tcp', '127.0.0.1:0', 'disk'], { env: f.repo.env });
+  t.is(plain.code, 2);
+  t.regex(plain.stderr, /^blocksafe: TCP needs TLS: add --tls-psk FILE/);
+  t.is((await runCli(['nbd', ...f.repo.args, '--insecure-tcp', 'disk'], { env: f.repo.env })).code, 2, '--insecure-tcp without --tcp');
+
+  const srv = await startServer(t, f.repo, ['disk'], ['--tcp', '127.0.0.1:0', '--insecure-tcp']);
+  t.true(srv.port > 0);
+  t.true(srv.listening.secret_names);
+  const names = srv.listening.exports.map((e) => e.name);
+  const secret = names[0]!.split('/')[0]!;
+  t.true(secret.length >= 22, 'at least 128 random bits');
+  t.true(names.every((n) => n.startsWith(`${secret}/`)));
+  // The printed URI works…
+  const copy = path.join(out, 'copy.img');
+  await run('nbdcopy', [srv.uri('disk'), copy]);
+  t.is(await sha256File(copy), f.image.sha256);
+  // …guessing does not: neither the plain names, nor the default export, nor a listing.
+  for (const guess of ['disk', f.disk.id, '']) {
+    const r = await runStatus('nbdinfo', [`nbd://127.0.0.1:${srv.port}/${guess}`]);
+    t.not(r.code, 0, `export "${guess}" must not be served`);
+  }
+  const list = await runStatus('nbdinfo', ['--list', `nbd://127.0.0.1:${srv.port}/`]);
+  t.not(list.code, 0);
+  const c = await RawClient.connect(srv.target);
+  t.teardown(() => c.close());
+  const listed = await c.option(NBD.OPT_LIST);
+  t.is(listed.length, 1, 'no export name leaks through NBD_OPT_LIST');
+  t.is(listed[0]!.type, NBD.REP_ERR_POLICY);
+  t.is((await srv.stop()).code, 0);
+});
+
+/** A psktool key file for `identity` (the format nbdkit --tls-psk and qemu's tls-creds-psk read). */
+async function pskFile(dir: string, identity: string, name = 'keys.psk'): Promise<{ file: string; key: Buffer }> {
+  requireTools('psktool');
+  const file = path.join(dir, name);
+  await run('psktool', ['-u', identity, '-p', file]);
+  const line = (await fs.readFile(file, 'utf8')).trim().split('\n').find((l) => l.startsWith(`${identity}:`))!;
+  return { file, key: Buffer.from(line.slice(identity.length + 1), 'hex') };
+}
+
+test('TLS-PSK over TCP: nbdinfo and nbdcopy (nbds://) read byte-identical data; a wrong key, an unknown identity and a client without TLS get nothing', async (t) => {
+  requireTools('nbdinfo', 'nbdcopy', 'psktool');
+  const f = await setup();
+  const dir = await tempDir(t);
+  const { file, key } = await pskFile(dir, 'alice');
+  const port = await freePort();
+  const srv = await startServer(t, f.repo, ['disk'], ['--tcp', `127.0.0.1:${port}`, '--tls-psk', file, '--verbose']);
+  t.is(srv.port, port, 'listens on the port given');
+  t.is(srv.listening.tls, 'psk');
+  t.deepEqual(srv.listening.tls_identities, ['alice']);
+  const uri = srv.uri('disk');
+  t.is(uri, `nbds://alice@127.0.0.1:${port}/disk?tls-psk-file=${file}`);
+
+  const info = JSON.parse((await run('nbdinfo', ['--json', uri])).stdout);
+  t.is(info.protocol, 'newstyle-fixed');
+  t.true(info.TLS, 'nbdinfo reports TLS');
+  t.is(info.exports[0]['export-size'], f.image.size);
+  const copy = path.join(dir, 'copy.img');
+  await run('nbdcopy', ['--connections=2', uri, copy]);
+  t.is(await sha256File(copy), f.image.sha256, 'nbdcopy through TLS: byte-identical');
+  t.regex(srv.stderr(), /TLS TLSv1\.3 \S+, PSK identity "alice"/);
+
+  // A wrong key for the same identity.
+  const wrong = await pskFile(dir, 'alice', 'wrong.psk');
+  const w = await runStatus('nbdinfo', [uri.replace(file, wrong.file)]);
+  t.not(w.code, 0);
+  t.regex(w.stderr, /handshake|TLS/i);
+  await until('the server logs the wrong key', () => /wrong key for PSK identity "alice"/.test(srv.stderr()));
+  // An identity the server does not know.
+  const bob = await pskFile(dir, 'bob', 'bob.psk');
+  const b = await runStatus('nbdinfo', [uri.replace('alice@', 'bob@').replace(file, bob.file)]);
+  t.not(b.code, 0);
+  await until('the server logs the unknown identity', () => /unknown PSK identity "bob"/.test(srv.stderr()));
+  // No TLS at all: every option but STARTTLS/ABORT is refused with NBD_REP_ERR_TLS_REQD, nothing leaks.
+  const n = await runStatus('nbdinfo', [`nbd://127.0.0.1:${port}/disk`]);
+  t.not(n.code, 0);
+  const c = await RawClient.connect(srv.target);
+  t.teardown(() => c.close());
+  const list = await c.option(NBD.OPT_LIST);
+  t.is(list.length, 1);
+  t.is(list[0]!.type, NBD.REP_ERR_TLS_REQD);
+  t.is((await c.go('disk')).pop()!.type, NBD.REP_ERR_TLS_REQD);
+  // Then TLS with the right key (Node's client): the same connection works, and STARTTLS twice is invalid.
+  await c.startTls('alice', key);
+  t.is((await c.option(NBD.OPT_STARTTLS)).pop()!.type, NBD.REP_ERR_INVALID);
+  t.is((await c.go('disk')).pop()!.type, NBD.REP_ACK);
+  const r = await c.simple(NBD.CMD_READ, 4 * MiB - 100, 300);
+  t.deepEqual(r.data, await readRange(f.image.path, 4 * MiB - 100, 300));
+  // TLS 1.2 with ECDHE-PSK (forward secret) is accepted; TLS 1.2 with plain PSK (no forward secrecy) is not.
+  const v12 = await RawClient.connect(srv.target);
+  t.teardown(() => v12.close());
+  const s12 = await v12.startTls('alice', key, { version: 'TLSv1.2', ciphers: 'ECDHE-PSK-CHACHA20-POLY1305' });
+  t.is(s12.getProtocol(), 'TLSv1.2');
+  t.is((await v12.go('disk')).pop()!.type, NBD.REP_ACK);
+  t.is((await v12.simple(NBD.CMD_READ, 0, 4096)).error, 0);
+  const plainPsk = await RawClient.connect(srv.target);
+  t.teardown(() => plainPsk.close());
+  await t.throwsAsync(plainPsk.startTls('alice', key, { version: 'TLSv1.2', ciphers: 'PSK-AES128-GCM-SHA256' }));
+  // NBD_OPT_EXPORT_NAME without TLS ends the session.
+  const e = await RawClient.connect(srv.target);
+  t.teardown(() => e.close());
+  e.sendOption(NBD.OPT_EXPORT_NAME, Buffer.from('disk'));
+  t.true(await e.closedWithin(20_000));
+  t.is((await srv.stop()).code, 0);
+});
+
+test('TLS-PSK on the Unix socket (nbds+unix://): nbdcopy byte-identical; the key file may hold several identities', async (t) => {
+  requireTools('nbdcopy', 'psktool');
+  const f = await setup();
+  const dir = await tempDir(t);
+  const { file } = await pskFile(dir, 'alice');
+  await run('psktool', ['-u', 'backup-host', '-p', file]);
+  const srv = await startServer(t, f.repo, [f.fs.id], ['--tls-psk', file]);
+  t.truthy(srv.listening.socket);
+  t.deepEqual(srv.listening.tls_identities.sort(), ['alice', 'backup-host']);
+  const uri = srv.uri(f.fs.id);
+  t.true(uri.startsWith('nbds+unix://alice@/'), uri);
+  for (const identity of ['alice', 'backup-host']) {
+    const copy = path.join(dir, `${identity}.img`);
+    await run('nbdcopy', [uri.replace('alice@', `${identity}@`), copy]);
+    t.is(await sha256File(copy), await sha256File(f.fsImage), identity);
+  }
+  t.is((await srv.stop()).code, 0);
+});
+
+test('bad key files are refused with one line naming the file', async (t) => {
+  const f = await setup();
+  const dir = await tempDir(t);
+  const cases: [string, RegExp][] = [
+    ['alice:00112233', /keys\.psk:1: the key of "alice" has 32 bits; at least 128/],
+    ['alice', /keys\.psk:1: expected IDENTITY:HEXKEY/],
+    ['alice:zz00112233445566778899aabbccddeeff', /keys\.psk:1: the key is not hexadecimal/],
+    ['# only a comment', /holds no key/],
+  ];
+  for (const [text, re] of cases) {
+    await fs.writeFile(path.join(dir, 'keys.psk'), text + '\n', { mode: 0o600 });
+    const r = await runCli(['nbd', ...f.repo.args, '--tls-psk', path.join(dir, 'keys.psk'), 'disk'], { env: f.repo.env });
+    t.is(r.code, 2, text);
+    t.regex(r.stderr, re);
+    t.is(r.stderr.trim().split('\n').length, 1);
+  }
+});
+
+// ----------------------------------------------------------------------------- resource limits
+
+/** Opens a connection and selects `name` (simple replies). */
+async function goRaw(target: string | number, name: string): Promise<RawClient> {
+  const c = await RawClient.connect(target);
+  const r = await c.go(name);
+  if (r.pop()!.type !== NBD.REP_ACK) throw new Error(`NBD_OPT_GO ${name} failed`);
+  return c;
+}
+
+test('read-only: WRITE and TRIM are refused with EPERM before the payload is read; a flood of stalled 32 MiB writes keeps memory bounded', async (t) => {
+  const f = await setup();
+  const srv = await startServer(t, f.repo, ['disk']);
+  const clients: RawClient[] = [];
+  t.teardown(() => clients.forEach((c) => c.close()));
+  const N = 10;
+  const LEN = 32 * MiB;
+  // Warm up (the export's map and the pipeline), then measure.
+  const warm = await goRaw(srv.target, 'disk');
+  clients.push(warm);
+  t.is((await warm.simple(NBD.CMD_READ, 0, MiB)).error, 0);
+  const before = rssBytes(srv.pid);
+
+  for (let i = 0; i < N; i++) {
+    const c = await goRaw(srv.target, 'disk');
+    clients.push(c);
+    // The header of a 32 MiB write, and not one byte of its payload: the EPERM reply comes anyway.
+    const cookie = c.sendRequest(NBD.CMD_WRITE, 0, LEN);
+    const h = await c.read(16);
+    t.is(h.readUInt32BE(0), 0x67446698);
+    t.is(h.readUInt32BE(4), NBD.EPERM, 'EPERM without the payload');
+    t.is(h.readBigUInt64BE(8), cookie);
+    // Now 31 MiB of the payload, and then the client stalls. The write callback means the kernel took it
+    // all: the server has read (and dropped) all but what the socket buffers hold.
+    await new Promise<void>((resolve, reject) => c.socket.write(Buffer.alloc(LEN - MiB, 0x5a), (err) => (err ? reject(err) : resolve())));
+  }
+  // A TRIM, too, without reading anything further.
+  t.is((await warm.simple(NBD.CMD_TRIM, 0, 4096)).error, NBD.EPERM);
+  const after = rssBytes(srv.pid);
+  const grown = after - before;
+  t.log(`server RSS ${(before / MiB).toFixed(0)} MiB before, ${(after / MiB).toFixed(0)} MiB after ${N} stalled ${LEN / MiB} MiB writes`);
+  // Buffering the payloads would add N × 31 MiB = 310 MiB; dropped in pieces they leave at most garbage.
+  t.true(grown < 96 * MiB, `RSS grew by ${(grown / MiB).toFixed(0)} MiB`);
+  // The server still answers, and the stalled clients are still connected (their stream is in sync).
+  t.is((await warm.simple(NBD.CMD_READ, 0, 4096)).error, 0);
+  t.true(clients.every((c) => !c.socket.destroyed));
+  t.is((await srv.stop()).code, 0);
+});
+
+test('request sizes: a READ above 32 MiB gets EINVAL (nothing allocated), a WRITE above it ends the connection', async (t) => {
+  const f = await setup();
+  const srv = await startServer(t, f.repo, ['--rw', 'disk']);
+  const c = await goRaw(srv.target, 'disk');
+  t.teardown(() => c.close());
+  t.is((await c.simple(NBD.CMD_READ, 0, 32 * MiB + 1)).error, NBD.EINVAL);
+  t.is((await c.simple(NBD.CMD_READ, 0, 0xffffffff)).error, NBD.EINVAL);
+  t.is((await c.simple(NBD.CMD_READ, 0, 4096)).error, 0, 'the connection stays usable');
+  c.sendRequest(NBD.CMD_WRITE, 0, 0xffffffff);
+  t.true(await c.closedWithin(20_000), 'hard disconnect on an oversized write');
+  await until('the violation is logged', () => /write of 4294967295 bytes, more than the maximum payload/.test(srv.stderr()));
+  // Other clients are unaffected.
+  const d = await goRaw(srv.target, 'disk');
+  t.teardown(() => d.close());
+  t.is((await d.simple(NBD.CMD_READ, 0, 4096)).error, 0);
+  t.is((await srv.stop()).code, 0);
+});
+
+test('--max-connections: one connection too many is closed at once and logged; a freed slot is usable again', async (t) => {
+  const f = await setup();
+  const limited = await startServer(t, f.repo, ['--max-connections', '2', 'disk']);
+  t.is(limited.listening.max_connections, 2);
+  const a = await goRaw(limited.target, 'disk');
+  const b = await RawClient.connect(limited.target); // still in the handshake: it counts too
+  t.teardown(() => [a, b].forEach((c) => c.close()));
+  const third = await RawClient.open(limited.target);
+  t.teardown(() => third.close());
+  await t.throwsAsync(third.read(18), { message: /closed by the server/ }, 'no greeting for the third');
+  t.regex(limited.stderr(), /refused: 2 connections are open, the maximum \(max_connections = 2\)/);
+  t.is((await a.simple(NBD.CMD_READ, 0, 4096)).error, 0, 'the others are unaffected');
+  b.close();
+  // Once the server has noticed, a new connection is accepted (retried until then: no fixed wait).
+  let fourth: RawClient | null = null;
+  await until('a slot frees up', async () => {
+    try {
+      fourth = await RawClient.connect(limited.target);
+      return true;
+    } catch {
+      return false;
+    }
+  });
+  t.teardown(() => fourth?.close());
+  t.is((await fourth!.go('disk')).pop()!.type, NBD.REP_ACK);
+  t.is((await limited.stop()).code, 0);
+});
+
+test('--handshake-timeout: a client that connects and stalls (in plain NBD or in the TLS handshake) is disconnected and logged', async (t) => {
+  requireTools('psktool');
+  const f = await setup();
+  const dir = await tempDir(t);
+  const { file } = await pskFile(dir, 'alice');
+  const srv = await startServer(t, f.repo, ['--handshake-timeout', '300ms', '--tls-psk', file, 'disk']);
+  // Connects, reads the greeting, sends nothing.
+  const silent = await RawClient.open(srv.target);
+  t.teardown(() => silent.close());
+  t.true(await silent.closedWithin(30_000), 'a silent client is disconnected');
+  // Sends STARTTLS and then never starts the TLS handshake. (On a loaded machine the 300 ms may run out
+  // before the ACK arrives; such attempts are repeated, so that the test does not depend on speed.)
+  let acked = 0;
+  for (let attempt = 0; attempt < 20 && acked === 0; attempt++) {
+    const halfTls = await RawClient.connect(srv.target);
+    t.teardown(() => halfTls.close());
+    const reply = await halfTls.option(NBD.OPT_STARTTLS).catch(() => null);
+    if (reply?.pop()!.type === NBD.REP_ACK) acked++;
+    t.true(await halfTls.closedWithin(30_000), 'a half-open TLS handshake is disconnected');
+  }
+  t.is(acked, 1, 'STARTTLS was acknowledged, then the connection closed for want of a TLS handshake');
+  await until('both are logged', () => (srv.stderr().match(/handshake not completed within 0\.3 s \(handshake_timeout\)/g) ?? []).length >= 2);
+  t.is((await srv.stop()).code, 0);
+});
+
+test('--idle-timeout and --stall-timeout: idle clients, writes stalled mid-payload and clients that stop reading replies are disconnected', async (t) => {
+  const f = await setup();
+  const idle = await startServer(t, f.repo, ['--idle-timeout', '300ms', 'disk']);
+  const c = await goRaw(idle.target, 'disk');
+  t.teardown(() => c.close());
+  t.true(await c.closedWithin(30_000));
+  await until('idle logged', () => /idle for 0\.3 s \(idle_timeout\); connection closed/.test(idle.stderr()));
+  t.is((await idle.stop()).code, 0);
+
+  const stall = await startServer(t, f.repo, ['--stall-timeout', '300ms', 'disk']);
+  // A write (to the read-only export) whose payload stops after 1000 bytes: EPERM at once, then cut off.
+  const w = await goRaw(stall.target, 'disk');
+  t.teardown(() => w.close());
+  w.sendRequest(NBD.CMD_WRITE, 0, MiB);
+  t.is((await w.read(16)).readUInt32BE(4), NBD.EPERM);
+  w.socket.write(Buffer.alloc(1000));
+  t.true(await w.closedWithin(30_000));
+  await until('stall logged', () => /stopped sending in the middle of a request for 0\.3 s; connection closed/.test(stall.stderr()));
+  // A client that asks for 160 MiB and reads none of it.
+  const r = await goRaw(stall.target, 'disk');
+  t.teardown(() => r.close());
+  r.socket.pause();
+  for (let i = 0; i < 40; i++) r.sendRequest(NBD.CMD_READ, 0, 4 * MiB);
+  await until('not-reading logged', () => /stopped reading replies for 0\.3 s \(stall_timeout\)/.test(stall.stderr()));
+  t.is((await stall.stop()).code, 0);
+});
+
+test('--rw with request_memory at its 32M minimum: nbdcopy writing 32 MiB requests over 4 connections waits for the budget, nothing is lost', async (t) => {
+  requireTools('nbdcopy');
+  const f = await setup();
+  const dir = await tempDir(t);
+  const conf = path.join(dir, 'appliance.conf');
+  await fs.writeFile(conf, '[nbd]\nrequest_memory = 32M\n');
+  const tooSmall = path.join(dir, 'small.conf');
+  await fs.writeFile(tooSmall, '[nbd]\nrequest_memory = 16M\n');
+  const refused = await runCli(['nbd', ...f.repo.args, '--config', tooSmall, 'disk'], { env: f.repo.env });
+  t.is(refused.code, 2);
+  t.regex(refused.stderr, /request_memory must be at least 32M/);
+
+  // 96 MiB: three 32 MiB writes in flight at once would need three times the budget.
+  const image = await makeImage(path.join(dir, 'big.img'), { blocks: Array.from({ length: 24 }, (_, i) => (i % 3 === 0 ? 'zero' : 'random')), seed: 'budget' });
+  // Its own repository: the shared one is listed by concurrent tests.
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'));
+  const v = await runJson<VersionJson>(['backup', ...repo.args, image.path, 'budget'], { env: repo.env });
+  const srv = await startServer(t, repo, ['--config', conf, '--rw', v.id]);
+  // New content for the whole export: the image with every byte inverted.
+  const source = path.join(dir, 'inverted.img');
+  const data = await fs.readFile(image.path);
+  for (let i = 0; i < data.length; i++) data[i] = ~data[i]! & 0xff;
+  await fs.writeFile(source, data);
+  await run('nbdcopy', ['--connections=4', '--requests=8', '--request-size=33554432', '--flush', source, srv.uri(v.id)]);
+  const back = path.join(dir, 'back.img');
+  await run('nbdcopy', ['--connections=4', '--request-size=33554432', srv.uri(v.id), back]);
+  t.is(await sha256File(back), await sha256File(source), 'every write arrived, in the right place');
+  t.is((await srv.stop()).code, 0);
 });

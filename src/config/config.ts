@@ -67,6 +67,13 @@ export const SCHEMA = {
     write_limit: { kind: 'size', default: '0', doc: 'Write bandwidth limit in bytes per second (0 = unlimited): the store on backup, the target on restore.' },
     direct_io: { kind: 'bool', default: 'true', doc: 'Read backup sources with O_DIRECT so they do not flood the page cache (falls back where unsupported).' },
   },
+  nbd: {
+    max_connections: { kind: 'int', default: '16', min: 1, max: 4096, doc: 'blocksafe nbd: connections open at once (in the handshake or transmitting); more are closed at once and logged (--max-connections).' },
+    handshake_timeout: { kind: 'duration', default: '10s', doc: 'blocksafe nbd: a client must complete the handshake (TLS included) within this time, else it is disconnected (--handshake-timeout; 0 = no limit).' },
+    idle_timeout: { kind: 'duration', default: '0', doc: 'blocksafe nbd: disconnect a client that has no request in flight and sends nothing for this long (--idle-timeout; 0 = never, so that an idle mount stays usable).' },
+    stall_timeout: { kind: 'duration', default: '30s', doc: 'blocksafe nbd: disconnect a client that stops sending in the middle of a request, or stops reading its replies, for this long (--stall-timeout; 0 = never).' },
+    request_memory: { kind: 'size', default: '128M', doc: 'blocksafe nbd: memory for request data in flight across all connections (write payloads, read results); further requests wait. At least 32M (one maximum-size request).' },
+  },
   s3: {
     endpoint: { kind: 'string', default: '', doc: 'S3 endpoint URL for s3:// repositories, e.g. http://127.0.0.1:7480 for Ceph RGW or MinIO (empty = AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS itself).' },
     region: { kind: 'string', default: '', doc: 'S3 region (empty = AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1).' },

@@ -1,6 +1,9 @@
 import { once } from 'node:events';
+import { chmodSync } from 'node:fs';
 import * as net from 'node:net';
+import type * as tls from 'node:tls';
 import { IntegrityError } from '../errors.js';
+import { ByteBudget } from './budget.js';
 import type { NbdExport } from './export.js';
 import {
   BASE_ALLOCATION,
@@ -30,6 +33,7 @@ import {
   TF,
 } from './protocol.js';
 import { ConnectionClosed, SocketReader } from './socketReader.js';
+import { pskContext, startTls, type PskKeys } from './tls.js';
 
 /** One name a client can ask for, and what `NBD_OPT_LIST` / `NBD_INFO_DESCRIPTION` say about it. */
 export interface ExportEntry {
@@ -38,10 +42,37 @@ export interface ExportEntry {
   export: NbdExport;
 }
 
+/** Resource limits of a server (the `[nbd]` section of appliance.conf, overridable on the command line). */
+export interface NbdLimits {
+  /** Connections open at once (in the handshake or transmitting); more are closed at once. */
+  maxConnections: number;
+  /** A client must reach the transmission phase (TLS handshake included) within this many ms. */
+  handshakeTimeoutMs: number;
+  /** A transmitting client with no request in flight that sends nothing for this long is disconnected (0 = never). */
+  idleTimeoutMs: number;
+  /** A client that stops sending in the middle of a request, or stops reading replies, for this long is disconnected (0 = never). */
+  stallTimeoutMs: number;
+  /** Bytes of request data (write payloads, read results) in flight across all connections. */
+  requestMemory: number;
+}
+
+export const DEFAULT_LIMITS: NbdLimits = {
+  maxConnections: 16,
+  handshakeTimeoutMs: 10_000,
+  idleTimeoutMs: 0,
+  stallTimeoutMs: 30_000,
+  requestMemory: 128 * 2 ** 20,
+};
+
 export interface NbdServerOptions {
   exports: ExportEntry[];
   /** What the empty export name ("default export") means, if anything. */
   defaultExport?: NbdExport | null;
+  /** TLS with pre-shared keys, required of every client before any other option (FORCEDTLS). */
+  tls?: PskKeys | null;
+  /** Answer NBD_OPT_LIST with NBD_REP_ERR_POLICY (export names are secrets). */
+  hideList?: boolean;
+  limits?: Partial<NbdLimits>;
   /** Diagnostics (connections with --verbose, errors always). */
   log?: (message: string) => void;
   verbose?: boolean;
@@ -59,26 +90,51 @@ const MAX_EXTENTS = 4096;
 const PREFERRED_BLOCK = 4096;
 /** How long a shutdown waits for requests in flight before closing connections. */
 const SHUTDOWN_GRACE_MS = 5000;
+/** Options one connection may send before it is considered abusive. */
+const MAX_OPTIONS = 10_000;
+/** Output is written in pieces of this size… */
+const OUTPUT_PIECE = 1024 * 1024;
+/** …with at most this much written and not yet taken by the kernel. */
+const OUTPUT_WINDOW = 8 * 2 ** 20;
+/** TCP keepalive: a vanished peer of an idle connection is noticed after about this long plus the probes. */
+const KEEPALIVE_MS = 60_000;
 
 /**
  * An NBD server (fixed newstyle handshake only) over TCP or a Unix socket. Every connection is independent:
  * its requests run concurrently (replies may come out of order, as the protocol allows), a failing or
  * vanishing client only ends its own connection, and all share the exports (and so the block cache and
- * the overlays).
+ * the overlays). What a client can make the server hold is bounded: a number of connections, a deadline
+ * for the handshake, at most 64 KiB per option and 32 MiB per request, and one byte budget for all
+ * request data in flight.
  */
 export class NbdServer {
   private readonly server: net.Server;
   private readonly connections = new Set<{ conn: Connection; done: Promise<void> }>();
   private readonly byName = new Map<string, ExportEntry>();
   private stopping = false;
+  private serial = 0;
+  readonly limits: NbdLimits;
+  readonly budget: ByteBudget;
+  readonly tlsContext: tls.SecureContext | null;
 
   constructor(private readonly opts: NbdServerOptions) {
     for (const e of opts.exports) if (!this.byName.has(e.name)) this.byName.set(e.name, e);
+    this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.budget = new ByteBudget(Math.max(this.limits.requestMemory, MAX_PAYLOAD));
+    this.tlsContext = opts.tls ? pskContext() : null;
     this.server = net.createServer((socket) => this.accept(socket));
   }
 
   get exportEntries(): ExportEntry[] {
     return [...this.byName.values()];
+  }
+
+  get psk(): PskKeys | null {
+    return this.opts.tls ?? null;
+  }
+
+  get hideList(): boolean {
+    return !!this.opts.hideList;
   }
 
   lookup(name: string): NbdExport | null {
@@ -102,21 +158,48 @@ export class NbdServer {
     return this.stopping;
   }
 
-  /** Starts listening; resolves with the bound address (the real port when 0 was asked). */
+  /**
+   * Starts listening; resolves with the bound address (the real port when 0 was asked). A Unix socket is
+   * created with mode 0600 (under a umask of 0177, so it is never reachable by others, not even for an
+   * instant): only its owner (and root) can connect.
+   */
   listen(address: ListenAddress): Promise<ListenAddress> {
     return new Promise((resolve, reject) => {
-      const onError = (err: Error) => reject(err);
+      let oldMask: number | null = null;
+      const restoreMask = () => {
+        if (oldMask !== null) process.umask(oldMask);
+        oldMask = null;
+      };
+      const onError = (err: Error) => {
+        restoreMask();
+        reject(err);
+      };
       this.server.once('error', onError);
       const done = () => {
+        restoreMask();
         this.server.off('error', onError);
         this.server.on('error', (err) => this.log(`server error: ${err.message}`));
         const a = this.server.address();
-        if (typeof a === 'string') resolve({ path: a });
-        else if (a) resolve({ host: a.address, port: a.port });
+        if (typeof a === 'string') {
+          try {
+            chmodSync(a, 0o600);
+          } catch (err) {
+            reject(err);
+            return;
+          }
+          resolve({ path: a });
+        } else if (a) resolve({ host: a.address, port: a.port });
         else reject(new Error('the server has no address'));
       };
-      if ('path' in address) this.server.listen(address.path, done);
-      else this.server.listen(address.port, address.host, done);
+      if ('path' in address) {
+        oldMask = process.umask(0o177);
+        try {
+          this.server.listen(address.path, done);
+        } finally {
+          // bind() ran synchronously inside listen(): the socket file exists with mode 0600 already.
+          restoreMask();
+        }
+      } else this.server.listen(address.port, address.host, done);
     });
   }
 
@@ -129,7 +212,14 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    const conn = new Connection(this, socket);
+    const id = ++this.serial;
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : `unix socket client #${id}`;
+    if (this.connections.size >= this.limits.maxConnections) {
+      this.log(`${peer}: refused: ${this.connections.size} connections are open, the maximum (max_connections = ${this.limits.maxConnections})`);
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(this, socket, peer);
     const done = conn.run().finally(() => this.connections.delete(entry));
     const entry = { conn, done };
     this.connections.add(entry);
@@ -142,10 +232,12 @@ export class NbdServer {
   async close(graceMs = SHUTDOWN_GRACE_MS): Promise<void> {
     this.stopping = true;
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    await Promise.all([...this.connections].map(async (c) => {
-      await c.conn.shutdown(graceMs);
-      await c.done;
-    }));
+    await Promise.all(
+      [...this.connections].map(async (c) => {
+        await c.conn.shutdown(graceMs);
+        await c.done;
+      }),
+    );
     await closed;
   }
 }
@@ -156,9 +248,11 @@ interface Negotiated {
   blockStatus: boolean;
 }
 
-/** One client connection: handshake, option haggling, then the transmission phase. */
+/** One client connection: handshake (with STARTTLS when TLS is required), option haggling, then the transmission phase. */
 class Connection {
-  private readonly reader: SocketReader;
+  /** The stream spoken on: the TCP/Unix socket, or the TLS socket on top of it after STARTTLS. */
+  private socket: net.Socket | tls.TLSSocket;
+  private reader: SocketReader;
   private readonly closed: Promise<void>;
   private inFlight = 0;
   private inFlightBytes = 0;
@@ -168,38 +262,62 @@ class Connection {
   private readonly slots: (() => void)[] = [];
   private transmitting = false;
   private stopping = false;
-  private readonly peer: string;
-  private drained: Promise<void> | null = null;
+  /** Replies waiting to be written, in order. */
+  private readonly output: { parts: Buffer[]; resolve: () => void }[] = [];
+  /** Bytes written to the socket whose write has not completed. */
+  private outstanding = 0;
+  private outputTimer: NodeJS.Timeout | null = null;
+  private tls = false;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private idleTimer: NodeJS.Timeout | null = null;
+  /** Between a request header and the end of its payload. */
+  private midRequest = false;
+  /** Why the server ended the connection (logged instead of the resulting read error). */
+  private endedBecause: string | null = null;
 
   constructor(
     private readonly server: NbdServer,
-    private readonly socket: net.Socket,
+    private readonly raw: net.Socket,
+    private readonly peer: string,
   ) {
-    socket.setNoDelay?.(true);
-    this.reader = new SocketReader(socket);
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
-    this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix socket client';
+    raw.setNoDelay?.(true);
+    this.socket = raw;
+    this.reader = new SocketReader(raw, undefined, () => this.activity());
+    this.closed = new Promise((resolve) => raw.once('close', () => resolve()));
+    raw.once('close', () => this.flushOutput());
   }
 
   async run(): Promise<void> {
     if (this.server.verbose) this.server.log(`connection from ${this.peer}`);
+    const { handshakeTimeoutMs } = this.server.limits;
+    if (handshakeTimeoutMs > 0) {
+      this.handshakeTimer = setTimeout(
+        () => this.abort(`handshake not completed within ${handshakeTimeoutMs / 1000} s (handshake_timeout)`),
+        handshakeTimeoutMs,
+      ).unref();
+    }
     try {
       const n = await this.negotiate();
+      this.clearHandshakeTimer();
       if (n) {
-        if (this.server.verbose) this.server.log(`${this.peer}: serving version ${n.exp.version.id}${n.structured ? ' (structured replies)' : ''}`);
+        if (this.server.verbose) this.server.log(`${this.peer}: serving version ${n.exp.version.id}${n.structured ? ' (structured replies)' : ''}${this.tls ? ' over TLS' : ''}`);
+        if (this.raw.remoteAddress) this.raw.setKeepAlive(true, KEEPALIVE_MS);
         await this.transmit(n);
       }
     } catch (err) {
-      if (!(err instanceof ConnectionClosed) && !(err instanceof ProtocolViolation && this.stopping)) {
+      if (this.endedBecause) this.server.log(`${this.peer}: ${this.endedBecause}; connection closed`);
+      else if (!(err instanceof ConnectionClosed) && !(err instanceof ProtocolViolation && this.stopping)) {
         this.server.log(`${this.peer}: ${(err as Error).message}; connection closed`);
       }
     } finally {
+      this.clearHandshakeTimer();
+      if (this.idleTimer) clearTimeout(this.idleTimer);
       // After a clean end (NBD_OPT_ABORT, NBD_CMD_DISC) let the last reply reach the client first.
       if (this.socket.writableEnded && !this.socket.writableFinished && !this.socket.destroyed) {
         await Promise.race([once(this.socket, 'finish').catch(() => undefined), this.closed, delay(2000)]);
       }
       // Replies of requests still running are dropped (the socket is gone); other clients are unaffected.
-      this.socket.destroy();
+      this.destroy();
       await this.closed;
       // Requests already started still complete (a write lands in the overlay or fails as a whole), so that
       // once every connection is done nothing touches the exports any more.
@@ -211,13 +329,35 @@ class Connection {
   async shutdown(graceMs: number): Promise<void> {
     this.stopping = true;
     if (!this.transmitting) {
-      this.socket.destroy();
+      this.destroy();
     } else {
       const timer = new Promise<void>((resolve) => setTimeout(resolve, graceMs).unref());
       await Promise.race([this.drain(), timer]);
-      this.socket.destroy();
+      this.destroy();
     }
     await this.closed;
+  }
+
+  /** Ends the connection at once for a reason the server logs (timeouts). */
+  private abort(reason: string): void {
+    if (this.endedBecause || this.raw.destroyed) return;
+    this.endedBecause = reason;
+    this.destroy();
+  }
+
+  private destroy(): void {
+    if (this.socket !== this.raw) this.socket.destroy();
+    this.raw.destroy();
+  }
+
+  private clearHandshakeTimer(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+  }
+
+  /** Data arrived or a request finished: the idle timer starts again. */
+  private activity(): void {
+    this.idleTimer?.refresh();
   }
 
   private drain(): Promise<void> {
@@ -231,41 +371,105 @@ class Connection {
     return !this.socket.destroyed && this.socket.writable;
   }
 
-  /** Queues the buffers as one contiguous message; resolves once the socket can take more (backpressure). */
+  /**
+   * Queues the buffers as one contiguous message; resolves once all of it has been handed to the kernel
+   * (so the memory of a reply is accounted for until it is really gone). The queue is written in pieces
+   * of at most OUTPUT_PIECE bytes with at most OUTPUT_WINDOW bytes outstanding: progress is seen piece by
+   * piece, and a client that takes nothing for the stall timeout while replies wait is disconnected (it
+   * would otherwise hold its share of the request memory for ever).
+   */
   private send(...parts: Buffer[]): Promise<void> {
     if (!this.open) return Promise.resolve();
-    let ok = true;
-    this.socket.cork();
-    for (const p of parts) ok = this.socket.write(p) && ok;
-    this.socket.uncork();
-    if (ok) return Promise.resolve();
-    // One shared wait per connection, however many requests are waiting for the socket to drain.
-    this.drained ??= new Promise<void>((resolve) => {
-      const done = () => {
-        this.socket.off('drain', done);
-        this.socket.off('close', done);
-        this.drained = null;
-        resolve();
-      };
-      this.socket.on('drain', done);
-      this.socket.on('close', done);
+    return new Promise<void>((resolve) => {
+      this.output.push({ parts: parts.filter((p) => p.length > 0), resolve });
+      this.pump();
     });
-    return this.drained;
+  }
+
+  private pump(): void {
+    if (!this.open) {
+      this.flushOutput();
+      return;
+    }
+    const socket = this.socket;
+    let corked = false;
+    while (this.outstanding < OUTPUT_WINDOW && this.output.length > 0) {
+      const msg = this.output[0]!;
+      if (msg.parts.length === 0) {
+        this.output.shift();
+        msg.resolve();
+        continue;
+      }
+      const part = msg.parts[0]!;
+      const piece = part.length > OUTPUT_PIECE ? part.subarray(0, OUTPUT_PIECE) : part;
+      if (piece.length === part.length) msg.parts.shift();
+      else msg.parts[0] = part.subarray(OUTPUT_PIECE);
+      const last = msg.parts.length === 0;
+      if (last) this.output.shift();
+      if (!corked) {
+        socket.cork();
+        corked = true;
+      }
+      this.outstanding += piece.length;
+      socket.write(piece, () => {
+        this.outstanding -= piece.length;
+        this.outputTimer?.refresh();
+        if (last) msg.resolve();
+        this.pump();
+      });
+    }
+    if (corked) socket.uncork();
+    const stallMs = this.server.limits.stallTimeoutMs;
+    if (this.outstanding > 0 && stallMs > 0) {
+      this.outputTimer ??= setTimeout(() => {
+        this.outputTimer = null;
+        if (this.outstanding > 0) this.abort(`the client stopped reading replies for ${stallMs / 1000} s (stall_timeout)`);
+      }, stallMs).unref();
+    } else if (this.outputTimer) {
+      clearTimeout(this.outputTimer);
+      this.outputTimer = null;
+    }
+  }
+
+  /** The connection is gone: whoever waits for output to be written stops waiting. */
+  private flushOutput(): void {
+    for (const m of this.output.splice(0)) m.resolve();
+    if (this.outputTimer) clearTimeout(this.outputTimer);
+    this.outputTimer = null;
   }
 
   // ------------------------------------------------------------------------------------- handshake
 
-  private optionReply(option: number, type: number, data: Buffer = Buffer.alloc(0)): Promise<void> {
+  private optionHeader(option: number, type: number, length: number): Buffer {
     const h = Buffer.alloc(20);
     h.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
     h.writeUInt32BE(option, 8);
     h.writeUInt32BE(type, 12);
-    h.writeUInt32BE(data.length, 16);
-    return this.send(h, data);
+    h.writeUInt32BE(length, 16);
+    return h;
+  }
+
+  private optionReply(option: number, type: number, data: Buffer = Buffer.alloc(0)): Promise<void> {
+    return this.send(this.optionHeader(option, type, data.length), data);
   }
 
   private optionError(option: number, type: number, message: string): Promise<void> {
     return this.optionReply(option, type, Buffer.from(message.slice(0, MAX_STRING), 'utf8'));
+  }
+
+  /** NBD_OPT_STARTTLS acknowledged: the TLS handshake runs on the raw socket, then everything goes through TLS. */
+  private async startTls(option: number): Promise<void> {
+    const psk = this.server.psk!;
+    // send() resolves once the ACK is written: only then may the socket change hands.
+    await this.send(this.optionHeader(option, REP.ACK, 0));
+    // The client may only speak TLS after our ACK; bytes it sent before are a protocol violation.
+    const early = this.reader.detach();
+    if (early.length > 0) throw new ProtocolViolation('data received between NBD_OPT_STARTTLS and its reply');
+    const { socket, identity } = await startTls(this.raw, psk, this.server.tlsContext!);
+    this.socket = socket;
+    this.reader = new SocketReader(socket, undefined, () => this.activity());
+    this.tls = true;
+    if (this.server.verbose) this.server.log(`${this.peer}: TLS ${socket.getProtocol()} ${socket.getCipher().name}, PSK identity "${identity}"`);
   }
 
   private async negotiate(): Promise<Negotiated | null> {
@@ -277,11 +481,13 @@ class Connection {
     const clientFlags = (await this.reader.read(4)).readUInt32BE(0);
     if (clientFlags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)) throw new ProtocolViolation(`unknown client flags 0x${clientFlags.toString(16)}`);
     const noZeroes = (clientFlags & FLAG_C_NO_ZEROES) !== 0;
+    const tlsRequired = this.server.psk !== null;
+    if (tlsRequired && !(clientFlags & FLAG_C_FIXED_NEWSTYLE)) throw new ProtocolViolation('TLS is required, which needs fixed newstyle negotiation');
     let structured = false;
     let meta: { exp: NbdExport; baseAllocation: boolean } | null = null;
 
     for (let options = 0; ; options++) {
-      if (options > 10_000) throw new ProtocolViolation('too many options');
+      if (options > MAX_OPTIONS) throw new ProtocolViolation('too many options');
       const h = await this.reader.read(16);
       if (h.readBigUInt64BE(0) !== IHAVEOPT) throw new ProtocolViolation('bad option magic');
       const option = h.readUInt32BE(8);
@@ -292,12 +498,25 @@ class Connection {
         await this.optionError(option, REP.ERR_SHUTDOWN, 'the server is shutting down');
         continue;
       }
+      if (tlsRequired && !this.tls) {
+        // FORCEDTLS: nothing but STARTTLS and ABORT before TLS is up.
+        if (option === OPT.STARTTLS) {
+          if (length !== 0) await this.optionError(option, REP.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+          else await this.startTls(option);
+          continue;
+        }
+        if (option === OPT.EXPORT_NAME) throw new ProtocolViolation('NBD_OPT_EXPORT_NAME without TLS, which this server requires');
+        if (option !== OPT.ABORT) {
+          await this.optionError(option, REP.ERR_TLS_REQD, 'this server requires TLS: connect with nbds:// or nbds+unix:// and its pre-shared key (tls-psk-file=…)');
+          continue;
+        }
+      }
       switch (option) {
         case OPT.EXPORT_NAME: {
           const name = data.toString('utf8');
           const exp = this.server.lookup(name);
           // This option cannot carry an error: an unknown export ends the session.
-          if (!exp) throw new ProtocolViolation(`no export named "${name}"`);
+          if (!exp) throw new ProtocolViolation(`no export named "${printable(name)}"`);
           const r = Buffer.alloc(noZeroes ? 10 : 134);
           r.writeBigUInt64BE(BigInt(exp.size), 0);
           r.writeUInt16BE(transmissionFlags(exp, structured), 8);
@@ -308,9 +527,17 @@ class Connection {
           await this.optionReply(option, REP.ACK);
           this.socket.end();
           return null;
+        case OPT.STARTTLS:
+          if (this.tls) await this.optionError(option, REP.ERR_INVALID, 'TLS is already active');
+          else await this.optionError(option, REP.ERR_POLICY, 'TLS is not enabled on this server (start it with --tls-psk FILE)');
+          break;
         case OPT.LIST:
           if (length !== 0) {
             await this.optionError(option, REP.ERR_INVALID, 'NBD_OPT_LIST takes no data');
+            break;
+          }
+          if (this.server.hideList) {
+            await this.optionError(option, REP.ERR_POLICY, 'listing exports is disabled on this server (their names are secret)');
             break;
           }
           for (const e of this.server.exportEntries) {
@@ -339,7 +566,8 @@ class Connection {
           }
           const exp = this.server.lookup(req.name);
           if (!exp) {
-            await this.optionError(option, REP.ERR_UNKNOWN, `no export named "${req.name}"; list them with NBD_OPT_LIST (nbdinfo --list)`);
+            const hint = this.server.hideList ? 'use the export URI printed when the server started' : 'list them with NBD_OPT_LIST (nbdinfo --list)';
+            await this.optionError(option, REP.ERR_UNKNOWN, `no export named "${req.name}"; ${hint}`);
             break;
           }
           const info = Buffer.alloc(12);
@@ -411,8 +639,18 @@ class Connection {
 
   private async transmit(n: Negotiated): Promise<void> {
     this.transmitting = true;
+    const { idleTimeoutMs, stallTimeoutMs } = this.server.limits;
+    const stall = { stallMs: stallTimeoutMs };
+    if (idleTimeoutMs > 0) {
+      const onIdle = () => {
+        // Idle = nothing in flight and no part of a request received; otherwise look again later.
+        if (this.inFlight === 0 && !this.midRequest && this.reader.pending === 0) this.abort(`idle for ${idleTimeoutMs / 1000} s (idle_timeout)`);
+        else this.idleTimer?.refresh();
+      };
+      this.idleTimer = setTimeout(onIdle, idleTimeoutMs).unref();
+    }
     for (;;) {
-      const h = await this.reader.read(28);
+      const h = await this.reader.read(28, stall);
       if (h.readUInt32BE(0) !== REQUEST_MAGIC) throw new ProtocolViolation('bad request magic');
       const req: Request = {
         flags: h.readUInt16BE(4),
@@ -422,36 +660,60 @@ class Connection {
         length: h.readUInt32BE(24),
         payload: null,
       };
+      this.midRequest = req.type === CMD.WRITE && req.length > 0;
       if (req.type === CMD.DISC) {
         await this.drain();
         this.socket.end();
         return;
       }
-      if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) {
-        await this.reader.skip(req.length);
-        await this.simpleReply(req.cookie, NBD_ERR.EINVAL);
-        continue;
+      if (req.type === CMD.WRITE) {
+        // Decided from the header alone, before a byte of the payload is read or any memory is set aside.
+        if (req.length > MAX_PAYLOAD) {
+          // The advertised maximum: a client that ignores it is broken or hostile (the protocol allows a hard disconnect).
+          throw new ProtocolViolation(`write of ${req.length} bytes, more than the maximum payload of ${MAX_PAYLOAD} bytes`);
+        }
+        const refusal = n.exp.readOnly
+          ? { error: NBD_ERR.EPERM, message: 'the export is read-only (serve with --rw to write to an overlay)' }
+          : req.offset + BigInt(req.length) > BigInt(n.exp.size)
+            ? { error: NBD_ERR.EINVAL, message: 'write beyond the end of the export' }
+            : null;
+        if (refusal) {
+          // Refused at once; the payload is then read and dropped in bounded pieces to stay in step with the client.
+          await this.errorReply(n, req.cookie, refusal.error, refusal.message);
+          await this.reader.skip(req.length, { ...stall, stalledFromStart: true });
+          this.midRequest = false;
+          continue;
+        }
       }
-      // Bounded work per connection: a request count and the bytes of data in flight (payloads, read buffers).
+      // Bounded work per connection (a request count and the bytes of data in flight), and one byte budget
+      // for the request data of all connections.
       const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : 0;
       while (this.inFlight > 0 && (this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes + cost > MAX_IN_FLIGHT_BYTES)) {
         await new Promise<void>((resolve) => this.slots.push(resolve));
       }
       this.inFlight++;
       this.inFlightBytes += cost;
+      let budgeted = false;
       const release = () => {
+        if (budgeted) this.server.budget.release(cost);
         this.inFlight--;
         this.inFlightBytes -= cost;
+        this.activity();
         for (const wake of this.slots.splice(0)) wake();
         if (this.inFlight === 0) for (const wake of this.idle.splice(0)) wake();
       };
       try {
-        if (req.type === CMD.WRITE) req.payload = await this.reader.read(req.length);
+        if (cost > 0) {
+          await this.server.budget.acquire(cost);
+          budgeted = true;
+        }
+        if (req.type === CMD.WRITE) req.payload = await this.reader.read(req.length, { ...stall, stalledFromStart: true });
+        this.midRequest = false;
       } catch (err) {
         release();
         throw err;
       }
-      if (this.stopping) {
+      if (this.stopping || !this.open) {
         // Shutting down: requests already running finish, new ones are refused.
         await this.simpleReply(req.cookie, NBD_ERR.ESHUTDOWN).finally(release);
         continue;
@@ -499,12 +761,11 @@ class Connection {
     try {
       switch (req.type) {
         case CMD.READ:
+          if (req.length > MAX_PAYLOAD) return await this.errorReply(n, req.cookie, NBD_ERR.EINVAL, 'read larger than the maximum payload (32 MiB)');
           if (!inRange) return await this.errorReply(n, req.cookie, NBD_ERR.EINVAL, 'read beyond the end of the export');
-          if (req.length > MAX_PAYLOAD) return await this.errorReply(n, req.cookie, NBD_ERR.EINVAL, 'read larger than the maximum block size');
           return await this.read(n, req, offset);
         case CMD.WRITE:
-          if (exp.readOnly) return await this.errorReply(n, req.cookie, NBD_ERR.EPERM, 'the export is read-only (serve with --rw to write to an overlay)');
-          if (!inRange) return await this.errorReply(n, req.cookie, NBD_ERR.EINVAL, 'write beyond the end of the export');
+          // Read-only exports, oversized and out-of-range writes were refused before their payload was read.
           if (req.length > 0) await exp.write(offset, req.payload!, fua);
           return await this.simpleReply(req.cookie, 0);
         case CMD.TRIM:
@@ -615,6 +876,11 @@ function parseMetaRequest(data: Buffer): { name: string; queries: string[] } | n
     pos += 4 + len;
   }
   return pos === data.length ? { name, queries } : null;
+}
+
+/** Client-supplied text in the server's log: no terminal control characters, bounded length. */
+function printable(text: string): string {
+  return text.slice(0, 256).replace(/[\x00-\x1f\x7f-\x9f]/g, '?');
 }
 
 function delay(ms: number): Promise<void> {

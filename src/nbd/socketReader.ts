@@ -1,4 +1,4 @@
-import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 
 /** The peer closed the connection (or it failed) while a read was waiting. */
 export class ConnectionClosed extends Error {
@@ -6,6 +6,24 @@ export class ConnectionClosed extends Error {
     super(message);
     this.name = 'ConnectionClosed';
   }
+}
+
+/** The peer stopped sending in the middle of a message for longer than the stall timeout. */
+export class StallTimeout extends Error {
+  constructor(ms: number) {
+    super(`the client stopped sending in the middle of a request for ${ms / 1000} s`);
+    this.name = 'StallTimeout';
+  }
+}
+
+export interface ReadOptions {
+  /**
+   * Milliseconds without a byte from the peer, while this read has received part of its bytes (or from its
+   * start, with `stalledFromStart`), after which it fails with StallTimeout. 0 or absent: no limit.
+   */
+  stallMs?: number;
+  /** The read continues a message already begun (a write payload): the stall timer runs from the start. */
+  stalledFromStart?: boolean;
 }
 
 /**
@@ -16,45 +34,122 @@ export class ConnectionClosed extends Error {
 export class SocketReader {
   private chunks: Buffer[] = [];
   private buffered = 0;
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void; opts: ReadOptions; got: number; timer: NodeJS.Timeout | null } | null = null;
   private closed: Error | null = null;
+  private readonly listeners: [string, (...args: any[]) => void][];
 
   constructor(
-    private readonly socket: Socket,
+    private readonly socket: Duplex,
     private readonly highWater = 1024 * 1024,
+    /** Called for every chunk received (activity for idle timers). */
+    private readonly onData?: () => void,
   ) {
-    socket.on('data', (b: Buffer) => {
+    const data = (b: Buffer) => {
       this.chunks.push(b);
       this.buffered += b.length;
+      this.onData?.();
+      const w = this.waiter;
+      if (w) {
+        w.got += b.length;
+        w.timer?.refresh();
+      }
       this.serve();
       if (this.buffered > this.highWater && !this.waiter) socket.pause();
-    });
+    };
     const end = (err?: Error) => {
       if (!this.closed) this.closed = new ConnectionClosed(err ? `connection failed: ${err.message}` : 'connection closed by the client');
       this.serve();
     };
-    socket.on('end', () => end());
-    socket.on('close', () => end());
-    socket.on('error', (err) => end(err));
+    this.listeners = [
+      ['data', data],
+      ['end', () => end()],
+      ['close', () => end()],
+      ['error', (err: Error) => end(err)],
+    ];
+    for (const [ev, fn] of this.listeners) socket.on(ev, fn);
   }
 
-  /** The next `n` bytes; rejects with ConnectionClosed if the connection ends first. */
-  read(n: number): Promise<Buffer> {
+  /** Bytes received and not yet consumed. */
+  get pending(): number {
+    return this.buffered;
+  }
+
+  /** The next `n` bytes; rejects with ConnectionClosed if the connection ends first, StallTimeout if it stalls. */
+  read(n: number, opts: ReadOptions = {}): Promise<Buffer> {
     if (this.waiter) return Promise.reject(new Error('SocketReader: concurrent reads'));
     return new Promise<Buffer>((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
+      this.waiter = { n, resolve, reject, opts, got: this.buffered, timer: null };
       this.serve();
-      if (this.waiter && this.socket.isPaused()) this.socket.resume();
+      if (this.waiter) {
+        if (opts.stallMs) this.armStall(this.waiter);
+        if (this.socket.isPaused()) this.socket.resume();
+      }
     });
   }
 
-  /** Reads and drops `n` bytes (in bounded pieces). */
-  async skip(n: number): Promise<void> {
+  /**
+   * Reads and drops `n` bytes (a refused write payload) without copying them anywhere: received chunks are
+   * released as they arrive, so at most `highWater` plus one socket chunk is ever held.
+   */
+  async skip(n: number, opts: ReadOptions = {}): Promise<void> {
+    let first = true;
     while (n > 0) {
-      const piece = Math.min(n, 1024 * 1024);
-      await this.read(piece);
-      n -= piece;
+      n -= this.drop(n);
+      if (n === 0) break;
+      // Wait for at least one more byte (a zero-copy read of it), then drop what is there.
+      await this.read(1, { ...opts, stalledFromStart: opts.stalledFromStart || !first });
+      first = false;
+      n -= 1;
     }
+  }
+
+  /** Drops up to `n` buffered bytes; returns how many. */
+  private drop(n: number): number {
+    let dropped = 0;
+    while (dropped < n && this.chunks.length > 0) {
+      const c = this.chunks[0]!;
+      const take = Math.min(c.length, n - dropped);
+      if (take === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(take);
+      dropped += take;
+    }
+    this.buffered -= dropped;
+    if (this.buffered <= this.highWater && this.socket.isPaused() && !this.closed) this.socket.resume();
+    return dropped;
+  }
+
+  /**
+   * Stops reading from the socket (before it is handed to TLS) and returns what was received but not
+   * consumed. A waiting read, if any, is rejected.
+   */
+  detach(): Buffer {
+    for (const [ev, fn] of this.listeners) this.socket.off(ev, fn);
+    const w = this.waiter;
+    if (w) {
+      this.waiter = null;
+      if (w.timer) clearTimeout(w.timer);
+      w.reject(new ConnectionClosed('reader detached'));
+    }
+    const rest = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.buffered = 0;
+    return rest;
+  }
+
+  private armStall(w: NonNullable<SocketReader['waiter']>): void {
+    const ms = w.opts.stallMs!;
+    // The stall timer runs once part of the message is here (or from the start for a payload); it is
+    // refreshed by every chunk, so a slow but moving client is never cut off.
+    const check = () => {
+      if (this.waiter !== w) return;
+      if (w.got > 0 || w.opts.stalledFromStart) {
+        this.waiter = null;
+        w.reject(new StallTimeout(ms));
+      } else {
+        w.timer = setTimeout(check, ms).unref();
+      }
+    };
+    w.timer = setTimeout(check, ms).unref();
   }
 
   private serve(): void {
@@ -62,10 +157,12 @@ export class SocketReader {
     if (!w) return;
     if (this.buffered >= w.n) {
       this.waiter = null;
+      if (w.timer) clearTimeout(w.timer);
       w.resolve(this.take(w.n));
       if (this.buffered <= this.highWater && this.socket.isPaused() && !this.closed) this.socket.resume();
     } else if (this.closed) {
       this.waiter = null;
+      if (w.timer) clearTimeout(w.timer);
       w.reject(this.closed);
     }
   }
