@@ -2,6 +2,7 @@ import { constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { describeSystemError, IntegrityError, NotFoundError, RefusedError, UsageError } from '../errors.js';
+import { CHUNK_BLOCKS } from '../index/blockmap.js';
 import type { VersionRecord } from '../index/records.js';
 import { formatBytes } from '../util/size.js';
 import { UNLIMITED, type Throttle } from '../util/throttle.js';
@@ -133,6 +134,10 @@ export async function restore(repo: Repository, pipeline: BlockPipeline, version
 }
 
 async function runRestore(repo: Repository, pipeline: BlockPipeline, version: VersionRecord, opts: RestoreOptions, targetKey: string): Promise<RestoreResult> {
+  // The whole block map is read (and authenticated) before the target is touched: an edited index fails
+  // here (exit 3), before a single byte is written.
+  const mapCheck = repo.index.mapCursor(version.id, Math.ceil(version.size / version.block_size));
+  for (let i = 0; i < Math.ceil(version.size / version.block_size); i += CHUNK_BLOCKS) mapCheck.get(i);
   let state = repo.index.getRestoreState(targetKey);
   let fh: fs.FileHandle;
   let zeroed: boolean;
