@@ -214,7 +214,11 @@ test('a repository written by the previous release (index schema 2, keyring form
   // Made by blocksafe 6a6f782 (see fixture.json): two versions of one volume, a tag and protection on the first.
   await run('tar', ['xzf', path.join(ROOT, 'test', 'fixtures', 'schema2-repo.tar.gz'), '-C', dir]);
   const fx = JSON.parse(await fs.readFile(path.join(dir, 'fixture.json'), 'utf8')) as { v1: string; v2: string; sha1: string; sha2: string };
-  const repo = { dir: path.join(dir, 'repo'), args: ['--repo', path.join(dir, 'repo'), '--key-file', path.join(dir, 'repo.key')], env: {} };
+  // The fixture's repository id is the same on every run: this machine's trust record (which remembers the
+  // migrated keyring's generation) must be this test's own, or the next run would rightly see an old keyring.
+  const conf = path.join(dir, 'test.conf');
+  await fs.writeFile(conf, `[s3]\nstate_dir = ${path.join(dir, 'state')}\n`, { mode: 0o600 });
+  const repo = { dir: path.join(dir, 'repo'), args: ['--config', conf, '--repo', path.join(dir, 'repo'), '--key-file', path.join(dir, 'repo.key')], env: {} };
   const keyringBefore = await fs.readFile(path.join(repo.dir, 'keys', 'keyring'));
   const listed = await runJson<VersionJson[]>(['ls', ...repo.args]);
   t.deepEqual(listed.map((v) => v.id).sort(), [fx.v1, fx.v2].sort());
@@ -231,6 +235,11 @@ test('a repository written by the previous release (index schema 2, keyring form
   t.false((await fs.readFile(path.join(repo.dir, 'keys', 'keyring'))).equals(keyringBefore), 'keyring upgraded');
   // A new backup still deduplicates against the migrated block table.
   t.is((await backupJson(repo, path.join(dir, 'vol.img'), 'vol')).stats.blocks_written, 0);
+  // Putting the old (format 1) keyring back is now a rollback this machine refuses, and says how to accept it.
+  const upgraded = await fs.readFile(path.join(repo.dir, 'keys', 'keyring'));
+  await fs.writeFile(path.join(repo.dir, 'keys', 'keyring'), keyringBefore);
+  assertCliError(t, await runCli(['ls', ...repo.args]), 3, /older \(generation 0\) than one this machine already saw \(1\).*delete .*state\/trust\//);
+  await fs.writeFile(path.join(repo.dir, 'keys', 'keyring'), upgraded);
 
   // An index from the future is refused with a clear message.
   const env3 = openLmdb({ path: path.join(repo.dir, 'index', 'index.mdb'), maxDbs: 16, compression: false });

@@ -145,6 +145,7 @@ export async function s3Repo(t: ExecutionContext, dir: string, opts: S3RepoOptio
   const bucket = opts.bucket ?? freshBucket();
   const prefix = opts.prefix ?? 'backups/blocksafe';
   const stateDir = path.join(dir, 'state');
+  await fs.mkdir(dir, { recursive: true });
   const s3opts: Record<string, string | number | boolean> = {
     endpoint: S3_ENDPOINT,
     region: S3_REGION,
@@ -163,7 +164,7 @@ export async function s3Repo(t: ExecutionContext, dir: string, opts: S3RepoOptio
   const conf = path.join(dir, `s3-${randomBytes(3).toString('hex')}.conf`);
   const pipeline = { threads: 1, ...opts.pipeline };
   const ini = (section: string, o: Record<string, unknown>) => [`[${section}]`, ...Object.entries(o).map(([k, v]) => `${k} = ${v}`), ''];
-  await fs.writeFile(conf, [...ini('s3', s3opts), ...ini('pipeline', pipeline)].join('\n'));
+  await fs.writeFile(conf, [...ini('s3', s3opts), ...ini('pipeline', pipeline)].join('\n'), { mode: 0o600 });
   const keyFile = path.join(dir, 'repo.key');
   await fs.writeFile(keyFile, randomBytes(64), { mode: 0o600, flag: 'wx' }).catch((err) => {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;

@@ -82,7 +82,7 @@ export const SCHEMA = {
     secret_access_key: { kind: 'string', default: '', secret: true, doc: 'S3 secret key belonging to access_key_id (never printed).' },
     credentials_file: { kind: 'string', default: '', doc: 'File in AWS credentials format ([profile] aws_access_key_id = ..., aws_secret_access_key = ...), used when access_key_id is empty.' },
     profile: { kind: 'string', default: '', doc: 'Profile (section) of credentials_file (empty = AWS_PROFILE, then default).' },
-    state_dir: { kind: 'string', default: '', doc: 'Local directory for the LMDB index of S3 repositories, one sub-directory per repository id (empty = /var/lib/blocksafe as root, else $XDG_STATE_HOME/blocksafe or ~/.local/state/blocksafe).' },
+    state_dir: { kind: 'string', default: '', doc: 'Local directory for the LMDB index of S3 repositories (one sub-directory per repository id) and for the trust records of every repository (trust/: encryption mode and keyring generation last seen, so that a replaced descriptor or an old keyring put back is refused) (empty = /var/lib/blocksafe as root, else $XDG_STATE_HOME/blocksafe or ~/.local/state/blocksafe).' },
     concurrency: { kind: 'int', default: '8', min: 1, max: 256, doc: 'S3 requests in flight at once (uploads, downloads, deletes, listings).' },
     timeout: { kind: 'duration', default: '60s', doc: 'Per-request timeout: a request without a complete answer by then is aborted and retried.' },
     connect_timeout: { kind: 'duration', default: '10s', doc: 'Timeout for opening a connection to the endpoint.' },

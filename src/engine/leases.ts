@@ -129,13 +129,21 @@ export class StoreLeases {
     // now() - lastWrite: the time since our write, plus the test clock's offset (util/clock.ts).
     this.storeNow = own ? own.mtime + (now() - this.lastWrite) : now();
     const out: LiveLease[] = [];
+    const dead: string[] = [];
     for (const e of entries) {
       if (e.size === 0) continue; // an upload that did not complete
       if (e.name !== this.name && this.storeNow - e.mtime > this.settings.staleMs) continue;
       const body = await this.read(e.name);
-      if (!body || (e.name !== this.name && holderIsGone(body.holder))) continue;
+      if (!body) continue;
+      if (e.name !== this.name && holderIsGone(body.holder)) {
+        dead.push(e.name);
+        continue;
+      }
       out.push({ name: e.name, body, mtime: e.mtime });
     }
+    // A process of this machine that died (kill -9, power loss of a container) left its lease behind: we
+    // can prove it is gone, other machines cannot until it is stale_after old, so remove it for them.
+    if (dead.length > 0) await this.store.delete(dead).catch(() => undefined);
     return out;
   }
 

@@ -26,6 +26,12 @@ export class TrustStore {
     return this.dir && /^[A-Za-z0-9-]{1,64}$/.test(id) ? path.join(this.dir, `${id}.json`) : null;
   }
 
+  /** How a user who put an old copy back on purpose tells this machine to accept it. */
+  private forget(id: string): string {
+    const file = this.file(id);
+    return file ? `If you restored an older copy of the repository on purpose, delete ${file} and run the command again.` : '';
+  }
+
   read(id: string): TrustRecord | null {
     const file = this.file(id);
     if (!file) return null;
@@ -45,12 +51,12 @@ export class TrustStore {
     const prev = this.read(id);
     if (prev && prev.encryption !== 'none' && encryption === 'none') {
       throw new IntegrityError(
-        `The repository ${id} was encrypted when this machine last opened it, but now claims "encryption: none": its descriptor or keyring was replaced. Nothing was read or written; restore the repository from a trusted copy.`,
+        `The repository ${id} was encrypted when this machine last opened it, but now claims "encryption: none": its descriptor or keyring was replaced. Nothing was read or written; restore the repository from a trusted copy. ${this.forget(id)}`,
       );
     }
     if (prev && keyringGeneration < prev.keyring_generation) {
       throw new IntegrityError(
-        `The keyring of repository ${id} is older (generation ${keyringGeneration}) than one this machine already saw (${prev.keyring_generation}): an old keyring was put back. Nothing was read or written.`,
+        `The keyring of repository ${id} is older (generation ${keyringGeneration}) than one this machine already saw (${prev.keyring_generation}): an old keyring was put back. Nothing was read or written. ${this.forget(id)}`,
       );
     }
     if (prev && prev.encryption === encryption && prev.keyring_generation === keyringGeneration) return;
