@@ -42,6 +42,7 @@ export interface Background {
   exited(): boolean;
   /** Output so far. */
   stderr(): string;
+  stdout(): string;
   /** SIGKILL, then wait for the exit. */
   kill9(): Promise<CliResult>;
 }
@@ -73,6 +74,7 @@ export function spawnCli(args: readonly string[], env: Record<string, string | u
     done,
     exited: () => exited,
     stderr: () => Buffer.concat(err).toString('utf8'),
+    stdout: () => Buffer.concat(out).toString('utf8'),
     kill9: async () => {
       if (!exited) child.kill('SIGKILL');
       return done;

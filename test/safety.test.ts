@@ -7,13 +7,14 @@ import { createHmac } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
-import { killOnTeardown, pausePoints, spawnCli } from './cliHarness.js';
+import { have, killOnTeardown, pausePoints, spawnCli, waitFor } from './cliHarness.js';
 import {
   assertCliError,
   differingBlocks,
   initKeyFileRepo,
   initRepo,
   makeImage,
+  run,
   runCli,
   runJson,
   runOk,
@@ -234,5 +235,65 @@ test('backup, rm, prune, cleanup, scrub and rekey at once: each succeeds or is r
     t.true(v.complete && v.valid, `${v.id} complete and valid`);
     t.is(await restoredSha(repo, dir, v.id), await sha256File(source.get(v.id)!), `${v.id} restores byte-identical`);
   }
+  await scrubClean(t, repo);
+});
+
+test('rekey while a scrub runs: the scrub reads the re-encrypted blocks and finds nothing damaged; no block is marked invalid', async (t) => {
+  const dir = await shmDir(t);
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '64K' });
+  const img = await mixedImage(dir, 'a.img', 120, 'rekey-scrub');
+  const v = await runJson<VersionJson>(['backup', ...repo.args, img.path, 'vol']);
+  const pause = await pausePoints(t);
+  // The scrub has loaded the keyring (key 1 only) and selected its blocks; it has read none yet.
+  const scrub = killOnTeardown(t, spawnCli(['scrub', ...repo.args, '--all', '--json'], pause.env('scrub.started')));
+  t.true(await pause.reached('scrub.started', scrub), scrub.stderr());
+  const rekey = await runJson<{ key_id: number; blocks_rewritten: number; retired_keys: number[] }>(['rekey', ...repo.args]);
+  t.is(rekey.key_id, 2);
+  t.true(rekey.blocks_rewritten > 0);
+  t.deepEqual(rekey.retired_keys, [], 'key 1 stays while the scrub may use it');
+  await pause.go('scrub.started');
+  const done = await scrub.done;
+  t.is(done.code, 0, `the scrub read objects of a key it did not know at its start: ${done.stderr}`);
+  t.deepEqual((JSON.parse(done.stdout) as ScrubJson).damaged, []);
+  const shown = await runJson<VersionJson>(['show', ...repo.args, v.id]);
+  t.true(shown.valid, 'the version is still valid');
+  t.deepEqual((await runJson<{ retired_keys: number[] }>(['rekey', ...repo.args])).retired_keys, [1]);
+  t.is(await restoredSha(repo, dir, v.id), img.sha256);
+  await scrubClean(t, repo);
+});
+
+test('rekey while an NBD export with --rw --keep-as runs: reads after the rekey are intact and the overlay is kept as a version', async (t) => {
+  for (const tool of ['qemu-io']) if (!have(tool)) return t.fail(`${tool} is needed (Debian package qemu-utils)`);
+  const dir = await shmDir(t);
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '64K' });
+  const img = await mixedImage(dir, 'a.img', 64, 'rekey-nbd');
+  await runJson<VersionJson>(['backup', ...repo.args, img.path, 'vol']);
+  const srv = killOnTeardown(t, spawnCli(['nbd', ...repo.args, '--json', '--rw', '--keep-as', 'vol-edited', 'vol']));
+  const listening = await waitFor('the NBD server to listen', () => {
+    if (srv.exited()) throw new Error(`nbd exited: ${srv.stderr()}`);
+    const line = srv.stdout().split('\n')[0];
+    return srv.stdout().includes('\n') ? (JSON.parse(line!) as { exports: { name: string; uri: string }[] }) : undefined;
+  });
+  const uri = listening.exports.find((e) => e.name.endsWith('vol'))!.uri;
+  // A write before the rekey lands in the overlay; the rekey then rewrites every block under key 2.
+  await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a ${3 * BS} ${BS}`, uri]);
+  const rekey = await runJson<{ key_id: number; retired_keys: number[] }>(['rekey', ...repo.args]);
+  t.is(rekey.key_id, 2);
+  t.deepEqual(rekey.retired_keys, [], 'key 1 stays while the export may use it');
+  // Unwritten blocks are now read from objects of key 2; the written one still from the overlay.
+  const original = await fs.readFile(img.path);
+  const copy = path.join(dir, 'via-nbd.img');
+  await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, copy]);
+  const expected = Buffer.from(original);
+  expected.fill(0x5a, 3 * BS, 4 * BS);
+  t.true((await fs.readFile(copy)).equals(expected), 'the export reads the re-encrypted blocks and the overlay');
+  srv.child.kill('SIGINT');
+  const stopped = await srv.done;
+  t.is(stopped.code, 0, stopped.stderr);
+  const kept = stopped.stdout.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l) as { event: string; version?: VersionJson }).find((e) => e.event === 'kept')?.version;
+  if (!kept) return t.fail(`no kept version: ${stopped.stdout} ${stopped.stderr}`);
+  const restored = path.join(dir, 'kept.img');
+  await runOk(['restore', ...repo.args, kept.id, restored]);
+  t.true((await fs.readFile(restored)).equals(expected), 'the kept version holds the write');
   await scrubClean(t, repo);
 });

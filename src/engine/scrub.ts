@@ -94,6 +94,7 @@ async function runScrub(repo: Repository, pipeline: BlockPipeline, opts: ScrubOp
   // removed a block meanwhile, a backup healed it, a rekey replaced its object.
   const verified: { checksum: Buffer; expect: BlockRecord; next: BlockRecord }[] = [];
   let doneBytes = 0;
+  await pausePoint('scrub.started');
   await orderedWindow<string | null>(
     chosen.length,
     opts.queueDepth,
