@@ -85,6 +85,22 @@ test('index rebuild marks versions whose blocks are missing as invalid', async (
   t.false(after!.valid);
 });
 
+test('index rebuild names the versions the previous index knew whose manifests the store lacks (before a cleanup would drop their blocks)', async (t) => {
+  const dir = await tempDir(t);
+  const repo = await initRepo(path.join(dir, 'repo'), { encryption: 'none', blockSize: '1M' });
+  const img = await image(dir);
+  const kept = await backupJson(repo, img.path, 'kept');
+  const lost = await backupJson(repo, img.path, 'lost');
+  await fs.rename(path.join(repo.dir, 'manifests', lost.id), path.join(dir, 'manifest.bak'));
+  const r = await runJson<{ versions: number; not_in_store: { id: string; name: string }[] }>(['index', 'rebuild', ...repo.args], { env: repo.env });
+  t.is(r.versions, 1);
+  t.deepEqual(r.not_in_store, [{ id: lost.id, name: 'lost' }]);
+  const text = await runCli(['index', 'rebuild', ...repo.args], { env: repo.env });
+  t.is(text.code, 0);
+  t.notRegex(text.stdout, /WARNING/, 'the second rebuild compares with the first rebuild\'s index, which already lacked it');
+  t.deepEqual((await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })).map((v) => v.id), [kept.id]);
+});
+
 test('copy to another repository with other keys, then on to a third; a second copy sends nothing', async (t) => {
   const dir = await tempDir(t);
   const a = await initRepo(path.join(dir, 'a'), { blockSize: '1M', passphrase: 'first' });

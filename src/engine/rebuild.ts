@@ -16,6 +16,11 @@ export interface RebuildResult {
   damaged_manifests: string[];
   /** Where the previous index was moved, if there was one. */
   previous_index: string | null;
+  /**
+   * Complete versions the previous index knew that the store has no manifest for (removed on another
+   * machine, or their manifests deleted or unreadable): a cleanup would treat their blocks as garbage.
+   */
+  not_in_store: { id: string; name: string }[];
 }
 
 /**
@@ -39,6 +44,14 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
     await index.close();
   }
   if (existsSync(dir)) {
+    const known = new Set<string>();
+    const rebuilt = Index.openAt(building, keys.descriptor.id, keys.keyring.macKey);
+    try {
+      for (const v of rebuilt.allVersions()) known.add(v.id);
+    } finally {
+      await rebuilt.close();
+    }
+    result.not_in_store = (await previousVersions(dir, keys.descriptor.id, keys.keyring.macKey)).filter((v) => !known.has(v.id));
     result.previous_index = `${dir}.old-${new Date().toISOString().replace(/[:.]/g, '-')}`;
     renameSync(dir, result.previous_index);
   }
@@ -49,7 +62,23 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
 function summarize(repo: Repository, r: SyncReport): RebuildResult {
   let blocks = 0;
   for (const _ of repo.index.allBlocks()) blocks++;
-  return { versions: r.imported.length, blocks, missing_blocks: r.missing_blocks, damaged_manifests: r.damaged_manifests.map((d) => d.id), previous_index: null };
+  return { versions: r.imported.length, blocks, missing_blocks: r.missing_blocks, damaged_manifests: r.damaged_manifests.map((d) => d.id), previous_index: null, not_in_store: [] };
+}
+
+/** Complete versions of the index being replaced, best effort: it may be damaged (why it is rebuilt). */
+async function previousVersions(dir: string, repoId: string, macKey: Uint8Array): Promise<{ id: string; name: string }[]> {
+  const out: { id: string; name: string }[] = [];
+  try {
+    const old = Index.openAt(dir, repoId, macKey);
+    try {
+      for (const v of old.allVersions()) if (v.complete) out.push({ id: v.id, name: v.name });
+    } finally {
+      await old.close();
+    }
+  } catch {
+    // unreadable: nothing to compare with
+  }
+  return out;
 }
 
 /**
