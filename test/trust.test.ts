@@ -165,3 +165,217 @@ test('1. downgrade: a descriptor edited to "encryption: none" with a plaintext k
   // Whatever happened, no object in the repository holds the marker in clear.
   for (const [f, b] of await storeFiles(repo.dir)) t.is(b.indexOf(MARKER), -1, `${f} holds the plaintext marker`);
 });
+
+// -------------------------------------------------------------------------------- 2. edited index
+
+/** Opens a repository's LMDB index the way an attacker with the disk would, runs `fn`, closes it. */
+async function withIndex<T>(repoDir: string, fn: (root: ReturnType<typeof openLmdb>) => T): Promise<T> {
+  const root = openLmdb({ path: path.join(repoDir, 'index', 'index.mdb'), maxDbs: 16, compression: false });
+  try {
+    return fn(root);
+  } finally {
+    await root.close();
+  }
+}
+
+function mapKey(versionId: string, chunk: number): Buffer {
+  const key = Buffer.alloc(versionId.length + 5);
+  key.write(versionId, 0, 'ascii');
+  key.writeUInt32BE(chunk, versionId.length + 1);
+  return key;
+}
+
+/** Edits the first chunk of a version's block map: 32-byte checksums, after a 16-byte MAC in schema 3. */
+async function editMap(repoDir: string, versionId: string, edit: (entry: (i: number) => Buffer) => void): Promise<void> {
+  await withIndex(repoDir, (root) => {
+    const maps = root.openDB<Buffer, Buffer>('maps', { keyEncoding: 'binary', encoding: 'binary' });
+    const raw = Buffer.from(maps.get(mapKey(versionId, 0))!);
+    const off = raw.length % 32; // 16 (the MAC) in schema 3, 0 before
+    edit((i) => raw.subarray(off + i * 32, off + (i + 1) * 32));
+    maps.putSync(mapKey(versionId, 0), raw);
+  });
+}
+
+/** Edits a version record in the index (JSON after a 16-byte MAC in schema 3, msgpack before), keeping its MAC. */
+async function editVersionRecord(repoDir: string, versionId: string, edit: (v: Record<string, unknown>) => void): Promise<void> {
+  const sealed = await withIndex(repoDir, (root) => {
+    const versions = root.openDB<Buffer, string>('versions', { encoding: 'binary' });
+    const raw = versions.get(versionId)!;
+    if (raw.length <= 16 || raw[16] !== 0x7b) return false;
+    const v = JSON.parse(raw.subarray(16).toString('utf8')) as Record<string, unknown>;
+    edit(v);
+    versions.putSync(versionId, Buffer.concat([raw.subarray(0, 16), Buffer.from(JSON.stringify(v))]));
+    return true;
+  });
+  if (!sealed) {
+    await withIndex(repoDir, (root) => {
+      const versions = root.openDB<Record<string, unknown>, string>('versions', {});
+      const v = versions.get(versionId)!;
+      edit(v);
+      versions.putSync(versionId, v);
+    });
+  }
+}
+
+test('2. an edited index (block map entries swapped, a block made sparse, protection and expiry changed) is refused with exit 3 by restore, scrub, export, copy, rm and prune before anything is written', async (t) => {
+  const iso = await isolated(t);
+  const repo = await keyFileRepo(iso);
+  const img = await distinctImage(iso.dir, 'edited');
+  const v = await backupJson(repo, img.path, 'vol');
+  await runOk(['protect', ...repo.args, v.id]);
+  const dest = await keyFileRepo(iso, 'dest');
+  const indexFile = path.join(repo.dir, 'index', 'index.mdb');
+  const pristine = await fs.readFile(indexFile);
+  const existing = path.join(iso.dir, 'existing.img');
+  await fs.writeFile(existing, prngBytes('existing', 'x', 3 * MiB));
+  const existingSha = await sha256File(existing);
+
+  const edits: Array<[string, () => Promise<void>]> = [
+    ['block map entries 0 and 2 swapped', () => editMap(repo.dir, v.id, (e) => {
+      const a = Buffer.from(e(0));
+      e(2).copy(e(0));
+      a.copy(e(2));
+    })],
+    ['block 1 made sparse', () => editMap(repo.dir, v.id, (e) => e(1).fill(0))],
+    ['protection removed and an expiry in the past', () => editVersionRecord(repo.dir, v.id, (r) => {
+      r.protected = false;
+      r.expire = '2001-01-01T00:00:00.000Z';
+    })],
+  ];
+  for (const [what, edit] of edits) {
+    await fs.writeFile(indexFile, pristine);
+    await edit();
+    const before = await storeFiles(repo.dir);
+    const destBefore = await storeFiles(dest.dir);
+    const target = path.join(iso.dir, `restored-${Math.random().toString(36).slice(2)}.img`);
+    const exported = path.join(iso.dir, `export-${Math.random().toString(36).slice(2)}.json`);
+    const checks: Array<[string, string[]]> = [
+      ['restore to a new file', ['restore', ...repo.args, v.id, target]],
+      ['restore over an existing file', ['restore', ...repo.args, '--force', v.id, existing]],
+      ['scrub', ['scrub', ...repo.args, v.id]],
+      ['export', ['export', ...repo.args, v.id, exported]],
+      ['copy', ['copy', ...repo.args, v.id, '--to', dest.dir, '--to-key-file', dest.keyFile]],
+    ];
+    // rm and prune read the version record (protection, expiry), not the block map.
+    if (what.startsWith('protection')) checks.push(['rm', ['rm', ...repo.args, v.id]], ['prune', ['prune', ...repo.args, '--keep-last', '5']]);
+    for (const [cmd, args] of checks) {
+      const r = await runCli(args);
+      refused(t, r, 3, /fails authentication|edited|damaged/);
+      t.log(`${what}, ${cmd}: ${r.stderr.trim()}`);
+    }
+    t.false(existsSync(target), `${what}: restore created no target`);
+    t.is(await sha256File(existing), existingSha, `${what}: the existing target was not written`);
+    t.false(existsSync(exported), `${what}: export wrote no file`);
+    await assertStoreUnchanged(t, repo.dir, before, `${what}: the repository`);
+    await assertStoreUnchanged(t, dest.dir, destBefore, `${what}: the copy's destination`);
+  }
+  // What the refusal recommends works: `index rebuild` recreates the index from the store's manifests.
+  await fs.writeFile(indexFile, pristine);
+  await editMap(repo.dir, v.id, (e) => e(1).fill(0));
+  await runOk(['index', 'rebuild', ...repo.args]);
+  const good = path.join(iso.dir, 'good.img');
+  await runOk(['restore', ...repo.args, v.id, good]);
+  t.is(await sha256File(good), img.sha256);
+});
+
+// ------------------------------------------------------------------------------ 3. path traversal
+
+/** Every file below `dir` outside the named sub-directories, with its content. */
+async function filesOutside(dir: string, except: string[]): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  for (const f of await listFiles(dir)) if (!except.some((e) => f === e || f.startsWith(`${e}/`))) out.set(f, await sha256File(path.join(dir, f)));
+  return out;
+}
+
+/** Plaintext of an object of an unencrypted repository (12-byte header, zstd or raw payload). */
+async function readPlainObject(file: string): Promise<{ header: Buffer; plain: Buffer }> {
+  const raw = await fs.readFile(file);
+  const header = Buffer.from(raw.subarray(0, 12));
+  const body = raw.subarray(12);
+  const zlib = await import('node:zlib');
+  return { header, plain: header[6] === 1 ? zlib.zstdDecompressSync(body) : Buffer.from(body) };
+}
+
+/** Writes an object of an unencrypted repository, uncompressed, of the same type. */
+async function writePlainObject(file: string, header: Buffer, plain: Buffer): Promise<void> {
+  const h = Buffer.from(header);
+  h[6] = 0;
+  await fs.writeFile(file, Buffer.concat([h, plain]));
+}
+
+/** Edits the JSON header of a manifest of an unencrypted repository. */
+async function editManifest(file: string, edit: (m: Record<string, unknown>) => void): Promise<void> {
+  const { header, plain } = await readPlainObject(file);
+  const n = plain.readUInt32BE(0);
+  const json = JSON.parse(plain.subarray(4, 4 + n).toString('utf8')) as Record<string, unknown>;
+  edit(json);
+  const head = Buffer.from(JSON.stringify(json));
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(head.length);
+  await writePlainObject(file, header, Buffer.concat([len, head, plain.subarray(4 + n)]));
+}
+
+test('3. version ids never become paths: a crafted export for import and a crafted manifest for index rebuild are refused, nothing outside the repository is written or deleted', async (t) => {
+  const iso = await isolated(t);
+  const victim = path.join(iso.dir, 'victim');
+  await fs.writeFile(victim, 'the victim file\n');
+  const repo = await keyFileRepo(iso);
+  const img = await distinctImage(iso.dir, 'paths');
+  const v = await backupJson(repo, img.path, 'vol');
+  const exportFile = path.join(iso.dir, 'v.json');
+  await runOk(['export', ...repo.args, v.id, exportFile]);
+  const exported = JSON.parse(await fs.readFile(exportFile, 'utf8')) as { version: { id: string } };
+  const outside = ['repo', 'state', 'dest'];
+  const before = await filesOutside(iso.dir, outside);
+  const store = await storeFiles(repo.dir);
+  // manifests/<id> and attributes/<id>: "../../victim" is iso.dir/victim.
+  for (const id of ['../../victim', 'abcd/../../../victim', path.join(iso.dir, 'victim'), '..']) {
+    const crafted = path.join(iso.dir, `crafted-${outside.length}.json`);
+    await fs.writeFile(crafted, JSON.stringify({ ...exported, version: { ...exported.version, id } }));
+    const r = await runCli(['import', ...repo.args, crafted]);
+    refused(t, r, 1, /not a version id/);
+    await fs.rm(crafted);
+    t.deepEqual(await filesOutside(iso.dir, outside), before, `import of id ${id}: nothing outside the repository changed`);
+    await assertStoreUnchanged(t, repo.dir, store, `import of id ${id}`);
+  }
+
+  // A crafted manifest (an unencrypted repository: whoever holds the disk can write one) through index rebuild.
+  const plain = await plainRepo(iso, 'dest');
+  const w = await backupJson(plain, img.path, 'vol');
+  await editManifest(path.join(plain.dir, 'manifests', w.id), (m) => {
+    (m.version as { id: string }).id = '../../victim';
+  });
+  // Rebuild reports it as damaged and does not recover the version (exit 0: the rest of the index is good).
+  const rebuilt = await runJson<{ versions: number; damaged_manifests: string[] }>(['index', 'rebuild', ...plain.args]);
+  t.deepEqual(rebuilt.damaged_manifests, [w.id]);
+  t.is(rebuilt.versions, 0);
+  const listed = await runCli(['ls', ...plain.args, '--json']);
+  if (listed.code === 0) t.false((JSON.parse(listed.stdout) as VersionJson[]).some((x) => x.id.includes('/') || x.id.includes('.')), 'no version with a path for an id');
+  // Naming it on the command line (what a later rm or prune would do) is refused too.
+  for (const cmd of [['rm', '--force'], ['protect']]) {
+    const r = await runCli([cmd[0]!, ...plain.args, ...cmd.slice(1), '../../victim']);
+    t.not(r.code, 0, `${cmd[0]} ../../victim refused`);
+  }
+  t.is(await fs.readFile(victim, 'utf8'), 'the victim file\n', 'the victim file is untouched');
+  t.deepEqual(await filesOutside(iso.dir, outside), before, 'nothing outside the repositories changed');
+});
+
+test('3. the directory store refuses names that are absolute, contain "..", or leave its root, before touching a path', async (t) => {
+  const dir = await tempDir(t, 'blocksafe-trust-store-');
+  const root = path.join(dir, 'repo');
+  await fs.mkdir(root);
+  const { DirectoryStore } = await import('../src/store/directory.js');
+  const store = new DirectoryStore(root);
+  await store.put('manifests/good', Buffer.from('ok'));
+  t.is((await store.get('manifests/good')).toString(), 'ok');
+  await fs.writeFile(path.join(dir, 'outside'), 'outside\n');
+  const bad = ['../outside', 'manifests/../../outside', path.join(dir, 'outside'), '/etc/passwd', '..', '.', 'manifests/..', 'a//b', '', 'manifests/x\0y', 'manifests\\..\\..\\outside'];
+  for (const name of bad) {
+    await t.throwsAsync(store.put(name, Buffer.from('evil')), undefined, `put ${JSON.stringify(name)}`);
+    await t.throwsAsync(store.tryGet(name), undefined, `tryGet ${JSON.stringify(name)}`);
+    await t.throwsAsync(store.delete([name]), undefined, `delete ${JSON.stringify(name)}`);
+  }
+  t.is(await fs.readFile(path.join(dir, 'outside'), 'utf8'), 'outside\n');
+  t.deepEqual((await fs.readdir(dir)).sort(), ['outside', 'repo']);
+  t.deepEqual(await listFiles(root), ['manifests/good']);
+});
