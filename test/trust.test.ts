@@ -379,3 +379,92 @@ test('3. the directory store refuses names that are absolute, contain "..", or l
   t.deepEqual((await fs.readdir(dir)).sort(), ['outside', 'repo']);
   t.deepEqual(await listFiles(root), ['manifests/good']);
 });
+
+// ---------------------------------------------------------------------------------------- 6. rollback
+
+test('6. rollback: an old attributes object put back after protect is noticed (with the index, and after index rebuild) and the version stays protected; deleted manifests are reported', async (t) => {
+  const iso = await isolated(t);
+  const repo = await keyFileRepo(iso);
+  const img = await distinctImage(iso.dir, 'rollback');
+  const v = await backupJson(repo, img.path, 'vol');
+  const w = await backupJson(repo, img.path, 'other');
+  const x = await backupJson(repo, img.path, 'third');
+  const attributes = path.join(repo.dir, 'attributes', v.id);
+  const unprotected = await fs.readFile(attributes);
+  await runOk(['protect', ...repo.args, v.id]);
+  const isProtected = async () => (await runJson<VersionJson[]>(['ls', ...repo.args])).find((y) => y.id === v.id)?.protected;
+
+  // The index still knows the newer state: it is reported and written back.
+  await fs.writeFile(attributes, unprotected);
+  const ls = await runCli(['ls', ...repo.args, '--json']);
+  t.is(ls.code, 0, ls.stderr);
+  t.true((JSON.parse(ls.stdout) as VersionJson[]).find((y) => y.id === v.id)!.protected);
+  t.regex(ls.stderr, new RegExp(`attributes of ${v.id} .*older`));
+  t.false((await fs.readFile(attributes)).equals(unprotected), 'the newer attributes were written back');
+
+  // After an index rebuild only this machine's trust record knows a newer generation existed: the version
+  // stays protected, and rebuild says why.
+  await fs.writeFile(attributes, unprotected);
+  const rebuilt = await runJson<{ rolled_back?: string[] }>(['index', 'rebuild', ...repo.args]);
+  t.deepEqual(rebuilt.rolled_back, [v.id]);
+  t.true(await isProtected(), 'protection not undone by the rollback');
+  refused(t, await runCli(['rm', ...repo.args, v.id]), 1, /is protected/);
+  refused(t, await runCli(['rm', ...repo.args, '--force', v.id]), 1, /is protected/);
+  t.true(existsSync(path.join(repo.dir, 'manifests', v.id)));
+
+  // A deleted manifest: the next command says so (the index knew the version) ...
+  await fs.rm(path.join(repo.dir, 'manifests', w.id));
+  const after = await runCli(['ls', ...repo.args, '--json']);
+  t.is(after.code, 0, after.stderr);
+  t.false((JSON.parse(after.stdout) as VersionJson[]).some((y) => y.id === w.id));
+  t.regex(after.stderr, new RegExp(`version ${w.id} \\(other\\) is no longer in the store`));
+  // ... and so does an index rebuild, from this machine's trust record, when no index remembers it.
+  await fs.rm(path.join(repo.dir, 'manifests', x.id));
+  const rebuiltAgain = await runJson<{ missing_manifests?: string[]; versions: number }>(['index', 'rebuild', ...repo.args]);
+  t.deepEqual(rebuiltAgain.missing_manifests, [x.id]);
+  t.is(rebuiltAgain.versions, 1);
+  // Reported once, not on every later command.
+  t.notRegex((await runCli(['ls', ...repo.args])).stderr, /no manifest|no longer in the store/);
+});
+
+// ------------------------------------------------------------------------------------ 7. key rotation
+
+test('7. rekey --master: afterwards an old copy of the keyring and slots with the old passphrase cannot read data written later', async (t) => {
+  const iso = await isolated(t);
+  const repo = await passphraseRepo(iso);
+  const before = await distinctImage(iso.dir, 'before-rotation');
+  await backupJson(repo, before.path, 'vol');
+  const oldKeys = path.join(iso.dir, 'old-keys');
+  await fs.cp(path.join(repo.dir, 'keys'), oldKeys, { recursive: true });
+
+  await runOk(['rekey', ...repo.args, '--master'], { env: repo.env });
+  const later = await distinctImage(iso.dir, 'after-rotation');
+  const w = await backupJson(repo, later.path, 'vol');
+  const good = path.join(iso.dir, 'good.img');
+  await runOk(['restore', ...repo.args, w.id, good], { env: repo.env });
+  t.is(await sha256File(good), later.sha256, 'the owner still restores');
+
+  // Someone who kept the old keyring and slot (and knows the old passphrase) copies the repository and
+  // puts them back, on a machine that never saw it (no trust record to notice the old keyring).
+  const stolen = path.join(iso.dir, 'stolen');
+  await fs.cp(repo.dir, stolen, { recursive: true });
+  await fs.rm(path.join(stolen, 'keys'), { recursive: true });
+  await fs.cp(oldKeys, path.join(stolen, 'keys'), { recursive: true });
+  const elsewhere = await confWithState(iso.dir, 'elsewhere');
+  const thief = ['--config', elsewhere.conf, '--repo', stolen];
+  const out = path.join(iso.dir, 'stolen.img');
+  const r = await runCli(['restore', ...thief, w.id, out], { env: repo.env });
+  t.log(`restore with the old keys: exit ${r.code}: ${r.stderr.trim().split('\n').pop()}`);
+  t.not(r.code, 0, 'the old keys do not restore data written after the rotation');
+  if (existsSync(out)) {
+    const { differingBlocks } = await import('./helpers.js');
+    t.is((await differingBlocks(out, later)).length, later.blockHashes.length, 'not one block of the new data was decrypted');
+  }
+  // Nor after rebuilding the index from the store with them: the manifests written under the new keys do
+  // not open (damaged to these keys), so the version is not even listed.
+  const rebuilt = await runCli(['index', 'rebuild', ...thief, '--json'], { env: repo.env });
+  t.log(`index rebuild with the old keys: exit ${rebuilt.code}: ${rebuilt.stdout.replace(/\s+/g, ' ')}`);
+  if (rebuilt.code === 0) t.true((JSON.parse(rebuilt.stdout) as { damaged_manifests: string[] }).damaged_manifests.includes(w.id));
+  const listed = await runCli(['ls', ...thief, '--json'], { env: repo.env });
+  if (listed.code === 0) t.false((JSON.parse(listed.stdout) as VersionJson[]).some((y) => y.id === w.id));
+});

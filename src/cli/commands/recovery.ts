@@ -24,6 +24,8 @@ export function register(program: Command): void {
         process.stdout.write(`Rebuilt the index: ${r.versions} versions, ${r.blocks} blocks.\n`);
         if (r.missing_blocks) process.stdout.write(`${r.missing_blocks} blocks named by manifests are MISSING from the store; their versions are marked invalid.\n`);
         if (r.damaged_manifests.length) process.stdout.write(`Damaged manifests (versions not recovered): ${r.damaged_manifests.join(', ')}\n`);
+        if (r.missing_manifests.length) process.stdout.write(`Versions this machine saw before whose manifests are gone from the store (not recovered): ${r.missing_manifests.join(', ')}\n`);
+        if (r.rolled_back.length) process.stdout.write(`Attributes older than ones this machine saw (put back by someone?), now protected: ${r.rolled_back.join(', ')}\n`);
         if (r.previous_index) process.stdout.write(`The previous index was kept at ${r.previous_index}.\n`);
       } finally {
         await store.close();
