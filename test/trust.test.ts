@@ -444,27 +444,119 @@ test('7. rekey --master: afterwards an old copy of the keyring and slots with th
   await runOk(['restore', ...repo.args, w.id, good], { env: repo.env });
   t.is(await sha256File(good), later.sha256, 'the owner still restores');
 
-  // Someone who kept the old keyring and slot (and knows the old passphrase) copies the repository and
-  // puts them back, on a machine that never saw it (no trust record to notice the old keyring).
-  const stolen = path.join(iso.dir, 'stolen');
-  await fs.cp(repo.dir, stolen, { recursive: true });
-  await fs.rm(path.join(stolen, 'keys'), { recursive: true });
-  await fs.cp(oldKeys, path.join(stolen, 'keys'), { recursive: true });
+  // Someone who kept the old slot (and knows the old passphrase) takes the disk as it is now, or also puts
+  // an old keyring back, on a machine that never saw the repository (no trust record to notice).
+  const { differingBlocks } = await import('./helpers.js');
   const elsewhere = await confWithState(iso.dir, 'elsewhere');
-  const thief = ['--config', elsewhere.conf, '--repo', stolen];
-  const out = path.join(iso.dir, 'stolen.img');
-  const r = await runCli(['restore', ...thief, w.id, out], { env: repo.env });
-  t.log(`restore with the old keys: exit ${r.code}: ${r.stderr.trim().split('\n').pop()}`);
-  t.not(r.code, 0, 'the old keys do not restore data written after the rotation');
-  if (existsSync(out)) {
-    const { differingBlocks } = await import('./helpers.js');
-    t.is((await differingBlocks(out, later)).length, later.blockHashes.length, 'not one block of the new data was decrypted');
+  const oldSlots = (await fs.readdir(oldKeys)).filter((f) => f.startsWith('slot-'));
+  for (const [what, keyring] of [['the current keyring', false], ['the old keyring', true]] as const) {
+    const stolen = path.join(iso.dir, `stolen-${keyring}`);
+    await fs.cp(repo.dir, stolen, { recursive: true });
+    for (const f of await fs.readdir(path.join(stolen, 'keys'))) if (f.startsWith('slot-') || keyring) await fs.rm(path.join(stolen, 'keys', f));
+    for (const f of keyring ? await fs.readdir(oldKeys) : oldSlots) await fs.copyFile(path.join(oldKeys, f), path.join(stolen, 'keys', f));
+    const thief = ['--config', elsewhere.conf, '--repo', stolen];
+    const out = path.join(iso.dir, `stolen-${keyring}.img`);
+    const r = await runCli(['restore', ...thief, w.id, out], { env: repo.env });
+    t.log(`old slot, old passphrase, ${what}: restore exit ${r.code}: ${r.stderr.trim().split('\n').pop()}`);
+    t.not(r.code, 0, `${what}: the old slot does not restore data written after the rotation`);
+    if (existsSync(out)) t.is((await differingBlocks(out, later)).length, later.blockHashes.length, `${what}: not one block of the new data was decrypted`);
+    // Nor after rebuilding the index from the store with them: what was written under the new keys does
+    // not open, so the version is not even listed.
+    const rebuilt = await runCli(['index', 'rebuild', ...thief, '--json'], { env: repo.env });
+    if (rebuilt.code === 0) t.true((JSON.parse(rebuilt.stdout) as { damaged_manifests: string[] }).damaged_manifests.includes(w.id));
+    const listed = await runCli(['ls', ...thief, '--json'], { env: repo.env });
+    if (listed.code === 0) t.false((JSON.parse(listed.stdout) as VersionJson[]).some((y) => y.id === w.id));
   }
-  // Nor after rebuilding the index from the store with them: the manifests written under the new keys do
-  // not open (damaged to these keys), so the version is not even listed.
-  const rebuilt = await runCli(['index', 'rebuild', ...thief, '--json'], { env: repo.env });
-  t.log(`index rebuild with the old keys: exit ${rebuilt.code}: ${rebuilt.stdout.replace(/\s+/g, ' ')}`);
-  if (rebuilt.code === 0) t.true((JSON.parse(rebuilt.stdout) as { damaged_manifests: string[] }).damaged_manifests.includes(w.id));
-  const listed = await runCli(['ls', ...thief, '--json'], { env: repo.env });
-  if (listed.code === 0) t.false((JSON.parse(listed.stdout) as VersionJson[]).some((y) => y.id === w.id));
+});
+
+// ------------------------------------------------------------------------------------------ 8. limits
+
+/** Runs the CLI under /usr/bin/time: its result and the peak RSS of the process (MiB). */
+async function runMeasured(args: string[], env: Record<string, string> = {}): Promise<CliResult & { peakMiB: number }> {
+  const { BIN, cliEnv } = await import('./helpers.js');
+  const { spawn } = await import('node:child_process');
+  const { tmpdir } = await import('node:os');
+  const timeFile = path.join(tmpdir(), `blocksafe-time-${process.pid}-${Math.random().toString(36).slice(2)}`);
+  const r = await new Promise<CliResult>((resolve, reject) => {
+    const child = spawn('/usr/bin/time', ['-f', '%M', '-o', timeFile, process.execPath, BIN, ...args], { env: cliEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    child.on('error', reject);
+    child.on('close', (code, signal) => resolve({ code, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
+  });
+  const text = await fs.readFile(timeFile, 'utf8');
+  await fs.rm(timeFile, { force: true });
+  // time(1) adds "Command exited with non-zero status N" before the number.
+  return { ...r, peakMiB: Number(text.trim().split('\n').pop()) / 1024 };
+}
+
+test('8. a key slot edited to scrypt N=2^20 or 2^30 (or huge r, p) is refused with exit 3 in one line, in bounded memory; new slots are calibrated within the caps', async (t) => {
+  const iso = await isolated(t);
+  const repo = await passphraseRepo(iso);
+  const slotFile = path.join(repo.dir, 'keys', 'slot-1.json');
+  const original = await fs.readFile(slotFile, 'utf8');
+  const slot = JSON.parse(original) as { kdf: { name: string; N: number; r: number; p: number } };
+  t.is(slot.kdf.name, 'scrypt');
+  t.true(slot.kdf.N >= 2 ** 16 && slot.kdf.r === 8 && slot.kdf.p >= 2, `new slot calibrated: ${JSON.stringify(slot.kdf)}`);
+  t.true(128 * slot.kdf.N * slot.kdf.r <= 128 * MiB, 'within the 128 MiB memory cap');
+  const baseline = await runMeasured(['ls', ...repo.args], repo.env);
+  t.is(baseline.code, 0, baseline.stderr);
+  for (const kdf of [{ N: 2 ** 20 }, { N: 2 ** 30 }, { r: 2 ** 20 }, { p: 2 ** 30 }, { N: 2 ** 17, r: 64 }]) {
+    await fs.writeFile(slotFile, JSON.stringify({ ...slot, kdf: { ...slot.kdf, ...kdf } }));
+    const r = await runMeasured(['ls', ...repo.args], repo.env);
+    t.log(`${JSON.stringify(kdf)}: exit ${r.code}, peak RSS ${r.peakMiB.toFixed(0)} MiB (an unedited slot: ${baseline.peakMiB.toFixed(0)} MiB): ${r.stderr.trim()}`);
+    refused(t, r, 3, /slot-1\.json|key slot|scrypt/i);
+    t.notRegex(r.stderr, /unexpected error|please report/i);
+    // The unchecked derivation needed 1 GiB (N=2^20) or failed to allocate; refused, it costs no more than an ordinary open.
+    t.true(r.peakMiB < baseline.peakMiB + 32, `${JSON.stringify(kdf)}: peak RSS ${r.peakMiB.toFixed(0)} MiB`);
+  }
+  await fs.writeFile(slotFile, original);
+  await runOk(['ls', ...repo.args], { env: repo.env });
+});
+
+test('8. malformed key slots, keyrings and descriptors: exit 3 with one line, never "unexpected error"', async (t) => {
+  const iso = await isolated(t);
+  const enc = await keyFileRepo(iso);
+  const plain = await plainRepo(iso, 'plain');
+  const slotFile = path.join(enc.dir, 'keys', 'slot-1.json');
+  const slot = JSON.parse(await fs.readFile(slotFile, 'utf8')) as Record<string, unknown> & { kdf: Record<string, unknown> };
+  const cases: Array<[string, RepoFixture, string, string | Buffer]> = [
+    ['slot: not JSON', enc, 'keys/slot-1.json', '{"format": 1, "id": '],
+    ['slot: JSON null', enc, 'keys/slot-1.json', 'null'],
+    ['slot: kdf missing', enc, 'keys/slot-1.json', JSON.stringify({ ...slot, kdf: undefined })],
+    ['slot: salt a number', enc, 'keys/slot-1.json', JSON.stringify({ ...slot, kdf: { ...slot.kdf, salt: 7 } })],
+    ['slot: unknown kdf', enc, 'keys/slot-1.json', JSON.stringify({ ...slot, kdf: { ...slot.kdf, name: 'argon9' } })],
+    ['slot: wrapped key truncated', enc, 'keys/slot-1.json', JSON.stringify({ ...slot, wrapped: 'AAAA' })],
+    ['slot: id a string', enc, 'keys/slot-1.json', JSON.stringify({ ...slot, id: 'one' })],
+    ['slot: 1 MiB of spaces', enc, 'keys/slot-1.json', ' '.repeat(MiB)],
+    ['keyring (encrypted): random bytes', enc, 'keys/keyring', randomBytes(200)],
+    ['keyring (encrypted): truncated', enc, 'keys/keyring', Buffer.alloc(5)],
+    ['keyring (plain): not JSON', plain, 'keys/keyring', 'garbage'],
+    ['keyring (plain): data keys wrong', plain, 'keys/keyring', JSON.stringify({ format: 2, mac_key: randomBytes(32).toString('base64'), current_key_id: 'x', data_keys: 5 })],
+    ['descriptor: not JSON', enc, 'blocksafe.json', '{"format": "blocksafe-repository",'],
+    ['descriptor: block size a string', enc, 'blocksafe.json', 'BLOCK_SIZE'],
+    ['descriptor: format_version a string', enc, 'blocksafe.json', 'FORMAT_VERSION'],
+    ['descriptor: 1 MiB', enc, 'blocksafe.json', Buffer.alloc(MiB, 0x20)],
+  ];
+  for (const [what, repo, file, content] of cases) {
+    const target = path.join(repo.dir, file);
+    const original = await fs.readFile(target);
+    let data: string | Buffer = content;
+    if (content === 'BLOCK_SIZE' || content === 'FORMAT_VERSION') {
+      const d = JSON.parse(original.toString('utf8')) as Record<string, unknown>;
+      if (content === 'BLOCK_SIZE') d.block_size = '4M';
+      else d.format_version = '1';
+      data = JSON.stringify(d);
+    }
+    await fs.writeFile(target, data);
+    const r = await runCli(['ls', ...repo.args]);
+    t.log(`${what}: exit ${r.code}: ${r.stderr.trim()}`);
+    refused(t, r, 3, /damaged|malformed|key slot|keyring|blocksafe\.json/i);
+    t.notRegex(r.stderr, /unexpected error|please report/i, what);
+    await fs.writeFile(target, original);
+  }
+  await runOk(['ls', ...enc.args]);
+  await runOk(['ls', ...plain.args]);
 });
