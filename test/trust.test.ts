@@ -560,3 +560,144 @@ test('8. malformed key slots, keyrings and descriptors: exit 3 with one line, ne
   await runOk(['ls', ...enc.args]);
   await runOk(['ls', ...plain.args]);
 });
+
+// -------------------------------------------------------------------------------------- 9. file modes
+
+async function mode(file: string): Promise<string> {
+  return ((await fs.stat(file)).mode & 0o777).toString(8).padStart(4, '0');
+}
+
+test('9. the index, trust records and restored files are owner-only; an index made readable is tightened on open', async (t) => {
+  const iso = await isolated(t);
+  const repo = await keyFileRepo(iso);
+  const img = await distinctImage(iso.dir, 'modes');
+  const v = await backupJson(repo, img.path, 'vol');
+  const indexDir = path.join(repo.dir, 'index');
+  const check = async (when: string) => {
+    t.is(await mode(indexDir), '0700', `${when}: index directory`);
+    for (const f of await fs.readdir(indexDir)) t.is(await mode(path.join(indexDir, f)), '0600', `${when}: index/${f}`);
+  };
+  await check('after backup');
+  const trustDir = path.join(iso.stateDir, 'trust');
+  t.is(await mode(trustDir), '0700');
+  for (const f of await fs.readdir(trustDir)) t.is(await mode(path.join(trustDir, f)), '0600', `trust/${f}`);
+  const out = path.join(iso.dir, 'out.img');
+  await runOk(['restore', ...repo.args, v.id, out]);
+  t.is(await mode(out), '0600', 'restored file');
+  // An index left readable by an older blocksafe (0644 in 0755) is tightened by the next command.
+  await fs.chmod(indexDir, 0o755);
+  for (const f of await fs.readdir(indexDir)) await fs.chmod(path.join(indexDir, f), 0o644);
+  await runOk(['ls', ...repo.args]);
+  await check('after ls of a readable index');
+});
+
+test('9. a configuration holding secret_access_key, a key file or a passphrase file readable by others earns a warning; owner-only ones do not', async (t) => {
+  const iso = await isolated(t);
+  const repo = await keyFileRepo(iso);
+  const warning = /^blocksafe: warning: .* is readable by other users \(mode 0644\); run "chmod 600 .*"\.$/m;
+  // The key file.
+  await fs.chmod(repo.keyFile, 0o644);
+  const k = await runOk(['ls', ...repo.args]);
+  t.regex(k.stderr, warning);
+  t.true(k.stderr.includes(repo.keyFile));
+  await fs.chmod(repo.keyFile, 0o600);
+  t.notRegex((await runOk(['ls', ...repo.args])).stderr, /warning/);
+  // A configuration file with an S3 secret.
+  const conf = path.join(iso.dir, 'secret.conf');
+  await fs.writeFile(conf, `[s3]\nstate_dir = ${iso.stateDir}\naccess_key_id = AKIA\nsecret_access_key = hunter2\n`, { mode: 0o644 });
+  await fs.chmod(conf, 0o644);
+  const withConf = ['--config', conf, '--repo', repo.dir, '--key-file', repo.keyFile];
+  const c = await runOk(['ls', ...withConf]);
+  t.regex(c.stderr, warning);
+  t.true(c.stderr.includes(conf));
+  t.false(c.stderr.includes('hunter2'), 'the secret itself is never printed');
+  await fs.chmod(conf, 0o600);
+  t.notRegex((await runOk(['ls', ...withConf])).stderr, /warning/);
+  // A passphrase file.
+  const pIso = await isolated(t);
+  const pRepo = await passphraseRepo(pIso);
+  const pfile = path.join(pIso.dir, 'passphrase');
+  await fs.writeFile(pfile, `${PASSPHRASE}\n`);
+  await fs.chmod(pfile, 0o644);
+  const p = await runOk(['ls', ...pRepo.args, '--passphrase-file', pfile]);
+  t.regex(p.stderr, warning);
+  t.true(p.stderr.includes(pfile));
+  // A failing command keeps its one-line error (the warning waits for the next successful run).
+  refused(t, await runCli(['show', ...pRepo.args, '--passphrase-file', pfile, 'zzzzzzzz']), 1, /zzzzzzzz/);
+});
+
+test('9. child processes (lvm) never see passphrases or S3 secrets in their environment', async (t) => {
+  const { createCommandRunner } = await import('../src/engine/lvm.js');
+  const env = {
+    PATH: process.env.PATH ?? '/usr/bin:/bin',
+    KEEP_ME: 'visible',
+    BLOCKSAFE_PASSPHRASE: 'pass-1',
+    BLOCKSAFE_TO_PASSPHRASE: 'pass-2',
+    BLOCKSAFE_NEW_PASSPHRASE: 'pass-3',
+    AWS_SECRET_ACCESS_KEY: 'aws-secret',
+    AWS_SESSION_TOKEN: 'aws-token',
+  };
+  const run = createCommandRunner({ env });
+  const { stdout } = await run('env', []);
+  t.regex(stdout, /^KEEP_ME=visible$/m);
+  for (const secret of ['pass-1', 'pass-2', 'pass-3', 'aws-secret', 'aws-token']) t.false(stdout.includes(secret), secret);
+  // The default runner (what backup of an LVM volume uses) strips the calling process's environment too.
+  const saved = { ...process.env };
+  try {
+    Object.assign(process.env, env);
+    const { stdout: fromProcess } = await createCommandRunner()('env', []);
+    t.regex(fromProcess, /^KEEP_ME=visible$/m);
+    for (const secret of ['pass-1', 'aws-secret']) t.false(fromProcess.includes(secret), secret);
+  } finally {
+    for (const k of Object.keys(env)) if (!(k in saved)) delete process.env[k];
+    Object.assign(process.env, saved);
+  }
+});
+
+// ------------------------------------------------------------------------------------------ 10. formats
+
+test('10. manifests, attributes, keyrings and slots of a newer format are refused clearly (exit 1, "newer", one line), not misread', async (t) => {
+  const iso = await isolated(t);
+  const plain = await plainRepo(iso, 'plain');
+  const img = await distinctImage(iso.dir, 'formats');
+  const v = await backupJson(plain, img.path, 'vol');
+
+  // A manifest from the future, met by an index rebuild.
+  const manifest = path.join(plain.dir, 'manifests', v.id);
+  const manifestBefore = await fs.readFile(manifest);
+  await editManifest(manifest, (m) => (m.manifest_format = 2));
+  refused(t, await runCli(['index', 'rebuild', ...plain.args]), 1, /manifest.*newer|newer.*manifest/i);
+  await fs.writeFile(manifest, manifestBefore);
+  await runOk(['index', 'rebuild', ...plain.args]);
+
+  // Attributes from the future, met by the next command's sync (and by a rebuild).
+  const attributes = path.join(plain.dir, 'attributes', v.id);
+  const attributesBefore = await fs.readFile(attributes);
+  const { header, plain: attrs } = await readPlainObject(attributes);
+  await writePlainObject(attributes, header, Buffer.from(JSON.stringify({ ...JSON.parse(attrs.toString('utf8')), attributes_format: 2, generation: 99 })));
+  refused(t, await runCli(['ls', ...plain.args]), 1, /attributes.*newer|newer.*attributes/i);
+  refused(t, await runCli(['index', 'rebuild', ...plain.args]), 1, /attributes.*newer|newer.*attributes/i);
+  await fs.writeFile(attributes, attributesBefore);
+  await runOk(['index', 'rebuild', ...plain.args]);
+
+  // A keyring from the future (unencrypted: plain JSON).
+  const keyringFile = path.join(plain.dir, 'keys', 'keyring');
+  const keyringBefore = await fs.readFile(keyringFile);
+  await fs.writeFile(keyringFile, JSON.stringify({ ...JSON.parse(keyringBefore.toString('utf8')), format: 3 }));
+  refused(t, await runCli(['ls', ...plain.args]), 1, /keyring.*newer|newer.*keyring/i);
+  await fs.writeFile(keyringFile, keyringBefore);
+
+  // A key slot from the future.
+  const enc = await keyFileRepo(iso, 'enc');
+  const slotFile = path.join(enc.dir, 'keys', 'slot-1.json');
+  const slot = JSON.parse(await fs.readFile(slotFile, 'utf8')) as Record<string, unknown>;
+  await fs.writeFile(slotFile, JSON.stringify({ ...slot, format: 2 }));
+  refused(t, await runCli(['ls', ...enc.args]), 1, /slot.*newer|newer.*slot/i);
+  await fs.writeFile(slotFile, JSON.stringify(slot));
+
+  // Nothing was changed by the refusals: both repositories work, the version restores byte-identical.
+  await runOk(['ls', ...enc.args]);
+  const out = path.join(iso.dir, 'out.img');
+  await runOk(['restore', ...plain.args, v.id, out]);
+  t.is(await sha256File(out), img.sha256);
+});
