@@ -4,9 +4,9 @@
  * Items 4 (addon cache swap race) and 5 (NBD access and floods) are in test/binary.test.ts and
  * test/nbd.test.ts; the zstd bomb of item 8 in test/codec.test.ts.
  *
- * Against the code before the safety work (6a6f782, /tmp/oldcode: this file and test/helpers.ts,
- * test/cliHarness.ts copied into a build of it, with a node:zlib shim for its zstd-napi), every test here
- * fails — see OLD_CODE below the imports for what each one met there.
+ * Against the code before the safety work (6a6f782: this file and test/helpers.ts, test/cliHarness.ts
+ * copied into a build of it, with a node:zlib shim for its zstd-napi dependency), every test here fails —
+ * see OLD_CODE below the imports for what each one met there.
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
@@ -33,15 +33,23 @@ import {
 } from './helpers.js';
 
 /*
- * OLD_CODE — what each test met on 6a6f782 (run with `npx ava test/trust.test.ts` in a build of it):
- *   1 downgrade ............ FAILS: backup with the passphrase exits 0 and writes the marker in clear.
- *   2 edited index ......... FAILS: restore of the swapped map exits 0 ("verified"), halves swapped.
- *   3 path traversal ....... FAILS: (filled in below)
- *   6 rollback ............. FAILS: (filled in below)
- *   7 key rotation ......... FAILS: (filled in below)
- *   8 limits ............... FAILS: (filled in below)
- *   9 file modes ........... FAILS: (filled in below)
- *  10 formats .............. FAILS: (filled in below)
+ * OLD_CODE — all 12 tests fail on 6a6f782 (`npx ava test/trust.test.ts` in a build of it, 2026-12-03); what
+ * each met first, and what a manual run of the same step showed:
+ *   1 downgrade ......... backup with the passphrase into the edited repository exits 0, "wrote 1.01 MiB":
+ *                         the new data is stored in clear.
+ *   2 edited index ...... restore of the swapped block map exits 0, "every block verified" (halves swapped).
+ *   3 traversal ......... import of an export naming version "../../victim" exits 0 ("Imported version
+ *                         ../../victim") and overwrites the file outside the repository with an object;
+ *                         DirectoryStore.put("../outside") succeeds.
+ *   6 rollback .......... an old attributes object put back goes unnoticed (no report); after index rebuild
+ *                         the version is unprotected.
+ *   7 key rotation ...... `rekey --master` does not exist (exit 2); `rekey`, `key passwd` keep the master key.
+ *   8 limits ............ new slots use N=2^15, p=1; a slot edited to N=2^20 makes `ls` take 20.9 s and
+ *                         1.1 GB RSS (/usr/bin/time) before "Wrong passphrase" (exit 1); a truncated slot is
+ *                         "unexpected error: Unexpected end of JSON input … please report it".
+ *   9 file modes ........ index directory 0755 (files 0644); no warning for readable secret files;
+ *                         createCommandRunner passes BLOCKSAFE_PASSPHRASE to lvm.
+ *  10 formats ........... index rebuild accepts a manifest with manifest_format 2 (exit 0).
  */
 
 // ------------------------------------------------------------------------------------------- fixtures
