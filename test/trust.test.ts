@@ -8,7 +8,7 @@
  * copied into a build of it, with a node:zlib shim for its zstd-napi dependency), every test here fails —
  * see OLD_CODE below the imports for what each one met there.
  */
-import { createHmac, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
@@ -137,7 +137,7 @@ test('1. downgrade: a descriptor edited to "encryption: none" with a plaintext k
   // repository's (edited) descriptor, with a MAC key of their choosing.
   const scratch = await plainRepo(await isolated(t), 'scratch');
   const descriptor = JSON.parse(await fs.readFile(path.join(repo.dir, 'blocksafe.json'), 'utf8')) as Record<string, unknown>;
-  const edited = { ...descriptor, encryption: 'none', compression: 'none' };
+  const edited: Record<string, unknown> = { ...descriptor, encryption: 'none', compression: 'none' };
   const keyring = JSON.parse(await fs.readFile(path.join(scratch.dir, 'keys', 'keyring'), 'utf8')) as Record<string, unknown>;
   if (keyring.repository) keyring.repository = { id: edited.id, encryption: 'none', block_size: edited.block_size, compression: 'none', compression_level: edited.compression_level };
   await fs.writeFile(path.join(repo.dir, 'blocksafe.json'), JSON.stringify(edited));
