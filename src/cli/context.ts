@@ -105,7 +105,10 @@ export function reportSync(r: SyncReport | null, quiet = false): void {
   const note = (text: string) => process.stderr.write(`blocksafe: note: ${text}\n`);
   for (const v of r.vanished) note(`version ${v.id} (${v.name}) is no longer in the store (removed on another machine, or its manifest was deleted); it was dropped from the index.`);
   for (const d of r.damaged_manifests) note(`the manifest of version ${d.id} is damaged in the store and was not used (${d.reason}).`);
-  if (r.rolled_back.length) note(`the attributes of ${r.rolled_back.join(', ')} in the store were older than the index's (put back by someone?); the index's were written again.`);
+  for (const id of r.missing_manifests) note(`version ${id}, which this machine saw before, has no manifest in the store (removed on another machine, or its manifest was deleted).`);
+  const restored = r.rolled_back.filter((id) => !r.protected_after_rollback.includes(id));
+  if (restored.length) note(`the attributes of ${restored.join(', ')} in the store were older than the index's (put back by someone?); the index's were written again.`);
+  if (r.protected_after_rollback.length) note(`the attributes of ${r.protected_after_rollback.join(', ')} in the store are older than ones this machine saw (put back by someone?); the newer state is unknown, so they are now protected: check them, then "blocksafe unprotect" if that is wrong.`);
   if (r.foreign_names.length) note(`${r.foreign_names.length} objects in manifests/ are not blocksafe manifests and were ignored (e.g. ${r.foreign_names[0]}).`);
   if (r.missing_blocks) note(`${r.missing_blocks} blocks named by manifests are missing from the store; their versions are marked invalid.`);
 }

@@ -1,6 +1,7 @@
 import { openSync, readSync, writeSync, closeSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { UsageError } from '../errors.js';
+import { childEnvironment } from '../util/secrets.js';
 
 /**
  * Reads a line from the controlling terminal without echo. Uses /dev/tty so it works when stdin is a pipe
@@ -13,7 +14,7 @@ export function promptHidden(question: string, alternatives = 'set BLOCKSAFE_PAS
   } catch {
     throw new UsageError(`A passphrase is needed but there is no terminal to ask on; ${alternatives}.`);
   }
-  const stty = (arg: string) => spawnSync('stty', [arg], { stdio: [fd, 'ignore', 'ignore'] });
+  const stty = (arg: string) => spawnSync('stty', [arg], { stdio: [fd, 'ignore', 'ignore'], env: childEnvironment() });
   try {
     writeSync(fd, question);
     stty('-echo');

@@ -46,12 +46,12 @@ function scryptMemory(p: ScryptParams): number {
 }
 
 /** Refuses stored scrypt parameters that are malformed or beyond the limits above. */
-function checkScrypt(kdf: { N: unknown; r: unknown; p: unknown }, slotId: number): ScryptParams {
+function checkScrypt(kdf: { N: unknown; r: unknown; p: unknown }, slot: number | string): ScryptParams {
   const { N, r, p } = kdf;
   const int = (x: unknown): x is number => typeof x === 'number' && Number.isInteger(x) && x > 0;
-  if (!int(N) || !int(r) || !int(p) || (N & (N - 1)) !== 0 || N < 2) throw badSlot(slotId, 'malformed scrypt parameters');
+  if (!int(N) || !int(r) || !int(p) || (N & (N - 1)) !== 0 || N < 2) throw badSlot(slot, 'malformed scrypt parameters');
   if (128 * N * r > MAX_SCRYPT_MEMORY || N * r * p > MAX_SCRYPT_WORK) {
-    throw badSlot(slotId, `scrypt parameters N=${N}, r=${r}, p=${p} exceed what blocksafe allows (at most ${MAX_SCRYPT_MEMORY / 2 ** 20} MiB and N·r·p ≤ 2^23)`);
+    throw badSlot(slot, `scrypt parameters N=${N}, r=${r}, p=${p} exceed what blocksafe allows (at most ${MAX_SCRYPT_MEMORY / 2 ** 20} MiB and N·r·p ≤ 2^23)`);
   }
   return { N, r, p };
 }
@@ -123,7 +123,7 @@ export function parseSlot(text: string, name: string): KeySlot {
   const b64ok = (v: unknown, bytes?: number) => typeof v === 'string' && /^[A-Za-z0-9+/]*={0,2}$/.test(v) && (bytes === undefined || Buffer.from(v, 'base64').length === bytes);
   if (raw.format !== SLOT_FORMAT || typeof raw.id !== 'number' || (raw.type !== 'passphrase' && raw.type !== 'keyfile') || !kdf || typeof kdf !== 'object') throw badSlot(name, 'missing or wrong fields');
   if (!b64ok(kdf.salt) || Buffer.from(String(kdf.salt), 'base64').length < 16) throw badSlot(name, 'bad salt');
-  if (kdf.name === 'scrypt') checkScrypt(kdf as { N: unknown; r: unknown; p: unknown }, raw.id);
+  if (kdf.name === 'scrypt') checkScrypt(kdf as { N: unknown; r: unknown; p: unknown }, name);
   else if (kdf.name !== 'hkdf-sha256') throw badSlot(name, `unknown key derivation "${String(kdf.name).slice(0, 20)}"`);
   if (!b64ok(raw.nonce, nacl.secretbox.nonceLength) || !b64ok(raw.wrapped, 32 + nacl.secretbox.overheadLength)) throw badSlot(name, 'bad nonce or wrapped key');
   return raw as unknown as KeySlot;

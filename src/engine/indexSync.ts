@@ -21,8 +21,12 @@ import type { Repository } from './repository.js';
  *   index restored from an old copy, a new index) is read, checked and imported.
  * - A complete version whose manifest is gone from the store was removed elsewhere (or deleted by
  *   someone): it leaves the index, and unless `rm` itself was removing it, this is reported.
+ * - A version this machine's trust record saw whose manifest is gone (deleted while no index knew it, e.g.
+ *   before an index rebuild) is reported too.
  * - Attributes that changed in the store are read again; an older generation than the index knows (an
- *   old object put back to undo a `protect`) is reported and overwritten with the index's.
+ *   old object put back to undo a `protect`) is reported and overwritten with the index's. When only the
+ *   trust record knows that a newer generation existed, the newer state is lost: the version is
+ *   protected (fail safe: what a rollback can undo is a `protect`), and this is reported.
  * - When a cleanup of another index deleted objects since this index last looked (`gc/generation`), block
  *   records whose objects are gone are dropped, so that no backup deduplicates against a deleted block,
  *   and interrupted versions are cut back to the part whose blocks are all still there.
@@ -36,6 +40,10 @@ export interface SyncReport {
   foreign_names: string[];
   /** Versions whose attributes in the store went back to an older generation. */
   rolled_back: string[];
+  /** Of those, the ones whose newer state was unknown (only the trust record knew a newer generation): now protected. */
+  protected_after_rollback: string[];
+  /** Versions this machine saw (trust record) that have no manifest in the store and were not in the index. */
+  missing_manifests: string[];
   /** Blocks named by imported manifests that are missing from the store (their versions are invalid). */
   missing_blocks: number;
   /** Block records dropped because another index's cleanup deleted their objects. */
@@ -62,7 +70,7 @@ export async function writeGcGeneration(repo: Repository, generation: number): P
 }
 
 export async function syncIndex(repo: Repository, onProgress?: ProgressListener): Promise<SyncReport> {
-  const report: SyncReport = { imported: [], vanished: [], damaged_manifests: [], foreign_names: [], rolled_back: [], missing_blocks: 0, dropped_block_records: 0 };
+  const report: SyncReport = { imported: [], vanished: [], damaged_manifests: [], foreign_names: [], rolled_back: [], protected_after_rollback: [], missing_manifests: [], missing_blocks: 0, dropped_block_records: 0 };
   const { index, store } = repo;
   const fresh = index.getMeta<number>('gc_generation') === undefined && isEmpty(repo);
 
@@ -76,12 +84,22 @@ export async function syncIndex(repo: Repository, onProgress?: ProgressListener)
   // Versions the store no longer has.
   const known = new Map<string, VersionRecord>();
   for (const v of index.allVersions()) known.set(v.id, v);
+  const gone: [string, null][] = [];
   for (const v of known.values()) {
     if (!v.complete || manifests.has(v.id)) continue;
     await index.removeVersion(v.id);
     known.delete(v.id);
+    gone.push([v.id, null]);
     if (!v.removing) report.vanished.push({ id: v.id, name: v.name, date: v.date });
   }
+  // Versions only this machine's trust record remembers (the index was rebuilt or replaced meanwhile).
+  for (const id of repo.trust.knownVersions(repo.id)) {
+    if (manifests.has(id) || known.has(id) || gone.some(([g]) => g === id)) continue;
+    report.missing_manifests.push(id);
+    gone.push([id, null]);
+  }
+  // Reported once: a version removed elsewhere is not news the next time.
+  if (repo.writable) repo.trust.noteAttributes(repo.id, gone);
 
   // Manifests the index does not know (or knows only as interrupted while nobody is writing it).
   const writing = new Set(repo.locks.liveLocks((r) => r.startsWith('version:')).map((l) => l.resource.slice('version:'.length)));
@@ -92,7 +110,7 @@ export async function syncIndex(repo: Repository, onProgress?: ProgressListener)
   let imported = 0;
   for (const id of toImport) {
     try {
-      if (await importManifest(repo, id, report.rolled_back)) report.imported.push(id);
+      if (await importManifest(repo, id, report)) report.imported.push(id);
     } catch (err) {
       if (!(err instanceof IntegrityError) || err instanceof FormatError) throw err;
       report.damaged_manifests.push({ id, reason: err.message });
@@ -123,7 +141,7 @@ function isEmpty(repo: Repository): boolean {
  * Imports one manifest with its attributes. Block records for checksums the index does not know get
  * `stored: 0` (unknown size), filled in from a listing by fillStoredSizes.
  */
-async function importManifest(repo: Repository, id: string, rolledBack: string[]): Promise<boolean> {
+async function importManifest(repo: Repository, id: string, report: SyncReport): Promise<boolean> {
   const manifest = await tryReadManifest(repo, id);
   if (!manifest) return false; // removed meanwhile
   const { header, map } = manifest;
@@ -134,7 +152,9 @@ async function importManifest(repo: Repository, id: string, rolledBack: string[]
     throw err;
   });
   if (attrs) Object.assign(version, { tags: attrs.tags, protected: attrs.protected, expire: attrs.expire, valid: attrs.valid, attributes_generation: attrs.generation });
-  if (attrs && attrs.generation < repo.trust.attributesGeneration(repo.id, id)) rolledBack.push(id);
+  const trusted = repo.trust.attributesGeneration(repo.id, id);
+  const rolledBack = attrs !== undefined && attrs.generation < trusted;
+  if (rolledBack) Object.assign(version, { protected: true, attributes_generation: trusted });
   else if (attrs) repo.trust.noteAttributes(repo.id, [[id, attrs.generation]]);
   const bs = version.block_size;
   const chunks: [number, BlockMapChunk][] = [];
@@ -152,7 +172,24 @@ async function importManifest(repo: Repository, id: string, rolledBack: string[]
     chunks.push([c, chunk]);
   }
   await repo.index.importVersion(version, chunks, blocks);
+  if (rolledBack) await protectAfterRollback(repo, id, report);
   return true;
+}
+
+/**
+ * The store's attributes of `id` are older than a generation this machine saw, and nothing here knows the
+ * newer state: the version stays protected (the index already says so) and the store is told the same with
+ * a generation above every one seen, so that rm and prune cannot act on the rolled-back state.
+ */
+async function protectAfterRollback(repo: Repository, id: string, report: SyncReport): Promise<void> {
+  const trusted = repo.trust.attributesGeneration(repo.id, id);
+  const v = await repo.index.updateVersion(id, (x) => {
+    x.protected = true;
+    x.attributes_generation = Math.max(x.attributes_generation ?? 0, trusted);
+  });
+  if (repo.writable) await writeAttributes(repo, v);
+  report.rolled_back.push(id);
+  report.protected_after_rollback.push(id);
 }
 
 /** Block records of unknown size (just imported) get it from one listing; those without an object are damaged. */
@@ -198,10 +235,14 @@ async function syncAttributes(repo: Repository, report: SyncReport): Promise<voi
     if (!attrs) continue;
     const mine = v.attributes_generation ?? 0;
     if (attrs.generation < Math.max(mine, repo.trust.attributesGeneration(repo.id, id))) {
-      report.rolled_back.push(id);
-      // The index knows the newer state: put it back. (If only this machine's trust record knows that a
-      // newer one existed, the state itself is lost; the report says so.)
-      if (repo.writable && attrs.generation < mine) await writeAttributes(repo, v);
+      // The index knows the newer state: put it back. If only this machine's trust record knows that a
+      // newer one existed, the state itself is lost: fail safe.
+      if (attrs.generation < mine) {
+        report.rolled_back.push(id);
+        if (repo.writable) await writeAttributes(repo, v);
+      } else {
+        await protectAfterRollback(repo, id, report);
+      }
       continue;
     }
     await repo.index.updateVersion(id, (x) => {

@@ -14,6 +14,10 @@ export interface RebuildResult {
   missing_blocks: number;
   /** Manifests that could not be read (damaged); their versions are lost to the index. */
   damaged_manifests: string[];
+  /** Versions whose attributes were older than ones this machine saw (an old copy put back); now protected. */
+  rolled_back: string[];
+  /** Versions this machine saw (its trust record) that have no manifest in the store any more. */
+  missing_manifests: string[];
   /** Where the previous index was moved, if there was one. */
   previous_index: string | null;
   /**
@@ -62,7 +66,7 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
 function summarize(repo: Repository, r: SyncReport): RebuildResult {
   let blocks = 0;
   for (const _ of repo.index.allBlocks()) blocks++;
-  return { versions: r.imported.length, blocks, missing_blocks: r.missing_blocks, damaged_manifests: r.damaged_manifests.map((d) => d.id), previous_index: null, not_in_store: [] };
+  return { versions: r.imported.length, blocks, missing_blocks: r.missing_blocks, damaged_manifests: r.damaged_manifests.map((d) => d.id), rolled_back: r.rolled_back, missing_manifests: r.missing_manifests, previous_index: null, not_in_store: [] };
 }
 
 /** Complete versions of the index being replaced, best effort: it may be damaged (why it is rebuilt). */

@@ -18,7 +18,7 @@ import {
   type SlotType,
 } from '../codec/keys.js';
 import { decodeObject, encodeObject, ObjectType, type CodecKeys } from '../codec/object.js';
-import { BlocksafeError, FormatError, IntegrityError, KeyError, NotFoundError, UsageError } from '../errors.js';
+import { BlocksafeError, FormatError, IntegrityError, NotFoundError, UsageError } from '../errors.js';
 import { Index } from '../index/index.js';
 import type { BlobStore } from '../store/blobstore.js';
 import { ObjectNames } from '../store/blobstore.js';
@@ -269,7 +269,8 @@ export async function unlock(store: BlobStore, secret: SecretSource, opts: OpenO
     trust.check(descriptor.id, descriptor.encryption, keyring.generation);
     return { descriptor, keyring, masterKey, openedSlot: slot, secret: s };
   }
-  throw new KeyError(`The keyring of ${store.location} does not open with the master key of the slot this secret opens (keyring damaged or replaced).`);
+  // The secret was right (a slot opened): a keyring that does not authenticate is damaged or replaced.
+  throw new IntegrityError(`The keyring of ${store.location} does not open with the master key of the slot this secret opens (keyring damaged or replaced).`);
 }
 
 /** The keyring's authenticated copy of the descriptor must agree with blocksafe.json. */
@@ -287,15 +288,17 @@ function checkBinding(keyring: Keyring, d: Descriptor, store: BlobStore): void {
 export async function readDescriptor(store: BlobStore): Promise<Descriptor> {
   const raw = await store.tryGet(ObjectNames.descriptor);
   if (!raw) throw new NotFoundError(`No blocksafe repository at ${store.location} (no ${ObjectNames.descriptor}); check --repo or run "blocksafe init".`);
-  if (raw.length > 64 * 1024) throw new FormatError(`${ObjectNames.descriptor} in ${store.location} is damaged (far too large).`);
+  // A damaged or edited descriptor is an integrity problem (exit 3); a foreign or newer one a format problem.
+  if (raw.length > 64 * 1024) throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (far too large).`);
   let d: Descriptor;
   try {
     d = JSON.parse(raw.toString('utf8')) as Descriptor;
   } catch {
-    throw new FormatError(`${ObjectNames.descriptor} in ${store.location} is damaged (not JSON).`);
+    throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (not JSON).`);
   }
   if (typeof d !== 'object' || d === null || d.format !== 'blocksafe-repository') throw new FormatError(`${store.location} is not a blocksafe repository (${ObjectNames.descriptor} has a foreign format).`);
-  if (typeof d.format_version !== 'number' || d.format_version > REPOSITORY_FORMAT) {
+  if (!Number.isSafeInteger(d.format_version) || d.format_version < 1) throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (format_version ${JSON.stringify(d.format_version)}).`);
+  if (d.format_version > REPOSITORY_FORMAT) {
     throw new FormatError(`The repository at ${store.location} has format ${d.format_version}, newer than this blocksafe supports (${REPOSITORY_FORMAT}); use a newer blocksafe.`);
   }
   const ok =
@@ -307,7 +310,7 @@ export async function readDescriptor(store: BlobStore): Promise<Descriptor> {
     d.compression_level >= 1 &&
     d.compression_level <= 19 &&
     isValidBlockSize(d.block_size);
-  if (!ok) throw new FormatError(`${ObjectNames.descriptor} in ${store.location} is damaged (a field is missing or has an impossible value).`);
+  if (!ok) throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (a field is missing or has an impossible value).`);
   return d;
 }
 

@@ -75,6 +75,11 @@ export class TrustStore {
     return this.read(id)?.attributes?.[versionId] ?? 0;
   }
 
+  /** The versions whose attributes this machine saw (complete versions not removed by this machine). */
+  knownVersions(id: string): string[] {
+    return Object.keys(this.read(id)?.attributes ?? {});
+  }
+
   /** Remembers attributes generations (only ever upwards); null removes a version's entry (rm). */
   noteAttributes(id: string, entries: [string, number | null][]): void {
     const prev = this.read(id);

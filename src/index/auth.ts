@@ -57,8 +57,15 @@ export class IndexAuth {
 }
 
 function tampered(table: string, key: Uint8Array | string): IntegrityError {
-  const what = typeof key === 'string' ? key : Buffer.from(key).toString('hex').slice(0, 16);
+  const what = typeof key === 'string' ? key : describeKey(table, Buffer.from(key));
   return new IntegrityError(
     `The index entry ${table}/${what} fails authentication (the index was edited, damaged, or belongs to another repository); nothing was changed: run "blocksafe index rebuild" to recreate it from the store.`,
   );
+}
+
+/** A binary key as a user can place it: a block map chunk as `<version id> chunk <n>`, anything else as hex. */
+function describeKey(table: string, key: Buffer): string {
+  const nul = key.indexOf(0);
+  if (table === 'maps' && nul > 0 && key.length === nul + 5) return `${key.subarray(0, nul).toString('latin1')} chunk ${key.readUInt32BE(nul + 1)}`;
+  return key.toString('hex').slice(0, 16);
 }

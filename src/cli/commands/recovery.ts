@@ -24,6 +24,8 @@ export function register(program: Command): void {
         process.stdout.write(`Rebuilt the index: ${r.versions} versions, ${r.blocks} blocks.\n`);
         if (r.missing_blocks) process.stdout.write(`${r.missing_blocks} blocks named by manifests are MISSING from the store; their versions are marked invalid.\n`);
         if (r.damaged_manifests.length) process.stdout.write(`Damaged manifests (versions not recovered): ${r.damaged_manifests.join(', ')}\n`);
+        if (r.missing_manifests.length) process.stdout.write(`Versions this machine saw before whose manifests are gone from the store (not recovered): ${r.missing_manifests.join(', ')}\n`);
+        if (r.rolled_back.length) process.stdout.write(`Attributes older than ones this machine saw (put back by someone?), now protected: ${r.rolled_back.join(', ')}\n`);
         if (r.not_in_store.length)
           process.stdout.write(
             `WARNING: ${r.not_in_store.length} complete versions of the previous index have no manifest in the store and are gone from the index: ${r.not_in_store.map((v) => `${v.id} (${v.name})`).join(', ')}. If they were not removed on purpose, do not run cleanup: put their manifests back, or keep the previous index.\n`,
