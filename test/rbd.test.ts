@@ -284,7 +284,8 @@ rbdTest('restore refuses an image with a watcher even with --force, and leaves i
   const v = await backup(s, `rbd://${POOL}/${s.image}`, 'vm3');
   const target = imageName(t, 'watched');
   await rbd('create', '--size', '8M', `${POOL}/${target}`);
-  const watcher = spawn('rbd', ['-c', CONF, 'watch', `${POOL}/${target}`], { stdio: 'ignore' });
+  // rbd watch runs until a line arrives on stdin: keep stdin open.
+  const watcher = spawn('rbd', ['-c', CONF, 'watch', `${POOL}/${target}`], { stdio: ['pipe', 'ignore', 'ignore'] });
   t.teardown(() => {
     watcher.kill('SIGKILL');
   });
@@ -294,8 +295,8 @@ rbdTest('restore refuses an image with a watcher even with --force, and leaves i
   const info = JSON.parse(await rbd('info', '--format', 'json', `${POOL}/${target}`)) as { size: number };
   t.is(info.size, 8 * MiB, 'the watched image was not resized');
   t.true((await exportImage(s.dir, `${POOL}/${target}`)).every((b) => b === 0), 'nothing was written');
-  watcher.kill('SIGKILL');
-  await waitFor('the watcher to go', async () => ((JSON.parse(await rbd('status', '--format', 'json', `${POOL}/${target}`)) as { watchers: unknown[] }).watchers.length === 0 ? true : undefined), 120_000, 500);
+  watcher.stdin!.end('\n'); // a clean unwatch (a killed watcher lingers until its timeout)
+  await waitFor('the watcher to go', async () => ((JSON.parse(await rbd('status', '--format', 'json', `${POOL}/${target}`)) as { watchers: unknown[] }).watchers.length === 0 ? true : undefined), 120_000, 200);
   await runOk(['restore', ...s.repo.args, v.id, `rbd://${POOL}/${target}`, '--force'], { env: s.env });
   t.is(sha256(await exportImage(s.dir, `${POOL}/${target}`)), sha256(local));
 });
