@@ -278,6 +278,27 @@ rbdTest('a user snapshot rbd://POOL/IMAGE@SNAP is read and left alone; a missing
   t.deepEqual(scrub.source_differences.map((d) => d.block), [Math.floor((17 * MiB) / BS)]);
 });
 
+rbdTest('namespaces: rbd://POOL/NAMESPACE/IMAGE backs up and restores byte-identical', async (t) => {
+  const dir = await fastTempDir(t, 'blocksafe-rbd-');
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'));
+  const env = { ...repo.env, CEPH_CONF: CONF };
+  const ns = `bstest-ns-${randomBytes(4).toString('hex')}`;
+  await rbd('namespace', 'create', `${POOL}/${ns}`);
+  t.teardown(async () => {
+    for (const img of ['a', 'b']) {
+      await rbd('snap', 'purge', '--no-progress', `${POOL}/${ns}/${img}`).catch(() => undefined);
+      await rbd('rm', '--no-progress', `${POOL}/${ns}/${img}`).catch(() => undefined);
+    }
+    await rbd('namespace', 'rm', `${POOL}/${ns}`).catch(() => undefined);
+  });
+  const img = await makeFs(dir);
+  await rbd('import', '--no-progress', img, `${POOL}/${ns}/a`);
+  const v = await runJson<VersionJson>(['backup', ...repo.args, `rbd://${POOL}/${ns}/a`, 'nsvm', '--json'], { env });
+  t.is(v.source, `rbd://${POOL}/${ns}/a`);
+  await runOk(['restore', ...repo.args, v.id, `rbd://${POOL}/${ns}/b`], { env });
+  t.is(sha256(await exportImage(dir, `${POOL}/${ns}/b`)), sha256(await fs.readFile(img)));
+});
+
 rbdTest('restore refuses an image with a watcher even with --force, and leaves it alone', async (t) => {
   const s = await setup(t);
   const local = await fs.readFile(s.img);
@@ -331,6 +352,7 @@ rbdTest('wrong pool, wrong image and an unreachable cluster are each one clear l
   const env = { ...repo.env, CEPH_CONF: CONF };
   assertCliError(t, await runCli(['backup', ...repo.args, 'rbd://no-such-pool/img', 'x'], { env }), 1, /Ceph pool "no-such-pool" does not exist/);
   assertCliError(t, await runCli(['backup', ...repo.args, `rbd://${POOL}/no-such-image`, 'x'], { env }), 1, /RBD image "rbd\/no-such-image" does not exist/);
+  assertCliError(t, await runCli(['backup', ...repo.args, `rbd://${POOL}/no-such-ns/img`, 'x'], { env }), 1, /RBD namespace "rbd\/no-such-ns" does not exist/);
   assertCliError(t, await runCli(['backup', ...repo.args, 'rbd://bad pool/x', 'x'], { env }), 2, /valid pool/);
   const bad = path.join(dir, 'unreachable.conf');
   await fs.writeFile(bad, '[global]\nmon host = 127.0.0.1:1\nauth client required = none\n');
