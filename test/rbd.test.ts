@@ -361,3 +361,24 @@ rbdTest('wrong pool, wrong image and an unreachable cluster are each one clear l
   assertCliError(t, await runCli(['--config', conf, 'backup', ...repo.args, `rbd://${POOL}/img`, 'x'], { env }), 1, /Ceph cluster is unreachable \(no monitor answered within 3 s/);
   t.deepEqual(await runJson(['ls', ...repo.args, '--json'], { env }), [], 'no version was recorded');
 });
+
+test('rbd runs without blocksafe secrets in its environment, with CEPH_ARGS and the [ceph] settings as arguments', async (t) => {
+  const dir = await fastTempDir(t, 'blocksafe-rbd-');
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'));
+  const bin = path.join(dir, 'bin');
+  await fs.mkdir(bin);
+  const dump = path.join(dir, 'rbd-env');
+  // A stand-in rbd that records what it got and fails like a missing pool.
+  await fs.writeFile(path.join(bin, 'rbd'), `#!/bin/sh\nenv > ${dump}\necho "$@" > ${dump}.args\necho "rbd: error opening pool 'p': (2) No such file or directory" >&2\nexit 2\n`, { mode: 0o755 });
+  const conf = path.join(dir, 'appliance.conf');
+  await fs.writeFile(conf, '[ceph]\nconf = /etc/ceph/other.conf\nid = client.backup\nkeyring = /etc/ceph/backup.keyring\ncluster = other\ntimeout = 7s\n');
+  const r = await runCli(['--config', conf, 'backup', ...repo.args, 'rbd://p/img', 'x'], {
+    env: { ...repo.env, PATH: `${bin}:${process.env.PATH}`, BLOCKSAFE_PASSPHRASE: 'secret-pass', AWS_SECRET_ACCESS_KEY: 'secret-key', CEPH_ARGS: '--name client.x' },
+  });
+  assertCliError(t, r, 1, /Ceph pool "p" does not exist/);
+  const env = await fs.readFile(dump, 'utf8');
+  t.false(env.includes('secret-pass'));
+  t.false(env.includes('secret-key'));
+  t.true(env.includes('CEPH_ARGS=--name client.x'));
+  t.is((await fs.readFile(`${dump}.args`, 'utf8')).trim(), '--cluster other --conf /etc/ceph/other.conf --keyring /etc/ceph/backup.keyring --id backup --client_mount_timeout 7 info --format json p/img');
+});
