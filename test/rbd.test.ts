@@ -184,6 +184,8 @@ rbdTest('full and incremental backups of rbd://POOL/IMAGE read only changed bloc
   // A snapshot with blocksafe's naming pattern that is protected: rotation must leave it.
   await rbd('snap', 'create', '--no-progress', `${POOL}/${s.image}@blocksafe-manual`);
   await rbd('snap', 'protect', `${POOL}/${s.image}@blocksafe-manual`);
+  // Another repository's snapshot of the same image: not this chain's, so it stays.
+  await rbd('snap', 'create', '--no-progress', `${POOL}/${s.image}@blocksafe-otherrepo1`);
 
   const v1 = await backup(s, `rbd://${POOL}/${s.image}`, 'vm1');
   t.is(v1.source, `rbd://${POOL}/${s.image}`);
@@ -218,7 +220,8 @@ rbdTest('full and incremental backups of rbd://POOL/IMAGE read only changed bloc
   t.is(v3.stats.blocks_referenced, c3.nonZeroUnchanged);
 
   const snaps = await snapNames(s.image);
-  t.deepEqual(snaps.filter((n) => n.startsWith('blocksafe-') && n !== 'blocksafe-manual'), [`blocksafe-${v3.id}`], 'exactly one blocksafe snapshot is kept');
+  t.deepEqual(snaps.filter((n) => n.startsWith('blocksafe-') && n !== 'blocksafe-manual' && n !== 'blocksafe-otherrepo1'), [`blocksafe-${v3.id}`], 'exactly one blocksafe snapshot of this chain is kept');
+  t.true(snaps.includes('blocksafe-otherrepo1'), "another repository's snapshot is never removed");
   t.true(snaps.includes('users-own'), "the user's snapshot is never removed");
   t.true(snaps.includes('blocksafe-manual'), 'a protected snapshot is never removed');
 

@@ -312,14 +312,21 @@ export interface OpenRbdOptions {
   resumeSnapshot: string | null;
   /** Id of the version being made: the snapshot is called blocksafe-<id>. */
   versionId: string;
+  /**
+   * Whether an older blocksafe-* snapshot belongs to this backup chain (true) and may go, or why not. Another
+   * repository or name backing up the same image has its own: removing them would break its next diff, or
+   * its backup in progress.
+   */
+  ownSnapshot: (name: string) => true | string;
   warn: (message: string) => void;
 }
 
 /**
  * `rbd://POOL/IMAGE@SNAP` reads the user's snapshot and leaves snapshots alone. `rbd://POOL/IMAGE` snapshots
  * the image as blocksafe-<version id>; after a successful backup that snapshot is kept as the base of the
- * next diff and older blocksafe-* snapshots of the image are removed — never a snapshot blocksafe did not
- * name, nor one that is protected or has clones. After a failed backup the new snapshot stays, so that
+ * next diff and older blocksafe-* snapshots of the same backup chain (ownSnapshot) are removed — never a
+ * snapshot blocksafe did not name, nor one of another repository or name, nor one that is protected or has
+ * clones. After a failed backup the new snapshot stays, so that
  * `backup --resume` reads the same data; the next successful backup removes it.
  */
 export async function openRbdSource(client: RbdClient, spec: RbdSpec, opts: OpenRbdOptions): Promise<RbdSource> {
@@ -361,6 +368,11 @@ export async function openRbdSource(client: RbdClient, spec: RbdSpec, opts: Open
     const problems: string[] = [];
     for (const s of current) {
       if (s.name === snapshot || !isBlocksafeSnapshot(s.name)) continue;
+      const mine = opts.ownSnapshot(s.name);
+      if (mine !== true) {
+        opts.warn(`kept the snapshot ${imageSpec(spec, s.name)}: ${mine}; remove it with \`rbd snap rm ${imageSpec(spec, s.name)}\` if nothing needs it.`);
+        continue;
+      }
       if (s.protected) {
         opts.warn(`the old snapshot ${imageSpec(spec, s.name)} is protected, so blocksafe keeps it; unprotect it (\`rbd snap unprotect\`) if nothing needs it.`);
         continue;

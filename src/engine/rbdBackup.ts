@@ -53,6 +53,12 @@ async function run(repo: Repository, pipeline: BlockPipeline, client: RbdClient,
     previousSnapshot: resume ? (resume.base ? (repo.index.getVersion(resume.base)?.snapshot_name ?? null) : null) : (previous?.snapshot_name || null),
     resumeSnapshot: resume ? resume.snapshot_name || null : null,
     versionId: id,
+    ownSnapshot: (snap) => {
+      const v = repo.index.getVersion(snap.slice('blocksafe-'.length));
+      if (!v) return 'no version of this repository was read from it (another repository, a removed version, or a run that failed before it began)';
+      if (v.name !== opts.name) return `it belongs to the backups of "${v.name}"`;
+      return true;
+    },
     warn: opts.warn,
   });
   let result: VersionRecord;
@@ -159,8 +165,8 @@ async function readStream(
     await blocks.finish();
     await proc.done;
   } catch (err) {
-    // A stream that broke off because rbd failed: rbd's own error says why.
-    if (err instanceof RbdDiffError) await proc.done;
+    // A stream that broke off because rbd failed: rbd's own error says why (it has exited, or exits soon).
+    if (err instanceof RbdDiffError) await Promise.race([proc.done, new Promise((r) => setTimeout(r, 5000).unref())]);
     proc.kill();
     throw err;
   }
