@@ -50,7 +50,14 @@ async function run(repo: Repository, pipeline: BlockPipeline, client: RbdClient,
   while (!resume && repo.index.hasVersion(id)) id = newVersionId();
 
   const source = await openRbdSource(client, spec, {
-    previousSnapshot: resume ? (resume.base ? (repo.index.getVersion(resume.base)?.snapshot_name ?? null) : null) : (previous?.snapshot_name || null),
+    // Only a version read from this image can be the base of a diff (NAME may have had another source).
+    previousSnapshot: resume
+      ? resume.base
+        ? (repo.index.getVersion(resume.base)?.snapshot_name ?? null)
+        : null
+      : previous && previous.source === rbdLabel(spec)
+        ? previous.snapshot_name || null
+        : null,
     resumeSnapshot: resume ? resume.snapshot_name || null : null,
     versionId: id,
     ownSnapshot: (snap) => {
