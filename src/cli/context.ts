@@ -12,6 +12,7 @@ import { defaultThreads } from '../engine/workerPool.js';
 import { Throttle } from '../util/throttle.js';
 import { deferredWarnings, exposedSecretWarning } from '../util/secrets.js';
 import { promptHidden } from './prompt.js';
+import { RbdClient } from '../engine/rbd.js';
 
 /** Options every command accepts (see main.ts). */
 export interface GlobalOptions {
@@ -29,6 +30,12 @@ export interface GlobalOptions {
 }
 
 let cachedConfig: LoadedConfig | undefined;
+
+/** The rbd command wrapper with the [ceph] settings of appliance.conf. */
+export function rbdClient(opts: GlobalOptions): RbdClient {
+  const c = config(opts).config.ceph;
+  return new RbdClient({ conf: c.conf, keyring: c.keyring, id: c.id.replace(/^client\./, ''), cluster: c.cluster, timeoutSeconds: Math.max(1, Math.ceil(c.timeout / 1000)) });
+}
 export function config(opts: GlobalOptions): LoadedConfig {
   cachedConfig ??= loadConfig(opts.config);
   return cachedConfig;

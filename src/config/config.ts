@@ -40,6 +40,13 @@ export const SCHEMA = {
   lvm: {
     snapshot_size: { kind: 'string', default: '10%ORIGIN', doc: 'Size of classic (non-thin) LVM snapshots for lvm:// backups, as lvcreate -L/-l takes it (e.g. 5G or 20%ORIGIN).' },
   },
+  ceph: {
+    conf: { kind: 'string', default: '', doc: 'Ceph configuration file for rbd:// volumes (empty = CEPH_CONF, else /etc/ceph/ceph.conf).' },
+    keyring: { kind: 'string', default: '', doc: 'Keyring file of the Ceph client (empty = what ceph.conf and CEPH_ARGS say, e.g. /etc/ceph/CLUSTER.client.ID.keyring).' },
+    id: { kind: 'string', default: '', doc: 'Ceph client id (user name without "client."), e.g. backup for client.backup (empty = admin, or --id in CEPH_ARGS).' },
+    cluster: { kind: 'string', default: '', doc: 'Ceph cluster name (empty = ceph).' },
+    timeout: { kind: 'duration', default: '30s', doc: 'How long rbd waits for the Ceph monitors before an rbd:// command fails as "cluster unreachable".' },
+  },
   cleanup: {
     grace: {
       kind: 'duration',

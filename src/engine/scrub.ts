@@ -9,6 +9,8 @@ import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
 import { SourceReader } from './sourceReader.js';
 import { pausePoint } from '../util/pause.js';
+import { DEFAULT_CEPH, RbdClient } from './rbd.js';
+import { compareWithRbd } from './rbdScrub.js';
 
 export interface ScrubOptions {
   /** Versions to scrub; empty means every block of the repository (--all). */
@@ -19,6 +21,8 @@ export interface ScrubOptions {
   source?: string;
   queueDepth: number;
   direct: boolean;
+  /** Needed for an rbd:// source. */
+  rbd?: RbdClient;
   onProgress?: ProgressListener;
 }
 
@@ -127,7 +131,11 @@ async function runScrub(repo: Repository, pipeline: BlockPipeline, opts: ScrubOp
   const invalidated = await markDamaged(repo, damagedChecksums, seen);
   const revalidated = await revalidateVersions(repo);
   await syncValidity(repo, [...invalidated, ...revalidated]);
-  const differences = opts.source ? await compareWithSource(repo, pipeline, opts.versions[0]!, opts) : [];
+  const differences = !opts.source
+    ? []
+    : opts.source.startsWith('rbd://')
+      ? await compareWithRbd(repo, pipeline, opts.rbd ?? new RbdClient(DEFAULT_CEPH), opts.versions[0]!, opts.source, opts.queueDepth)
+      : await compareWithSource(repo, pipeline, opts.versions[0]!, opts);
   const invalid = [...repo.index.allVersions()].filter((v) => !v.valid).map((v) => v.id);
   return {
     blocks_selected: selected.length,

@@ -1,13 +1,14 @@
 import type { Command } from 'commander';
 import { backup, newestComplete, newestIncomplete } from '../../engine/backup.js';
 import { withLvmSource } from '../../engine/lvm.js';
+import { backupRbd } from '../../engine/rbdBackup.js';
 import type { Repository } from '../../engine/repository.js';
 import { NotFoundError, UsageError } from '../../errors.js';
 import { readHintsFile } from '../../engine/hints.js';
 import type { VersionRecord } from '../../index/records.js';
 import { formatBytes } from '../../util/size.js';
 import { formatDuration } from '../../util/time.js';
-import { config, withPipeline, type GlobalOptions } from '../context.js';
+import { config, rbdClient, withPipeline, type GlobalOptions } from '../context.js';
 import { printJson, versionJson } from '../output.js';
 import { progressReporter } from '../progressLine.js';
 import { askYesNo } from '../prompt.js';
@@ -24,7 +25,7 @@ export function register(program: Command): void {
   program
     .command('backup')
     .description('back up a file or block device (path or file:// URI) as a new version of NAME')
-    .argument('<source>', 'file, block device, file:// URI, or lvm://VG/LV (snapshotted for the backup)')
+    .argument('<source>', 'file, block device, file:// URI, lvm://VG/LV (snapshotted for the backup), or rbd://POOL/IMAGE[@SNAP] (Ceph RBD)')
     .argument('<name>', 'volume name the version belongs to')
     .option('-s, --snapshot-name <name>', 'free-form snapshot name stored with the version')
     .option('-t, --tag <tag...>', 'tags for the new version')
@@ -47,6 +48,19 @@ export function register(program: Command): void {
           readThrottle: s.readThrottle,
           onProgress: progress.listener,
         };
+        if (source.startsWith('rbd://')) {
+          // RBD: export-diff of a snapshot (made and rotated by blocksafe unless the URI names one).
+          if (opts.snapshotName) throw new UsageError('--snapshot-name cannot be used with rbd:// sources: the snapshot is the one read (rbd://POOL/IMAGE@SNAP) or the one blocksafe makes.');
+          if (opts.hints) throw new UsageError('--hints cannot be used with rbd:// sources: rbd export-diff says what changed.');
+          if (opts.from) throw new UsageError('--from cannot be used with rbd:// sources: the base is the version read from the previous snapshot.');
+          return backupRbd(repo, pipeline, rbdClient(opts), {
+            ...common,
+            uri: source,
+            resume: !!opts.resume,
+            offerResume: (v) => offerResume(v, name, !!opts.json),
+            warn: (m) => process.stderr.write(`blocksafe: note: ${m}\n`),
+          });
+        }
         if (!source.startsWith('lvm://')) {
           return backup(repo, pipeline, {
             ...common,

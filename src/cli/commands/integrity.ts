@@ -4,7 +4,7 @@ import { scrub } from '../../engine/scrub.js';
 import { checkConsistency, diskUsage } from '../../engine/space.js';
 import { formatBytes } from '../../util/size.js';
 import { displayLocal } from '../../util/time.js';
-import { withPipeline, withRepository, type GlobalOptions } from '../context.js';
+import { rbdClient, withPipeline, withRepository, type GlobalOptions } from '../context.js';
 import { printJson } from '../output.js';
 import { progressReporter } from '../progressLine.js';
 
@@ -21,7 +21,7 @@ export function register(program: Command): void {
     .argument('[version...]', 'versions to scrub (ids or unique prefixes)')
     .option('--all', 'scrub every block of the repository')
     .option('-p, --percent <n>', 'only the N % of blocks verified longest ago (repeated runs cover everything)')
-    .option('--source <uri>', 'deep scrub: also compare the version with its live source')
+    .option('--source <uri>', 'deep scrub: also compare the version with its live source (a path, or rbd://POOL/IMAGE[@SNAP])')
     .option('--json', 'print the result as JSON')
     .action(async (refs: string[], _o: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<ScrubCliOptions>();
@@ -35,6 +35,7 @@ export function register(program: Command): void {
           versions: refs.map((r) => repo.index.resolveVersion(r)),
           percent,
           source: opts.source,
+          rbd: opts.source?.startsWith('rbd://') ? rbdClient(opts) : undefined,
           queueDepth: s.queueDepth,
           direct: s.direct,
           onProgress: progress.listener,

@@ -2,7 +2,8 @@ import type { Command } from 'commander';
 import { ExitCode } from '../../errors.js';
 import { restore } from '../../engine/restore.js';
 import { formatBytes } from '../../util/size.js';
-import { withPipeline, type GlobalOptions } from '../context.js';
+import { rbdClient, withPipeline, type GlobalOptions } from '../context.js';
+import { restoreToRbd } from '../../engine/rbdRestore.js';
 import { printJson } from '../output.js';
 import { progressReporter } from '../progressLine.js';
 
@@ -17,7 +18,7 @@ export function register(program: Command): void {
     .command('restore')
     .description('restore a version to a file or block device')
     .argument('<version>', 'version id or unique prefix')
-    .argument('<target>', 'file path (created with holes) or block device')
+    .argument('<target>', 'file path (created with holes), block device, or rbd://POOL/IMAGE (created thin)')
     .option('-f, --force', 'overwrite an existing, non-empty target')
     .option('--sparse', 'do not write all-zero blocks (the target already reads as zeros, e.g. a fresh thin volume)')
     .option('--resume', 'continue an interrupted restore of this version to this target')
@@ -25,8 +26,8 @@ export function register(program: Command): void {
     .action(async (ref: string, target: string, _opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<RestoreOptions>();
       const progress = progressReporter(!opts.json);
-      const result = await withPipeline(opts, (repo, pipeline, s) =>
-        restore(repo, pipeline, repo.index.resolveVersion(ref), {
+      const result = await withPipeline(opts, (repo, pipeline, s) => {
+        const options = {
           target,
           force: !!opts.force,
           sparse: !!opts.sparse,
@@ -34,8 +35,10 @@ export function register(program: Command): void {
           queueDepth: s.queueDepth,
           writeThrottle: s.writeThrottle,
           onProgress: progress.listener,
-        }),
-      );
+        };
+        const version = repo.index.resolveVersion(ref);
+        return target.startsWith('rbd://') ? restoreToRbd(repo, pipeline, rbdClient(opts), version, options) : restore(repo, pipeline, version, options);
+      });
       progress.done();
       if (opts.json) {
         printJson({ version: result.version.id, target: result.target, size: result.version.size, bytes_written: result.bytesWritten, damaged: result.damaged });
