@@ -100,6 +100,24 @@ export class FuseDevice {
     }
   }
 
+  /**
+   * Raises the kernel's read-ahead for this mount (FUSE starts at 128 KiB), so sequential readers of a data
+   * file send large reads, several at once. Best effort: sysfs may be read-only (containers).
+   */
+  setReadahead(bytes: number): void {
+    const line = fs
+      .readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .find((l) => unescapeMountinfo(l.split(' ')[4] ?? '') === this.mountpoint);
+    const dev = line?.split(' ')[2];
+    if (!dev) return;
+    try {
+      fs.writeFileSync(`/sys/class/bdi/${dev}/read_ahead_kb`, String(Math.floor(bytes / 1024)));
+    } catch {
+      // keep the default
+    }
+  }
+
   /** Asks the kernel to unmount; with `lazy`, detaches at once and lets open files finish. */
   async unmount(lazy = false): Promise<{ ok: boolean; message: string }> {
     const r = await run('umount', lazy ? ['-l', this.mountpoint] : [this.mountpoint], []);

@@ -57,13 +57,24 @@ export function linkName(v: VersionRecord): string {
   return `${iso.slice(0, 10)}_${iso.slice(11, 19)}_${v.id}`;
 }
 
+/** Blocks loaded ahead of a sequential reader (the shared cache holds at least 2, up to 8). */
+const PREFETCH_BLOCKS = 2;
+
 function dataSource(e: NbdExport): DataSource {
+  // Ends of recent reads: a read starting at one of them is sequential (the kernel sends several at once).
+  const ends: number[] = [];
+  const read = (offset: number, length: number) => {
+    if (ends.includes(offset)) e.prefetch(offset + length, PREFETCH_BLOCKS * e.blockSize);
+    ends.push(offset + length);
+    if (ends.length > 16) ends.shift();
+    return e.read(offset, length);
+  };
   return {
     size: e.size,
     writable: !e.readOnly,
     // Sparse blocks take no space; blocks taken by reference from a base count as stored.
     allocated: Math.max(0, e.size - e.version.stats.bytes_sparse),
-    read: (offset, length) => e.read(offset, length),
+    read,
     write: (offset, data) => e.write(offset, data, false),
     flush: () => e.flush(),
     seek: (offset, hole) => {

@@ -1,3 +1,4 @@
+import { realpathSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import type { Command } from 'commander';
@@ -13,6 +14,8 @@ import { selectVersions } from '../../nbd/exports.js';
 import { Overlay } from '../../nbd/overlay.js';
 import { withPipeline, type GlobalOptions } from '../context.js';
 import { keepOverlay, reportDiscarded, waitForSignal } from '../overlayServe.js';
+
+const MiB = 2 ** 20;
 
 interface MountOptions extends GlobalOptions {
   rw?: boolean;
@@ -40,8 +43,9 @@ export function register(program: Command): void {
       if (process.getuid?.() !== 0) {
         throw new RefusedError('blocksafe mount needs root (it mounts a FUSE file system with mount(8)); run it as root, or use "blocksafe nbd" as another user.');
       }
-      const where = path.resolve(mountpoint);
-      checkMountpoint(where);
+      checkMountpoint(path.resolve(mountpoint));
+      // As /proc/self/mountinfo will name it (symlinks resolved).
+      const where = realpathSync(path.resolve(mountpoint));
       await withPipeline(opts, (repo, pipeline, s) => serve(repo, pipeline, s.queueDepth, where, refs, opts));
     });
 }
@@ -86,6 +90,7 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
     }
     const tree = versionTree(exports);
     dev = await FuseDevice.mount(mountpoint, { readOnly: !opts.rw, allowOther: !!opts.allowOther, fsname: 'blocksafe' });
+    dev.setReadahead(Math.min(16 * MiB, Math.max(MiB, 2 * repo.blockSize)));
     const session = new FuseSession(dev, tree, log);
     ended = session.serve();
     announce(mountpoint, exports, opts);
