@@ -1,4 +1,4 @@
-import { FuseDevice } from './device.js';
+import type { FuseDevice } from './device.js';
 import type { FsNode } from './node.js';
 import {
   attrOut,
