@@ -107,7 +107,8 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
         const next = await Promise.race([signals, ended.then(() => null)]);
         if (next === null) break;
         signals = waitForSignal();
-        u = await dev.unmount(true);
+        u = await dev.unmount();
+        if (!u.ok) u = await dev.unmount(true);
         if (u.ok) log('detached; serving the files still open until they are closed.');
       }
       process.on('SIGINT', hurry);
