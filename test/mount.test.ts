@@ -183,7 +183,10 @@ fuseTest('--rw: writes are visible through the mount and gone after unmount; --k
   };
 
   const m = await mount(t, repo, path.join(dir, 'mnt'), ['--rw', '--overlay-dir', dir, v.id]);
+  // The sparse (all-zero) block is a hole: SEEK_DATA/SEEK_HOLE see it; after the write its first granules are data.
+  t.deepEqual(await seeks(m.data(v.id)), { hole0: MiB, data1: 2 * MiB, end: 4 * MiB });
   await write(m.data(v.id));
+  t.deepEqual(await seeks(m.data(v.id)), { hole0: MiB + 8192, data1: MiB, end: 4 * MiB });
   t.deepEqual(await readRange(m.data(v.id), at - 10, patch.length + 20), expected.subarray(at - 10, at + patch.length + 10), 'written bytes read back');
   t.is(await sha256File(m.data(v.id)), sha256(expected));
   const stopped = await m.stop();
@@ -204,6 +207,12 @@ fuseTest('--rw: writes are visible through the mount and gone after unmount; --k
   await runOk(['restore', ...repo.args, keptId, path.join(dir, 'kept')], { env: repo.env });
   t.is(await sha256File(path.join(dir, 'kept')), sha256(expected), 'the kept version restores to the written bytes');
 });
+
+/** lseek(SEEK_HOLE, 0), lseek(SEEK_DATA, 1 MiB) and the size, through python3 (Node has no SEEK_DATA). */
+async function seeks(file: string): Promise<{ hole0: number; data1: number; end: number }> {
+  const py = `import os,json,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\nprint(json.dumps({"hole0":os.lseek(fd,0,os.SEEK_HOLE),"data1":os.lseek(fd,${MiB},os.SEEK_DATA),"end":os.lseek(fd,0,os.SEEK_END)}))`;
+  return JSON.parse((await run('python3', ['-c', py, file])).stdout) as { hole0: number; data1: number; end: number };
+}
 
 fuseTest('a damaged block gives EIO on exactly its range; the rest reads back and the mount stays usable', async (t) => {
   const dir = await tempDir(t);
