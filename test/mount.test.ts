@@ -55,6 +55,9 @@ interface Mount {
   data(id: string): string;
   /** SIGINT, then the exit code and output; the mount is gone afterwards. */
   stop(): Promise<{ code: number | null; stdout: string; stderr: string }>;
+  signal(): void;
+  stderr(): string;
+  running(): boolean;
 }
 
 async function mount(t: ExecutionContext, repo: RepoFixture, dir: string, args: string[]): Promise<Mount> {
@@ -78,6 +81,9 @@ async function mount(t: ExecutionContext, repo: RepoFixture, dir: string, args: 
   return {
     dir,
     data: (id) => path.join(dir, 'by_id', id, 'data'),
+    signal: () => proc.kill('SIGINT'),
+    stderr: () => stderr,
+    running: () => proc.exitCode === null && proc.signalCode === null,
     stop: async () => {
       proc.kill('SIGINT');
       const code = await exited;
@@ -284,4 +290,27 @@ fuseTest('refusals: missing mount point, a file, a stale mount left by a killed 
   const again = await mount(t, repo, mnt, [v.id]);
   t.is(await sha256File(again.data(v.id)), image.sha256);
   t.is((await again.stop()).code, 0);
+});
+
+fuseTest('Ctrl-C while a file is open: says so and keeps serving; Ctrl-C again once it is closed unmounts', async (t) => {
+  const dir = await tempDir(t);
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '1M' });
+  const image = await makeImage(path.join(dir, 'img'), { blocks: ['random', 'text'], blockSize: MiB, seed: 'mount-busy' });
+  const v = await runJson<VersionJson>(['backup', ...repo.args, image.path, 'vol'], { env: repo.env });
+  const m = await mount(t, repo, path.join(dir, 'mnt'), [v.id]);
+  // Held open by another process (this one must not read its own server's mount synchronously; it does not).
+  const holder = spawn('sh', ['-c', 'exec 3<"$1"; read -r _', 'holder', m.data(v.id)], { stdio: ['pipe', 'ignore', 'inherit'] });
+  const holderGone = new Promise((r) => holder.once('exit', r));
+  t.teardown(() => void holder.kill());
+  await until('the holder to open the file', () => existsSync(`/proc/${holder.pid}/fd/3`));
+  m.signal();
+  await until('the busy message', () => /cannot unmount yet .*busy/.test(m.stderr()));
+  t.true(mounted(m.dir), 'still mounted');
+  t.true(m.running());
+  t.is(await sha256File(m.data(v.id)), image.sha256, 'still serving');
+  holder.stdin!.end('\n');
+  await holderGone;
+  const stopped = await m.stop();
+  t.is(stopped.code, 0, stopped.stderr);
+  t.false(mounted(m.dir));
 });

@@ -44,6 +44,7 @@ export interface FuseDeviceEvents {
 export class FuseDevice {
   private worker: Worker | null = null;
   private closed = false;
+  private readerEnded = false;
 
   private constructor(
     readonly fd: number,
@@ -83,9 +84,15 @@ export class FuseDevice {
     this.worker = w;
     w.on('message', (m: Uint8Array | { end: string }) => {
       if (m instanceof Uint8Array) events.request(Buffer.from(m.buffer, m.byteOffset, m.byteLength));
-      else events.end(m.end);
+      else {
+        this.readerEnded = true;
+        events.end(m.end);
+      }
     });
-    w.on('error', (err) => events.end(err.message));
+    w.on('error', (err) => {
+      this.readerEnded = true;
+      events.end(err.message);
+    });
   }
 
   /** Writes one reply (header and body in one writev, as the device requires). False if the kernel refused it. */
@@ -124,11 +131,20 @@ export class FuseDevice {
     return { ok: r.code === 0, message: r.stderr.trim().replace(/\s+/g, ' ') };
   }
 
-  /** Closes the device (after the connection ended); stops the reader. */
+  /**
+   * True while the reader thread may be blocked in read(2): the connection has not ended (a lazily detached
+   * mount with files still open). Node cannot exit then (it joins its threads at exit), so the caller
+   * must end the process with a signal instead (the kernel then aborts the connection).
+   */
+  get readerBlocked(): boolean {
+    return this.worker !== null && !this.readerEnded;
+  }
+
+  /** Closes the device after the connection ended (the reader thread has finished). */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.worker?.terminate();
+    if (!this.readerBlocked) await this.worker?.terminate();
     fs.closeSync(this.fd);
   }
 }

@@ -72,7 +72,7 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
     // A third Ctrl-C: leave at once (the kernel ends the mount's connection when this process dies).
     for (const o of overlays) o.removeSync();
     process.stderr.write('blocksafe: interrupted; stopped without finishing.\n');
-    process.exit(130);
+    exitNow(dev, 130);
   };
   try {
     for (const v of versions) locks.push(await repo.locks.acquire(LockNames.version(v.id), 'shared', `Version ${v.id}`));
@@ -96,7 +96,7 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
     announce(mountpoint, exports, opts);
 
     // Stop on Ctrl-C/SIGTERM (unmount), or when someone else unmounts (the connection ends).
-    let first = await Promise.race([signals, ended.then(() => null)]);
+    const first = await Promise.race([signals, ended.then(() => null)]);
     if (first !== null) {
       signals = waitForSignal();
       if (!opts.json) process.stderr.write(`\nblocksafe mount: ${first}: unmounting ${mountpoint}…\n`);
@@ -108,12 +108,16 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
         if (next === null) break;
         signals = waitForSignal();
         u = await dev.unmount();
-        if (!u.ok) u = await dev.unmount(true);
-        if (u.ok) log('detached; serving the files still open until they are closed.');
+        if (!u.ok) {
+          u = await dev.unmount(true);
+          if (u.ok) log('detached; serving the files still open until they are closed.');
+        }
       }
-      process.on('SIGINT', hurry);
-      process.on('SIGTERM', hurry);
     }
+    // From here a signal means "leave now" (also while --keep-as stores the overlay).
+    signals.cancel();
+    process.on('SIGINT', hurry);
+    process.on('SIGTERM', hurry);
     await ended;
     await dev.close();
     dev = null;
@@ -122,20 +126,34 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
     else if (opts.rw && !opts.json) reportDiscarded(exports);
     if (opts.json) process.stdout.write(JSON.stringify({ event: 'unmounted', mountpoint, signal: first }) + '\n');
     else if (!opts.rw) process.stderr.write(`Unmounted ${mountpoint}.\n`);
-    first = null;
   } finally {
+    let blocked = false;
     if (dev) {
       // An error after mounting: detach so the reader ends and nothing is left behind.
       await dev.unmount(true);
       await Promise.race([ended, new Promise((r) => setTimeout(r, 5000).unref())]);
+      blocked = dev.readerBlocked;
       await dev.close();
     }
     for (const o of overlays) await o.remove();
     for (const l of locks) await l.release().catch(() => undefined);
+    if (blocked) {
+      log(`files in ${mountpoint} are still open; ending the process so that the kernel drops the mount (their reads fail from now on).`);
+      exitNow(dev, 1);
+    }
     signals.cancel();
     process.off('SIGINT', hurry);
     process.off('SIGTERM', hurry);
   }
+}
+
+/**
+ * Leaves the process at once. While the FUSE reader thread is blocked in read(2) Node cannot exit (it
+ * joins its threads), so then the process ends itself with SIGKILL; the kernel aborts the connection.
+ */
+function exitNow(dev: FuseDevice | null, code: number): never {
+  if (dev?.readerBlocked) process.kill(process.pid, 'SIGKILL');
+  process.exit(code);
 }
 
 function announce(mountpoint: string, exports: readonly NbdExport[], opts: MountOptions): void {
