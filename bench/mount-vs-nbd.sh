@@ -2,7 +2,7 @@
 # Cold sequential read of one version: `blocksafe mount` (dd of by_id/<id>/data) vs `blocksafe nbd`
 # (nbdcopy to null:), with the server's CPU time. Needs root, /dev/fuse, nbdcopy. docs/MOUNT.md has results.
 #   bash bench/mount-vs-nbd.sh [SIZE_MIB=512] [ROUNDS=3]
-set -euo pipefail
+set -eu
 cd "$(dirname "$0")/.."
 SIZE=${1:-512}; ROUNDS=${2:-3}
 N=node_modules/.bin/node; B=$PWD/bin/blocksafe.js

@@ -60,6 +60,9 @@ export class FuseSession {
   private readonly ended: Promise<string>;
   private resolveEnded: (code: string) => void = () => undefined;
   readonly errors: string[] = [];
+  /** Resolves once INIT is answered (settings of the mount made before that are reset by INIT). */
+  readonly initialized: Promise<void>;
+  private resolveInit: () => void = () => undefined;
 
   constructor(
     private readonly dev: FuseDevice,
@@ -67,6 +70,7 @@ export class FuseSession {
     private readonly log: (m: string) => void,
   ) {
     this.ended = new Promise((r) => (this.resolveEnded = r));
+    this.initialized = new Promise((r) => (this.resolveInit = r));
   }
 
   /** Starts serving; resolves with the reason the connection ended (normally ENODEV after unmount). */
@@ -101,6 +105,7 @@ export class FuseSession {
     const parts = Array.isArray(r) ? r : [r];
     const len = parts.reduce((n, p) => n + p.length, 0);
     this.dev.reply([outHeader(h.unique, 0, len), ...parts]);
+    if (h.opcode === Op.INIT) this.resolveInit();
   }
 
   private fail(h: InHeader, err: unknown): void {

@@ -90,9 +90,11 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
     }
     const tree = versionTree(exports);
     dev = await FuseDevice.mount(mountpoint, { readOnly: !opts.rw, allowOther: !!opts.allowOther, fsname: 'blocksafe' });
-    dev.setReadahead(Math.min(16 * MiB, Math.max(MiB, 2 * repo.blockSize)));
     const session = new FuseSession(dev, tree, log);
     ended = session.serve();
+    // After INIT, which sets the read-ahead to at most what the kernel offered (128 KiB).
+    await Promise.race([session.initialized, ended]);
+    dev.setReadahead(Math.min(16 * MiB, Math.max(MiB, 2 * repo.blockSize)));
     announce(mountpoint, exports, opts);
 
     // Stop on Ctrl-C/SIGTERM (unmount), or when someone else unmounts (the connection ends).
