@@ -125,9 +125,10 @@ fuseTest('an ext4 backup mounted: data equals the image, loop-mounts with equal 
   t.is((await fs.stat(m.data(v1.id))).size, (await fs.stat(img)).size, 'exact size');
 
   // backy2's small files and info.json equal `show --json`.
-  const shown = JSON.parse((await runOk(['show', ...repo.args, '--json', v1.id], { env: repo.env })).stdout) as VersionJson & { expire: string | null; protected: boolean; valid: boolean };
+  const showOut = (await runOk(['show', ...repo.args, '--json', v1.id], { env: repo.env })).stdout;
+  const shown = JSON.parse(showOut) as VersionJson & { expire: string | null; protected: boolean; valid: boolean };
   const vdir = path.join(m.dir, 'by_id', v1.id);
-  t.deepEqual(JSON.parse(await fs.readFile(path.join(vdir, 'info.json'), 'utf8')), shown);
+  t.is(await fs.readFile(path.join(vdir, 'info.json'), 'utf8'), showOut, 'info.json is byte for byte `show --json`');
   t.is(await fs.readFile(path.join(vdir, 'name'), 'utf8'), `${shown.name}\n`);
   t.is(await fs.readFile(path.join(vdir, 'snapshot_name'), 'utf8'), 'snap-1\n');
   t.is(await fs.readFile(path.join(vdir, 'tags'), 'utf8'), shown.tags.map((x) => `${x}\n`).join(''));
@@ -202,11 +203,17 @@ fuseTest('--rw: writes are visible through the mount and gone after unmount; --k
   await runOk(['restore', ...repo.args, v.id, path.join(dir, 'restored')], { env: repo.env });
   t.is(await sha256File(path.join(dir, 'restored')), image.sha256, 'the version is unchanged');
 
-  const k = await mount(t, repo, path.join(dir, 'mnt2'), ['--rw', '--keep-as', 'vol-edited', v.id]);
+  const mnt2 = path.join(dir, 'mnt2');
+  const k = await mount(t, repo, mnt2, ['--rw', '--keep-as', 'vol-edited', '--json', v.id]);
   await write(k.data(v.id));
   const kept = await k.stop();
   t.is(kept.code, 0, kept.stderr);
-  const keptId = kept.stdout.trim().split('\n').pop()!;
+  // --json: one object per line, as the TUI reads them.
+  const events = kept.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string; mountpoint?: string; read_only?: boolean; versions?: { id: string; data: string }[]; version?: { id: string } });
+  t.deepEqual(events.map((e) => e.event), ['mounted', 'kept', 'unmounted']);
+  t.like(events[0], { mountpoint: mnt2, read_only: false });
+  t.deepEqual(events[0]!.versions!.map((x) => [x.id, x.data]), [[v.id, k.data(v.id)]]);
+  const keptId = events[1]!.version!.id;
   const shown = JSON.parse((await runOk(['show', ...repo.args, '--json', keptId], { env: repo.env })).stdout) as VersionJson & { protected: boolean };
   t.is(shown.name, 'vol-edited');
   t.true(shown.protected);

@@ -96,6 +96,7 @@ async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpo
     await Promise.race([session.initialized, ended]);
     dev.setReadahead(Math.min(16 * MiB, Math.max(MiB, 2 * repo.blockSize)));
     announce(mountpoint, exports, opts);
+    if (opts.allowOther) log('--allow-other: every local user can read the decrypted versions under this mount point.');
 
     // Stop on Ctrl-C/SIGTERM (unmount), or when someone else unmounts (the connection ends).
     const first = await Promise.race([signals, ended.then(() => null)]);
