@@ -48,7 +48,7 @@ function pathWithoutNode(dir: string): string {
   if (spawnSync('/bin/sh', ['-c', 'command -v node'], { env: { PATH: plain } }).status !== 0) return plain;
   const bin = path.join(dir, '.path');
   fs.mkdirSync(bin);
-  for (const tool of ['sh', 'env', 'ls', 'cat', 'stty', 'sha256sum', 'mount', 'findmnt']) {
+  for (const tool of ['sh', 'env', 'ls', 'cat', 'stty', 'sha256sum', 'mount', 'umount', 'findmnt']) {
     for (const d of ['/usr/bin', '/bin', '/usr/sbin', '/sbin']) {
       if (fs.existsSync(path.join(d, tool))) {
         fs.symlinkSync(path.join(d, tool), path.join(bin, tool));
@@ -192,6 +192,47 @@ test.serial('init, backup, ls, restore (sha256 equal), scrub and the UI, all fro
   t.regex(shown, /vol/);
   tmux('send-keys', 'q');
   t.regex(await screen(/UI-EXIT=\d+/), /UI-EXIT=0/);
+});
+
+test.serial('mount from the binary: a version as a file over FUSE (root), read back sha256-equal, unmounted on SIGINT', async (t) => {
+  if (process.getuid?.() !== 0 || !fs.existsSync('/dev/fuse')) {
+    if (process.env.CI === 'true') return t.fail('this test needs root and /dev/fuse');
+    return t.pass('needs root and /dev/fuse: skipped');
+  }
+  const work = fs.mkdtempSync(path.join(ctx.dir, 'mount-'));
+  t.teardown(() => fs.rmSync(work, { recursive: true, force: true }));
+  const image = Buffer.concat([randomBytes(3 * MiB), Buffer.alloc(2 * MiB), randomBytes(MiB + 4321)]);
+  const source = path.join(work, 'source.img');
+  fs.writeFileSync(source, image);
+  const repo = path.join(work, 'R');
+  ok(blocksafe(['init', '--repo', repo, '--encryption', 'none', '--block-size', '1M'], {}, { cwd: work }), 'init');
+  const v = JSON.parse(ok(blocksafe(['backup', '--repo', repo, source, 'vol', '--json'], {}, { cwd: work }), 'backup')) as { id: string };
+  const mnt = path.join(work, 'mnt');
+  fs.mkdirSync(mnt);
+  const isMounted = () => fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === mnt);
+  const child = spawn(ctx.bin, ['mount', '--repo', repo, mnt, v.id], { cwd: work, env: { PATH: ctx.path, HOME: ctx.home }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  const closed = new Promise<number | null>((r) => child.once('close', r));
+  t.teardown(() => {
+    if (isMounted()) spawnSync('umount', ['-l', mnt]);
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  while (!isMounted()) {
+    if (child.exitCode !== null) return t.fail(`mount exited ${child.exitCode}: ${stderr}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  // Read by another process: this one must not block its event loop on the mount it is waiting for.
+  const sum = await new Promise<string>((resolve) => {
+    const c = spawn('sha256sum', [path.join(mnt, 'by_id', v.id, 'data')], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    c.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    c.on('close', () => resolve(out.split(' ')[0]!));
+  });
+  t.is(sum, createHash('sha256').update(image).digest('hex'));
+  child.kill('SIGINT');
+  t.is(await closed, 0, stderr);
+  t.false(isMounted());
 });
 
 test.serial('a damaged cached addon is replaced', (t) => {

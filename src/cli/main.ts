@@ -20,6 +20,7 @@ export const COMMAND_MODULES: Readonly<Record<string, { commands: readonly strin
   recovery: { commands: ['index', 'export', 'import', 'copy'], load: () => import('./commands/recovery.js') },
   keys: { commands: ['key', 'rekey'], load: () => import('./commands/keys.js') },
   nbd: { commands: ['nbd'], load: () => import('./commands/nbd.js') },
+  mount: { commands: ['mount'], load: () => import('./commands/mount.js') },
   config: { commands: ['config'], load: () => import('./commands/config.js') },
   // The Ink UI: its module is small and loads ink/react itself, only when `ui` runs.
   ui: { commands: ['ui'], load: () => import('./commands/ui.js') },

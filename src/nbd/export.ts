@@ -74,6 +74,21 @@ export class NbdExport {
     return buf;
   }
 
+  /**
+   * Starts loading the backup blocks of [offset, offset+length) into the shared cache without waiting (a
+   * sequential reader's next blocks: decoding overlaps with the reader consuming the current one). Failures
+   * are not reported here; the read that needs the block meets them.
+   */
+  prefetch(offset: number, length: number): void {
+    const bs = this.blockSize;
+    const end = Math.min(this.size, offset + length);
+    for (let i = Math.floor(offset / bs); i * bs < end; i++) {
+      if (this.overlay && !this.overlay.runs(i * bs, this.blockLength(i)).some((r) => r.state === GranuleState.Backing)) continue;
+      const checksum = this.checksum(i);
+      if (checksum) this.cache.get(checksum, this.blockLength(i)).catch(() => undefined);
+    }
+  }
+
   /** Backup content of [offset, offset+length) into buf[at…]; sparse blocks stay zero. */
   private async readBacking(buf: Buffer, at: number, offset: number, length: number): Promise<void> {
     const bs = this.blockSize;

@@ -4,7 +4,6 @@ import { Option, type Command } from 'commander';
 import { BlocksafeError, NotFoundError, UsageError } from '../../errors.js';
 import { validateName } from '../../engine/backup.js';
 import { LockNames, type Lock } from '../../engine/locks.js';
-import { createOverlayVersion } from '../../engine/overlayVersion.js';
 import { BlockCache, cacheCapacity } from '../../nbd/blockCache.js';
 import {
   exportSecret,
@@ -18,14 +17,13 @@ import {
 } from '../../nbd/endpoint.js';
 import { NbdExport } from '../../nbd/export.js';
 import { exportNames, selectVersions } from '../../nbd/exports.js';
-import { GRANULE, Overlay } from '../../nbd/overlay.js';
+import { Overlay } from '../../nbd/overlay.js';
 import { MAX_PAYLOAD } from '../../nbd/protocol.js';
 import { NbdServer, type ListenAddress, type NbdLimits } from '../../nbd/server.js';
 import { loadPskFile, type PskKeys } from '../../nbd/tls.js';
-import { formatBytes, parseDuration } from '../../util/size.js';
+import { parseDuration } from '../../util/size.js';
 import { config, withPipeline, type GlobalOptions } from '../context.js';
-import { versionJson } from '../output.js';
-import { progressReporter } from '../progressLine.js';
+import { keepOverlay, reportDiscarded, waitForSignal } from '../overlayServe.js';
 
 interface NbdOptions extends GlobalOptions {
   socket?: string;
@@ -221,31 +219,9 @@ async function serve(
     removeSocket();
 
     if (opts.keepAs) {
-      const v = versions[0]!;
-      const exp = byId.get(v.id)!;
-      await exp.flush();
-      const overlay = exp.overlay!;
-      if (!opts.json) process.stderr.write(`Saving the overlay (${formatBytes(overlay.changedGranules() * GRANULE)} changed) as a new version of "${opts.keepAs}"…\n`);
-      const progress = progressReporter(!opts.json);
-      const kept = await createOverlayVersion(
-        repo,
-        pipeline,
-        v,
-        { touches: (o, l) => overlay.touches(o, l), read: (o, l) => exp.read(o, l) },
-        { name: opts.keepAs, queueDepth, onProgress: progress.listener },
-      );
-      progress.done();
-      if (opts.json) process.stdout.write(JSON.stringify({ event: 'kept', version: versionJson(kept) }) + '\n');
-      else {
-        process.stderr.write(
-          `Kept the overlay of ${v.id} as protected version ${kept.id} of "${kept.name}": ${kept.stats.blocks_written} new blocks stored, ` +
-            `${kept.stats.blocks_referenced} shared with ${v.id}.\n`,
-        );
-        process.stdout.write(`${kept.id}\n`);
-      }
+      await keepOverlay(repo, pipeline, byId.get(versions[0]!.id)!, { keepAs: opts.keepAs, queueDepth, json: !!opts.json });
     } else if (opts.rw && !opts.json) {
-      const changed = overlays.reduce((n, o) => n + o.changedGranules(), 0) * GRANULE;
-      process.stderr.write(`Discarded the overlay (${formatBytes(changed)} written); the backup is unchanged.\n`);
+      reportDiscarded([...byId.values()]);
     }
     if (opts.json) process.stdout.write(JSON.stringify({ event: 'stopped', signal }) + '\n');
   } finally {
@@ -257,26 +233,6 @@ async function serve(
     process.off('SIGINT', hurry);
     process.off('SIGTERM', hurry);
   }
-}
-
-/** Resolves with the first SIGINT or SIGTERM; `cancel` removes the handlers. */
-function waitForSignal(): Promise<NodeJS.Signals> & { cancel: () => void } {
-  let on: (s: NodeJS.Signals) => void = () => undefined;
-  const p = new Promise<NodeJS.Signals>((resolve) => {
-    on = (s) => {
-      process.off('SIGINT', on);
-      process.off('SIGTERM', on);
-      resolve(s);
-    };
-    process.on('SIGINT', on);
-    process.on('SIGTERM', on);
-  });
-  return Object.assign(p, {
-    cancel: () => {
-      process.off('SIGINT', on);
-      process.off('SIGTERM', on);
-    },
-  });
 }
 
 function tlsOf(e: Endpoint): { identity: string; pskFile: string } | null {
