@@ -100,9 +100,9 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
 }
 
 /** Runs the benchmark image generator (python3, stdlib only); returns its JSON summary. */
-export async function mkimage(args: string[]): Promise<any> {
+export async function mkimage<T = unknown>(args: string[]): Promise<T> {
   const { stdout } = await run('python3', [MKIMAGE, ...args]);
-  return JSON.parse(stdout.trim().split('\n').pop()!);
+  return JSON.parse(stdout.trim().split('\n').pop()!) as T;
 }
 
 /** For each block of `file`: true when it holds any non-zero byte. */

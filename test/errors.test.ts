@@ -32,6 +32,7 @@ import {
   zeroFile,
   type Image,
   type RepoFixture,
+  type VersionJson,
 } from './helpers.js';
 
 const BS = 4 * MiB;
@@ -40,8 +41,9 @@ const loopTest = loopDevicesWork() ? test : test.skip;
 /** The object path of each block of `img` in a key-file repository (computed with the repository's MAC key). */
 async function objectPaths(repo: RepoFixture & { keyFile: string }, img: Image): Promise<(string | null)[]> {
   const slot = JSON.parse(await fs.readFile(path.join(repo.dir, 'keys', 'slot-1.json'), 'utf8')) as KeySlot;
-  const [{ masterKey }] = unlockMasterKeys([slot], 'keyfile', await fs.readFile(repo.keyFile));
-  const keyring = openKeyring(await fs.readFile(path.join(repo.dir, 'keys', 'keyring')), masterKey!)!;
+  const [unlocked] = unlockMasterKeys([slot], 'keyfile', await fs.readFile(repo.keyFile));
+  if (!unlocked) throw new Error('the key file does not unlock slot 1');
+  const keyring = openKeyring(await fs.readFile(path.join(repo.dir, 'keys', 'keyring')), unlocked.masterKey!)!;
   const out: (string | null)[] = [];
   for (let i = 0; i < img.blockHashes.length; i++) {
     if (img.kinds[i] === 'zero') {
@@ -77,8 +79,8 @@ test('wrong passphrase: exit 1, a message about the passphrase, repository and t
 
   // The right passphrase from a file (trailing newline ignored) works.
   await fs.writeFile(passFile, `${PASSPHRASE}\n`);
-  const listed = await runJson(['ls', ...repo.args, '--passphrase-file', passFile]);
-  t.deepEqual(listed.map((x: { id: string }) => x.id), [v.id]);
+  const listed = await runJson<VersionJson[]>(['ls', ...repo.args, '--passphrase-file', passFile]);
+  t.deepEqual(listed.map((x) => x.id), [v.id]);
 });
 
 test('wrong or short key file: exit 1 / 2, repository unchanged', async (t) => {
@@ -130,7 +132,7 @@ test('unknown version: exit 1 "No version", nothing created or removed', async (
   assertCliError(t, await runCli(['rm', ...repo.args, v.id, unknown]), 1, /No version/);
   assertCliError(t, await runCli(['show', 'NOT-AN-ID', ...repo.args]), 2);
   t.deepEqual(await repoState(repo), before);
-  t.is((await runJson(['ls', ...repo.args])).length, 1, 'a typo in the second id removes nothing');
+  t.is((await runJson<VersionJson[]>(['ls', ...repo.args])).length, 1, 'a typo in the second id removes nothing');
 });
 
 test('ambiguous version prefix: exit 2 naming the candidates, nothing changed', async (t) => {
@@ -157,7 +159,7 @@ test('ambiguous version prefix: exit 2 naming the candidates, nothing changed', 
   t.false(existsSync(target));
   assertCliError(t, await runCli(['rm', ...repo.args, prefix]), 2, /ambiguous/);
   t.deepEqual(await repoState(repo), before);
-  t.is((await runJson(['ls', ...repo.args])).length, ids.length);
+  t.is((await runJson<VersionJson[]>(['ls', ...repo.args])).length, ids.length);
 });
 
 // ------------------------------------------------------------------------------------------- targets

@@ -81,7 +81,7 @@ export async function runOk(args: readonly string[], opts: CliOptions = {}): Pro
 }
 
 /** Runs the CLI with --json, expects exit 0, and parses stdout. */
-export async function runJson<T = any>(args: readonly string[], opts: CliOptions = {}): Promise<T> {
+export async function runJson<T = unknown>(args: readonly string[], opts: CliOptions = {}): Promise<T> {
   const r = await runOk([...args, '--json'], opts);
   try {
     return JSON.parse(r.stdout) as T;
@@ -401,7 +401,7 @@ export async function run(cmd: string, args: readonly string[], opts: { cwd?: st
     return await execFileP(cmd, args, { cwd: opts.cwd, maxBuffer: 64 * MiB });
   } catch (err) {
     const e = err as Error & { stdout?: string; stderr?: string; code?: number };
-    throw new Error(`${cmd} ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}${e.stdout ?? ''}`);
+    throw new Error(`${cmd} ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}${e.stdout ?? ''}`, { cause: err });
   }
 }
 

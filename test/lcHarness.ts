@@ -24,7 +24,7 @@ export interface JsonResult<T> {
 }
 
 /** Runs `blocksafe <args> --repo … --json` and parses stdout whatever the exit code (scrub and restore exit 3 with a report). */
-export async function cliJson<T = any>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<JsonResult<T>> {
+export async function cliJson<T = unknown>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<JsonResult<T>> {
   const [command, ...rest] = args;
   const r: CliResult = await runCli([...command!.split(' '), ...repo.args, ...extra, ...rest, '--json'], { env: repo.env });
   let json: T;
@@ -37,7 +37,7 @@ export async function cliJson<T = any>(repo: RepoFixture, args: readonly string[
 }
 
 /** Like cliJson but requires exit 0. */
-export async function okJson<T = any>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<T> {
+export async function okJson<T = unknown>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<T> {
   const r = await cliJson<T>(repo, args, extra);
   if (r.code !== 0) throw new Error(`blocksafe ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
   return r.json;

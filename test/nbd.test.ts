@@ -124,7 +124,7 @@ interface Server {
   /** The printed URI of an export (by its plain name: the secret prefix of --insecure-tcp is found). */
   uri: (name: string) => string;
   /** SIGINT, then the exit code and all output. */
-  stop: () => Promise<{ code: number | null; stdout: string; stderr: string; events: any[] }>;
+  stop: () => Promise<{ code: number | null; stdout: string; stderr: string; events: { event: string; [field: string]: unknown }[] }>;
   stderr: () => string;
   pid: number;
 }

@@ -86,7 +86,7 @@ test('kill -9 during a backup, then backup --resume: committed blocks are not re
   );
 
   const target = path.join(dir, 'restored.img');
-  const r = await runJson(['restore', ...repo.args, after.id, target], { env: repo.env });
+  const r = await runJson<{ damaged: unknown[] }>(['restore', ...repo.args, after.id, target], { env: repo.env });
   t.deepEqual(r.damaged, []);
   t.is(await sha256File(target), original, 'byte-identical to the source as it was backed up (block 0 was not read again)');
 });
