@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import type { ExecutionContext } from 'ava';
+import test, { type ExecutionContext } from 'ava';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const BIN = path.join(ROOT, 'bin', 'blocksafe.js');
@@ -421,6 +421,14 @@ export function haveCommand(cmd: string): boolean {
 
 let loopOk: boolean | undefined;
 /** True when loop devices can be attached here (root, losetup present, a free device available). */
+/** Under CI=true a missing tool or privilege must fail the tests that need it; elsewhere they are skipped. */
+export const CI = process.env.CI === 'true';
+
+/** `test` when `available` (or under CI, where the test then fails on what is missing), else `test.skip`. */
+export function testIf(available: boolean): typeof test | typeof test.skip {
+  return available || CI ? test : test.skip;
+}
+
 export function loopDevicesWork(): boolean {
   if (loopOk === undefined) {
     loopOk =
