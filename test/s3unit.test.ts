@@ -11,6 +11,7 @@ import { Readable } from 'node:stream';
 import { BlocksafeError, NotFoundError } from '../src/errors.js';
 import { parseS3Url, s3Settings, S3Store, defaultStateDir, type S3Api, type S3Settings } from '../src/store/s3.js';
 import { AttemptTimeout, backoffDelay, classifyFailure, RetriesExhausted, Semaphore, withRetries, type RetryPolicy } from '../src/store/s3retry.js';
+import { waitFor } from './cliHarness.js';
 import { runCli, tempDir } from './helpers.js';
 
 const FAST: RetryPolicy = { retries: 3, baseDelayMs: 1, maxDelayMs: 4, timeoutMs: 1000 };
@@ -391,13 +392,13 @@ test('store: close() stops requests that wait for a retry', async (t) => {
   fake.handlers.PutObject = () => {
     throw sdkError('ServiceUnavailable', 503);
   };
-  const store = fakeStore(fake, { policy: { retries: 10, baseDelayMs: 10_000, maxDelayMs: 10_000, timeoutMs: 1000 } });
+  // A 10-minute backoff: were it waited out, the test would time out instead of passing.
+  const store = fakeStore(fake, { policy: { retries: 10, baseDelayMs: 600_000, maxDelayMs: 600_000, timeoutMs: 1000 } });
   const p = store.put('k', Buffer.from('x'));
-  await new Promise((r) => setTimeout(r, 50));
-  const started = Date.now();
+  await waitFor('the first attempt to fail', () => (fake.count('PutObject') === 1 && fake.inFlight === 0 ? true : undefined), 60_000, 5);
   await store.close();
   await t.throwsAsync(p, { message: /closed/ });
-  t.true(Date.now() - started < 5000, "well before the 10 s backoff ends");
+  t.is(fake.count('PutObject'), 1, 'no retry after close()');
 });
 
 test('init --create-bucket creates a missing bucket once and never an existing one', async (t) => {
