@@ -86,7 +86,7 @@ export function killOnTeardown(t: { teardown(fn: () => unknown): void }, bg: Bac
   return bg;
 }
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Polls `probe` until it returns a non-undefined value; fails after `timeoutMs` with `what`. */
 export async function waitFor<T>(what: string, probe: () => Promise<T | undefined> | T | undefined, timeoutMs = 60000, everyMs = 100): Promise<T> {
@@ -152,11 +152,11 @@ export function touchedBlocks(hints: HintEntry[], blockSize: number, size: numbe
   return out;
 }
 
-/** Writes an INI config file with a [pipeline] section; returns its path. */
-export async function writeConfig(dir: string, name: string, pipeline: Record<string, string | number | boolean>): Promise<string> {
+/** Writes an INI config file, given its text or the keys of its [pipeline] section; returns its path. */
+export async function writeConfig(dir: string, name: string, content: string | Record<string, string | number | boolean>): Promise<string> {
   const file = path.join(dir, name);
-  const lines = ['[pipeline]', ...Object.entries(pipeline).map(([k, v]) => `${k} = ${v}`), ''];
-  await fs.writeFile(file, lines.join('\n'));
+  const text = typeof content === 'string' ? content.replace(/^\s+/gm, '') : ['[pipeline]', ...Object.entries(content).map(([k, v]) => `${k} = ${v}`)].join('\n');
+  await fs.writeFile(file, `${text}\n`);
   return file;
 }
 

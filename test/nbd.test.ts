@@ -18,6 +18,7 @@ import {
   makeImage,
   MiB,
   readRange,
+  cliEnv,
   ROOT,
   run,
   runCli,
@@ -127,12 +128,6 @@ interface Server {
   stop: () => Promise<{ code: number | null; stdout: string; stderr: string; events: { event: string; [field: string]: unknown }[] }>;
   stderr: () => string;
   pid: number;
-}
-
-function cliEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BLOCKSAFE_') && !k.startsWith('NODE_OPTIONS')) env[k] = v;
-  return { ...env, ...extra };
 }
 
 /**
