@@ -324,7 +324,7 @@ const target = dir + '/' + name;
 let n = 0, swaps = 0;
 const tryIt = (f) => { try { f(); return true; } catch { return false; } };
 while (!fs.existsSync(stop)) {
-  if (n === 1) process.stderr.write('racing\n');
+  if (n === 1) process.stderr.write('racing');
   n++;
   const e = dir + '/.e' + n, g = dir + '/.g' + n;
   tryIt(() => { fs.writeFileSync(e, evil, { mode: 0o755 }); fs.renameSync(e, target); swaps++; });
@@ -354,7 +354,7 @@ process.stdout.write(String(swaps));
   const racing = new Promise<void>((resolve, reject) => {
     child.stderr.on('data', (b: Buffer) => {
       err += b.toString();
-      if (err.includes('racing\n')) resolve();
+      if (err.includes('racing')) resolve();
     });
     closed.then(() => reject(new Error(`the attacker stopped before racing: ${err}`)), reject);
   });
