@@ -8,10 +8,10 @@ import { existsSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
-import { BIN, cliEnv, prngBytes, ROOT, run, runJson, type CliResult, type RepoFixture, type VersionJson, type VersionStats } from './helpers.js';
+import { BIN, cliEnv, prngBytes, ROOT, run, runJson, type CliResult, type RepoFixture, type VersionJson } from './helpers.js';
 
-/** The version object of docs/CLI.md, with the fields helpers.ts does not (yet) declare. */
-export type FullVersion = VersionJson & { blocks_done: number; stats: VersionStats & { blocks_sampled: number } };
+/** The version object of docs/CLI.md (the name older tests use). */
+export type FullVersion = VersionJson;
 
 /** The benchmark image generator of shared/ (beside the checkout, as in CI; /work/shared in a session). */
 export const MKIMAGE = [path.join(ROOT, '..', 'shared', 'bench', 'mkimage.py'), '/work/shared/bench/mkimage.py'].find((p) => existsSync(p)) ?? path.join(ROOT, '..', 'shared', 'bench', 'mkimage.py');

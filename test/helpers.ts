@@ -11,6 +11,8 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import test, { type ExecutionContext } from 'ava';
+import type { VersionJson } from '../src/engine/versionJson.js';
+import type { VersionStats } from '../src/index/records.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const BIN = path.join(ROOT, 'bin', 'blocksafe.js');
@@ -150,35 +152,8 @@ export async function backupJson(repo: RepoFixture, source: string, name: string
   return runJson<VersionJson>(['backup', ...repo.args, source, name, ...extra], { env: repo.env });
 }
 
-export interface VersionStats {
-  bytes_read: number;
-  bytes_written: number;
-  bytes_deduplicated: number;
-  bytes_sparse: number;
-  blocks_read: number;
-  blocks_written: number;
-  blocks_deduplicated: number;
-  blocks_sparse: number;
-  blocks_referenced: number;
-  duration_ms: number;
-}
-
-export interface VersionJson {
-  id: string;
-  name: string;
-  snapshot_name: string;
-  date: string;
-  size: number;
-  block_size: number;
-  valid: boolean;
-  complete: boolean;
-  protected: boolean;
-  tags: string[];
-  expire: string | null;
-  source: string;
-  base: string | null;
-  stats: VersionStats;
-}
+/** The JSON form of a version and its statistics, as the CLI prints them (one definition: the engine's). */
+export type { VersionJson, VersionStats };
 
 /** Relative paths of all files below `dir` (sorted). */
 export async function listFiles(dir: string, under = ''): Promise<string[]> {
