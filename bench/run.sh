@@ -250,9 +250,19 @@ flow_borg-lz4() { flow_borg lz4 borg-lz4 "$1"; }
 flow_borg-zstd() { flow_borg zstd,3 borg-zstd "$1"; }
 
 # ------------------------------------------------------------------ run
+# Median wall-clock ms of 9 runs of `"$@" --version`: start-up time (measured here, not asserted by a test).
+startup_ms() {
+  local i s e times=()
+  for i in 1 2 3 4 5 6 7 8 9; do
+    s=$(date +%s%N); "$@" --version >/dev/null 2>&1; e=$(date +%s%N)
+    times+=($(((e - s) / 1000000)))
+  done
+  printf '%s\n' "${times[@]}" | sort -n | sed -n 5p
+}
 versions() {
   echo "node $(node --version)"
-  echo "blocksafe $("${BLOCKSAFE[@]}" --version 2>/dev/null || echo '?')"
+  echo "blocksafe $("${BLOCKSAFE[@]}" --version 2>/dev/null || echo '?') (--version start-up: median $(startup_ms "${BLOCKSAFE[@]}") ms)"
+  [[ -x $ROOT/build/out/blocksafe ]] && echo "single executable --version start-up: median $(startup_ms "$ROOT/build/out/blocksafe") ms"
   command -v restic >/dev/null && restic version | head -n 1
   command -v borg >/dev/null && borg --version
   true

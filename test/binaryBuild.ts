@@ -1,8 +1,8 @@
 /**
  * The single executable for the tests that run it (test/binary.test.ts, test/binary-oldglibc.test.ts):
  * build/out/blocksafe, (re)built by `node build/build-binary.mjs` when it is missing or older than any source
- * (src/, ui/, build/, package.json, package-lock.json). `.ci/run` builds it first with
- * `npm run build:binary`, so normally it is only checked.
+ * (src/, ui/, build/, package.json, package-lock.json). `npm test` (scripts/test.sh) builds it first, so
+ * normally it is only checked.
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';

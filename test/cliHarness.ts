@@ -8,10 +8,10 @@ import { existsSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
-import { BIN, cliEnv, prngBytes, ROOT, run, runJson, type CliResult, type RepoFixture, type VersionJson, type VersionStats } from './helpers.js';
+import { BIN, cliEnv, prngBytes, ROOT, run, runJson, type CliResult, type RepoFixture, type VersionJson } from './helpers.js';
 
-/** The version object of docs/CLI.md, with the fields helpers.ts does not (yet) declare. */
-export type FullVersion = VersionJson & { blocks_done: number; stats: VersionStats & { blocks_sampled: number } };
+/** The version object of docs/CLI.md (the name older tests use). */
+export type FullVersion = VersionJson;
 
 /** The benchmark image generator of shared/ (beside the checkout, as in CI; /work/shared in a session). */
 export const MKIMAGE = [path.join(ROOT, '..', 'shared', 'bench', 'mkimage.py'), '/work/shared/bench/mkimage.py'].find((p) => existsSync(p)) ?? path.join(ROOT, '..', 'shared', 'bench', 'mkimage.py');
@@ -88,7 +88,7 @@ export function killOnTeardown(t: { teardown(fn: () => unknown): void }, bg: Bac
   return bg;
 }
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Polls `probe` until it returns a non-undefined value; fails after `timeoutMs` with `what`. */
 export async function waitFor<T>(what: string, probe: () => Promise<T | undefined> | T | undefined, timeoutMs = 60000, everyMs = 100): Promise<T> {
@@ -102,9 +102,9 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
 }
 
 /** Runs the benchmark image generator (python3, stdlib only); returns its JSON summary. */
-export async function mkimage(args: string[]): Promise<any> {
+export async function mkimage<T = unknown>(args: string[]): Promise<T> {
   const { stdout } = await run('python3', [MKIMAGE, ...args]);
-  return JSON.parse(stdout.trim().split('\n').pop()!);
+  return JSON.parse(stdout.trim().split('\n').pop()!) as T;
 }
 
 /** For each block of `file`: true when it holds any non-zero byte. */
@@ -154,11 +154,11 @@ export function touchedBlocks(hints: HintEntry[], blockSize: number, size: numbe
   return out;
 }
 
-/** Writes an INI config file with a [pipeline] section; returns its path. */
-export async function writeConfig(dir: string, name: string, pipeline: Record<string, string | number | boolean>): Promise<string> {
+/** Writes an INI config file, given its text or the keys of its [pipeline] section; returns its path. */
+export async function writeConfig(dir: string, name: string, content: string | Record<string, string | number | boolean>): Promise<string> {
   const file = path.join(dir, name);
-  const lines = ['[pipeline]', ...Object.entries(pipeline).map(([k, v]) => `${k} = ${v}`), ''];
-  await fs.writeFile(file, lines.join('\n'));
+  const text = typeof content === 'string' ? content.replace(/^\s+/gm, '') : ['[pipeline]', ...Object.entries(content).map(([k, v]) => `${k} = ${v}`)].join('\n');
+  await fs.writeFile(file, `${text}\n`);
   return file;
 }
 

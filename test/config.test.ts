@@ -15,6 +15,7 @@ import {
   runOk,
   sha256File,
   tempDir,
+  type VersionJson,
 } from './helpers.js';
 
 const SYSTEM_CONFIG = '/etc/blocksafe/appliance.conf';
@@ -243,7 +244,7 @@ test('[repository] repo lets commands run without --repo; --repo and BLOCKSAFE_R
   await initRepo(other, { encryption: 'none' });
   t.deepEqual(await runJson(['ls', '--config', conf], { env: { BLOCKSAFE_REPO: other } }), []);
   t.deepEqual(await runJson(['ls', '--config', conf, '--repo', other], { env: { BLOCKSAFE_REPO: repoDir } }), []);
-  t.is((await runJson(['ls', '--config', conf, '--repo', repoDir], { env: { BLOCKSAFE_REPO: other } })).length, 1);
+  t.is((await runJson<VersionJson[]>(['ls', '--config', conf, '--repo', repoDir], { env: { BLOCKSAFE_REPO: other } })).length, 1);
 });
 
 test('BLOCKSAFE_CONFIG is honoured and --config beats it', async (t) => {

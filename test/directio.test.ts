@@ -78,7 +78,7 @@ async function evict(file: string): Promise<void> {
 
 async function restoreMatches(t: ExecutionContext, repo: RepoFixture, dir: string, v: VersionJson, expectedSha: string): Promise<void> {
   const out = path.join(dir, `${v.id}.restored`);
-  const r = await runJson(['restore', ...repo.args, v.id, out], { env: repo.env });
+  const r = await runJson<{ damaged: unknown[] }>(['restore', ...repo.args, v.id, out], { env: repo.env });
   t.deepEqual(r.damaged, []);
   t.is(await sha256File(out), expectedSha, `version ${v.id} restores byte-identical`);
 }

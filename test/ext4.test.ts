@@ -1,6 +1,5 @@
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import test from 'ava';
 import {
   attachLoop,
   backupJson,
@@ -17,13 +16,14 @@ import {
   sha256File,
   tempDir,
   textBytes,
+  testIf,
   zeroFile,
   type RepoFixture,
 } from './helpers.js';
 
 const haveE2fs = ['mkfs.ext4', 'e2fsck', 'debugfs'].every(haveCommand);
-const fsTest = haveE2fs ? test : test.skip;
-const loopTest = haveE2fs && loopDevicesWork() ? test : test.skip;
+const fsTest = testIf(haveE2fs);
+const loopTest = testIf(haveE2fs && loopDevicesWork());
 
 /** The files put into the filesystem: random and text data, nested directories, an empty file. */
 const FILES: Record<string, Buffer> = {

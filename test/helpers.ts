@@ -10,7 +10,9 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import type { ExecutionContext } from 'ava';
+import test, { type ExecutionContext } from 'ava';
+import type { VersionJson } from '../src/engine/versionJson.js';
+import type { VersionStats } from '../src/index/records.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const BIN = path.join(ROOT, 'bin', 'blocksafe.js');
@@ -81,7 +83,7 @@ export async function runOk(args: readonly string[], opts: CliOptions = {}): Pro
 }
 
 /** Runs the CLI with --json, expects exit 0, and parses stdout. */
-export async function runJson<T = any>(args: readonly string[], opts: CliOptions = {}): Promise<T> {
+export async function runJson<T = unknown>(args: readonly string[], opts: CliOptions = {}): Promise<T> {
   const r = await runOk([...args, '--json'], opts);
   try {
     return JSON.parse(r.stdout) as T;
@@ -150,35 +152,8 @@ export async function backupJson(repo: RepoFixture, source: string, name: string
   return runJson<VersionJson>(['backup', ...repo.args, source, name, ...extra], { env: repo.env });
 }
 
-export interface VersionStats {
-  bytes_read: number;
-  bytes_written: number;
-  bytes_deduplicated: number;
-  bytes_sparse: number;
-  blocks_read: number;
-  blocks_written: number;
-  blocks_deduplicated: number;
-  blocks_sparse: number;
-  blocks_referenced: number;
-  duration_ms: number;
-}
-
-export interface VersionJson {
-  id: string;
-  name: string;
-  snapshot_name: string;
-  date: string;
-  size: number;
-  block_size: number;
-  valid: boolean;
-  complete: boolean;
-  protected: boolean;
-  tags: string[];
-  expire: string | null;
-  source: string;
-  base: string | null;
-  stats: VersionStats;
-}
+/** The JSON form of a version and its statistics, as the CLI prints them (one definition: the engine's). */
+export type { VersionJson, VersionStats };
 
 /** Relative paths of all files below `dir` (sorted). */
 export async function listFiles(dir: string, under = ''): Promise<string[]> {
@@ -401,7 +376,7 @@ export async function run(cmd: string, args: readonly string[], opts: { cwd?: st
     return await execFileP(cmd, args, { cwd: opts.cwd, maxBuffer: 64 * MiB });
   } catch (err) {
     const e = err as Error & { stdout?: string; stderr?: string; code?: number };
-    throw new Error(`${cmd} ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}${e.stdout ?? ''}`);
+    throw new Error(`${cmd} ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}${e.stdout ?? ''}`, { cause: err });
   }
 }
 
@@ -421,6 +396,14 @@ export function haveCommand(cmd: string): boolean {
 
 let loopOk: boolean | undefined;
 /** True when loop devices can be attached here (root, losetup present, a free device available). */
+/** Under CI=true a missing tool or privilege must fail the tests that need it; elsewhere they are skipped. */
+export const CI = process.env.CI === 'true';
+
+/** `test` when `available` (or under CI, where the test then fails on what is missing), else `test.skip`. */
+export function testIf(available: boolean): typeof test | typeof test.skip {
+  return available || CI ? test : test.skip;
+}
+
 export function loopDevicesWork(): boolean {
   if (loopOk === undefined) {
     loopOk =

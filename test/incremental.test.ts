@@ -62,7 +62,7 @@ test('1 % scattered mutation with hints (encrypted repo): reads exactly the touc
   const hintsFile = path.join(dir, 'next.hints.json');
   // --zero 0: no all-zero cells, so every block outside the hints is data and the counts are exact
   await mkimage(['gen', '--out', base, '--size', '64M', '--seed', '11', '--zero', '0', '--rand', '0.75']);
-  const m = await mkimage(['mutate', '--base', base, '--out', next, '--seed', '12', '--fraction', '0.01', '--region', '64K', '--hints', hintsFile]);
+  const m = await mkimage<{ regions: number }>(['mutate', '--base', base, '--out', next, '--seed', '12', '--fraction', '0.01', '--region', '64K', '--hints', hintsFile]);
   t.true(m.regions >= 5, 'the mutation touched several regions');
 
   const v1 = await backupJson(repo, base, 'disk');

@@ -1,16 +1,16 @@
 /**
  * Small fixtures for the integrity and lifecycle tests (scrub, lifecycle, prune, cleanup), on top of
  * helpers.ts: tmpfs directories, the CLI with --json whatever the exit code, the block objects of a
- * repository (paths, sizes, access times), ways to damage them, config files and background commands.
+ * repository (paths, sizes, access times) and ways to damage them. Background commands, pause points and
+ * config files: cliHarness.ts.
  */
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
 import { fastTempDir } from './cliHarness.js';
-import { BIN, listObjects, ROOT, runCli, type CliResult, type RepoFixture, type VersionJson } from './helpers.js';
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+export { writeConfig } from './cliHarness.js';
+import { listObjects, runCli, type CliResult, type RepoFixture, type VersionJson } from './helpers.js';
 
 /** A fresh temporary directory on tmpfs when there is one (see cliHarness.fastTempDir). */
 export function shmDir(t: ExecutionContext, prefix = 'blocksafe-lc-'): Promise<string> {
@@ -24,7 +24,7 @@ export interface JsonResult<T> {
 }
 
 /** Runs `blocksafe <args> --repo … --json` and parses stdout whatever the exit code (scrub and restore exit 3 with a report). */
-export async function cliJson<T = any>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<JsonResult<T>> {
+export async function cliJson<T = unknown>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<JsonResult<T>> {
   const [command, ...rest] = args;
   const r: CliResult = await runCli([...command!.split(' '), ...repo.args, ...extra, ...rest, '--json'], { env: repo.env });
   let json: T;
@@ -37,7 +37,7 @@ export async function cliJson<T = any>(repo: RepoFixture, args: readonly string[
 }
 
 /** Like cliJson but requires exit 0. */
-export async function okJson<T = any>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<T> {
+export async function okJson<T = unknown>(repo: RepoFixture, args: readonly string[], extra: readonly string[] = []): Promise<T> {
   const r = await cliJson<T>(repo, args, extra);
   if (r.code !== 0) throw new Error(`blocksafe ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
   return r.json;
@@ -188,63 +188,4 @@ export async function overwriteAt(file: string, offset: number, data: Buffer): P
   } finally {
     await fh.close();
   }
-}
-
-/** Writes an INI config file; returns its path. */
-export async function writeConfig(dir: string, name: string, text: string): Promise<string> {
-  const file = path.join(dir, name);
-  await fs.writeFile(file, text.replace(/^\s+/gm, '') + '\n');
-  return file;
-}
-
-// ------------------------------------------------------------------------------------ background runs
-
-export interface Background {
-  pid: number;
-  done: Promise<CliResult>;
-  exited(): boolean;
-}
-
-/** True when process `pid` has `file` open (Linux /proc). */
-export async function hasOpen(pid: number, file: string): Promise<boolean> {
-  const want = path.resolve(file);
-  let fds: string[];
-  try {
-    fds = await fs.readdir(`/proc/${pid}/fd`);
-  } catch {
-    return false;
-  }
-  for (const fd of fds) {
-    const target = await fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
-    if (target === want) return true;
-  }
-  return false;
-}
-
-/** Starts `node bin/blocksafe.js ...args` without waiting; killed when the test ends if still running. */
-export function spawnCli(t: ExecutionContext, args: readonly string[], env: Record<string, string> = {}): Background {
-  const childEnv: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BLOCKSAFE_') && !k.startsWith('NODE_OPTIONS')) childEnv[k] = v;
-  Object.assign(childEnv, env);
-  const child = spawn(process.execPath, [BIN, ...args], { cwd: ROOT, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-  const out: Buffer[] = [];
-  const err: Buffer[] = [];
-  let exited = false;
-  child.stdout.on('data', (b: Buffer) => out.push(b));
-  child.stderr.on('data', (b: Buffer) => err.push(b));
-  const done = new Promise<CliResult>((resolve) => {
-    child.on('error', (e) => {
-      exited = true;
-      resolve({ code: null, signal: null, stdout: '', stderr: String(e) });
-    });
-    child.on('close', (code, signal) => {
-      exited = true;
-      resolve({ code, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') });
-    });
-  });
-  t.teardown(async () => {
-    if (!exited) child.kill('SIGKILL');
-    await done;
-  });
-  return { pid: child.pid!, done, exited: () => exited };
 }

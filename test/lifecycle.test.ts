@@ -3,11 +3,11 @@
  * protect/unprotect, expire and `ls --expired`, and the refusals of `rm` (protected, younger than
  * min_age_days, being restored) that must leave the repository exactly as it was.
  */
-import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 import { assertCliError, initRepo, makeImage, MiB, repoState, runCli, sha256File, type BlockSpec, type RepoFixture, type VersionJson } from './helpers.js';
-import { ls, ok, okJson, shmDir, sleep, spawnCli, writeConfig } from './lcHarness.js';
+import { killOnTeardown, pausePoints, spawnCli } from './cliHarness.js';
+import { ls, ok, okJson, shmDir, writeConfig } from './lcHarness.js';
 
 const BS = MiB;
 const AUTO = ['b_daily', 'b_monthly', 'b_weekly'];
@@ -24,6 +24,17 @@ const ids = (vs: VersionJson[]) => vs.map((v) => v.id).sort();
 const autoTags = (v: VersionJson) => v.tags.filter((x) => x.startsWith('b_')).sort();
 /** Local calendar day of an ISO date with offset (the CLI prints local time). */
 const localDay = (iso: string) => iso.slice(0, 10);
+
+/**
+ * The repository seen by processes whose clock (BLOCKSAFE_TEST_CLOCK_OFFSET, which also dates new versions)
+ * reads noon UTC of tomorrow, in UTC: a day that cannot end during the test, wherever and whenever it runs.
+ */
+function atNoon(repo: RepoFixture): { repo: RepoFixture; day: string } {
+  const noon = new Date();
+  noon.setUTCHours(36, 0, 0, 0);
+  const env = { ...repo.env, TZ: 'UTC', BLOCKSAFE_TEST_CLOCK_OFFSET: String(noon.getTime() - Date.now()) };
+  return { repo: { ...repo, env }, day: noon.toISOString().slice(0, 10) };
+}
 
 test('tag add / tag rm change the tags; ls --tag filters; a bad tag is a usage error that changes nothing', async (t) => {
   const { repo, img } = await setup(t);
@@ -53,11 +64,13 @@ test('tag add / tag rm change the tags; ls --tag filters; a bad tag is a usage e
 });
 
 test('automatic tags: the first version of a name in a day/week/month gets b_daily, b_weekly, b_monthly; later ones of that day none; per name; auto_tags = false turns them off', async (t) => {
-  const { dir, repo, img } = await setup(t, 2);
+  const { dir, repo: real, img } = await setup(t, 2);
+  const { repo, day } = atNoon(real);
   const a1 = await backup(repo, img.path, 'a');
   const a2 = await backup(repo, img.path, 'a', ['--tag', 'manual']);
   const b1 = await backup(repo, img.path, 'b');
-  t.is(localDay(a1.date), localDay(a2.date), 'precondition: both backups on the same local day');
+  t.is(localDay(a1.date), day, 'the versions are dated by the fake clock');
+  t.is(localDay(a2.date), day);
   t.deepEqual(autoTags(a1), AUTO);
   t.deepEqual(autoTags(a2), [], 'the second version of the day gets no automatic tag');
   t.deepEqual(a2.tags, ['manual']);
@@ -170,19 +183,18 @@ test('rm of several versions where one is refused removes none of them', async (
 });
 
 test('a version being restored cannot be removed underneath the restore, and rm of it with another version removes neither', async (t) => {
-  const { dir, repo, img } = await setup(t, 24);
-  const slow = await writeConfig(dir, 'slow.conf', '[pipeline]\nread_limit = 4M'); // about 6 s for 24 MiB
+  const dir = await shmDir(t);
+  // 64 KiB blocks: the restore's first checkpoint (after 64 of 160 blocks) comes well before its end.
+  const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '64K', encryption: 'none' });
+  const img = await makeImage(path.join(dir, 'a.img'), { blockSize: 64 * 1024, blocks: Array<BlockSpec>(160).fill('random'), seed: 'lc-restore-lock' });
   const v1 = await backup(repo, img.path, 'a');
   const v2 = await backup(repo, img.path, 'b');
   const target = path.join(dir, 'restored.img');
-  const restore = spawnCli(t, ['restore', ...repo.args, '--config', slow, v1.id, target, '--json'], repo.env);
-  // the restore holds its locks once it has created the target; it is then paused (still alive, still
-  // holding them) so that a slow machine cannot let it finish before the rm attempts
-  const exists = () => fs.stat(target).then(() => true, () => false);
-  for (let i = 0; i < 600 && !(await exists()) && !restore.exited(); i++) await sleep(20);
-  process.kill(restore.pid, 'SIGSTOP');
-  t.true(await exists(), 'precondition: the restore has started writing');
-  t.false(restore.exited(), 'precondition: the restore is still running');
+  // The restore stops at its first checkpoint (a test pause point), alive and holding its locks, until
+  // the rm attempts are done.
+  const pause = await pausePoints(t);
+  const restore = killOnTeardown(t, spawnCli(['restore', ...repo.args, v1.id, target, '--json'], { ...repo.env, ...pause.env('restore.checkpoint#1') }));
+  t.true(await pause.reached('restore.checkpoint#1', restore), `precondition: the restore is under way: ${restore.stderr()}`);
 
   const before = await ls(repo);
   const r1 = await runCli(['rm', ...repo.args, v1.id], { env: repo.env });
@@ -191,7 +203,8 @@ test('a version being restored cannot be removed underneath the restore, and rm 
   t.is(r2.code, 4, `rm of a free and a busy version is refused (stderr: ${r2.stderr.trim()})`);
   t.deepEqual(ids(await ls(repo)), ids(before), 'neither version was removed');
 
-  process.kill(restore.pid, 'SIGCONT');
+  t.false(restore.exited(), 'the restore was running during both attempts');
+  await pause.go('restore.checkpoint#1');
   const done = await restore.done;
   t.is(done.code, 0, done.stderr);
   t.is(await sha256File(target), img.sha256, 'the restore finished byte-identical');

@@ -1,71 +1,56 @@
 /**
  * Locks and concurrency through the real CLI: independent operations on one repository run at the same
  * time; a real conflict fails fast with exit code 4 naming the holder (pid and command); a lock left by a
- * process killed with SIGKILL is detected as stale and taken over.
+ * process killed with SIGKILL is detected as stale and taken over. Lock holders stop at a test pause point
+ * (their first commit or checkpoint, locks held) for as long as the test needs them: no throttling, no
+ * race with the machine's speed.
  */
-import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test from 'ava';
 import { assertCliError, initRepo, MiB, runCli, runJson, sha256File, type RepoFixture } from './helpers.js';
-import { fastTempDir, killOnTeardown, type FullVersion, lsJson, randomFile, spawnCli, waitFor, writeConfig } from './cliHarness.js';
+import { fastTempDir, killOnTeardown, type Background, type FullVersion, lsJson, pausePoints, randomFile, spawnCli } from './cliHarness.js';
 
 type V = FullVersion;
 
-async function setup(t: Parameters<typeof fastTempDir>[0]): Promise<{ dir: string; repo: RepoFixture; slow: string; crawl: string }> {
+/** 64 KiB blocks and 8 MiB images: 128 blocks, so a first commit (backup) or checkpoint (restore, every 64 blocks) comes before the end. */
+const IMAGE = 8 * MiB;
+
+async function setup(t: Parameters<typeof fastTempDir>[0]): Promise<{ dir: string; repo: RepoFixture }> {
   const dir = await fastTempDir(t);
-  const repo = await initRepo(path.join(dir, 'repo'), { encryption: 'none', blockSize: '1M' });
-  // 10 MiB/s: 6 s for a throttled backup or restore of 60 MiB (operations that must finish)
-  const slow = await writeConfig(dir, 'slow.conf', { read_limit: '10M', write_limit: '10M' });
-  // 1 MiB/s: lock holders that are killed once the conflicts are checked (they must not finish first,
-  // however loaded the machine is)
-  const crawl = await writeConfig(dir, 'crawl.conf', { read_limit: '1M', write_limit: '1M' });
-  return { dir, repo, slow, crawl };
+  const repo = await initRepo(path.join(dir, 'repo'), { encryption: 'none', blockSize: '64K' });
+  return { dir, repo };
 }
 
-/** Waits until `name` has an incomplete version that has committed some blocks (its backup holds the volume lock). */
-function backupRunning(repo: RepoFixture, name: string, alive: () => boolean): Promise<V> {
-  return waitFor(`the backup of ${name} to be running`, async () => {
-    if (!alive()) throw new Error(`the backup of ${name} ended too early`);
-    return (await lsJson(repo, name)).find((v) => !v.complete) as V | undefined;
-  });
-}
+/** The step at which a backup (`writer.commit#1`) or a restore (`restore.checkpoint#1`) holds its locks and waits. */
+const STEP = { backup: 'writer.commit#1', restore: 'restore.checkpoint#1' } as const;
 
-/** Waits until a restore has created its target (it holds its locks from before that point). */
-function restoreRunning(target: string, alive: () => boolean): Promise<true> {
-  return waitFor(`the restore to ${target} to be running`, async () => {
-    if (!alive()) throw new Error(`the restore to ${target} ended too early`);
-    try {
-      await fs.stat(target);
-      return true;
-    } catch {
-      return undefined;
-    }
-  });
+/**
+ * Starts `blocksafe <args>` stopped at `step` (its own pause directory, so that several can wait at the same
+ * step); resolves once it is there, with `go` to let it finish.
+ */
+async function startHeld(t: Parameters<typeof fastTempDir>[0], step: string, args: string[], env: Record<string, string>): Promise<Background & { go: () => Promise<void> }> {
+  const pause = await pausePoints(t);
+  const bg = killOnTeardown(t, spawnCli(args, { ...env, ...pause.env(step) }));
+  if (!(await pause.reached(step, bg))) throw new Error(`blocksafe ${args.join(' ')} ended before ${step}: ${bg.stderr()}`);
+  return { ...bg, go: () => pause.go(step) };
 }
 
 test('two backups of different names and a restore of a third version run at the same time and all succeed', async (t) => {
-  const { dir, repo, slow } = await setup(t);
+  const { dir, repo } = await setup(t);
   const [a, b, c] = ['a', 'b', 'c'].map((n) => path.join(dir, `${n}.img`)) as [string, string, string];
-  await Promise.all([randomFile(a, 60 * MiB, 'lock-a'), randomFile(b, 60 * MiB, 'lock-b'), randomFile(c, 60 * MiB, 'lock-c')]);
+  await Promise.all([randomFile(a, IMAGE, 'lock-a'), randomFile(b, IMAGE, 'lock-b'), randomFile(c, IMAGE, 'lock-c')]);
   const vc = await runJson<V>(['backup', ...repo.args, c, 'vol-c'], { env: repo.env });
   const target = path.join(dir, 'c.restored');
 
-  const ba = killOnTeardown(t, spawnCli(['--config', slow, 'backup', ...repo.args, a, 'vol-a', '--json'], repo.env));
-  const bb = killOnTeardown(t, spawnCli(['--config', slow, 'backup', ...repo.args, b, 'vol-b', '--json'], repo.env));
-  const rc = killOnTeardown(t, spawnCli(['--config', slow, 'restore', ...repo.args, vc.id, target, '--json'], repo.env));
-  const alive = () => !ba.exited() && !bb.exited() && !rc.exited();
-
-  // All three are in the middle of their work at one moment.
-  await waitFor('both backups and the restore to be under way at once', async () => {
-    if (!alive()) throw new Error(`an operation ended before the others were under way: ${ba.stderr()}${bb.stderr()}${rc.stderr()}`);
-    const vs = (await lsJson(repo)) as V[];
-    const running = (name: string) => vs.some((v) => v.name === name && !v.complete);
-    const targetThere = await fs.stat(target).then(
-      () => true,
-      () => false,
-    );
-    return running('vol-a') && running('vol-b') && targetThere && alive() ? true : undefined;
-  });
+  // All three are in the middle of their work (locks held) at one moment: each waits at a pause point
+  // until the other two have got that far.
+  const ba = await startHeld(t, STEP.backup, ['backup', ...repo.args, a, 'vol-a', '--json'], repo.env);
+  const bb = await startHeld(t, STEP.backup, ['backup', ...repo.args, b, 'vol-b', '--json'], repo.env);
+  const rc = await startHeld(t, STEP.restore, ['restore', ...repo.args, vc.id, target, '--json'], repo.env);
+  const vs = await lsJson(repo);
+  t.true(['vol-a', 'vol-b'].every((n) => vs.some((v) => v.name === n && !v.complete)), 'both backups are under way');
+  t.false(ba.exited() || bb.exited() || rc.exited());
+  await Promise.all([ba.go(), bb.go(), rc.go()]);
 
   const [ra, rb, rr] = await Promise.all([ba.done, bb.done, rc.done]);
   for (const [what, r] of [
@@ -91,11 +76,12 @@ test('two backups of different names and a restore of a third version run at the
 });
 
 test('a second backup of the same name while one runs: exit 4 naming the holder; once the holder is killed -9, its stale lock is taken over', async (t) => {
-  const { dir, repo, crawl } = await setup(t);
+  const { dir, repo } = await setup(t);
   const img = path.join(dir, 'disk.img');
-  await randomFile(img, 48 * MiB, 'lock-same'); // ~48 s throttled: it is killed long before the end
-  const first = killOnTeardown(t, spawnCli(['--config', crawl, 'backup', ...repo.args, img, 'disk'], repo.env));
-  const running = await backupRunning(repo, 'disk', () => !first.exited());
+  await randomFile(img, IMAGE, 'lock-same');
+  const first = await startHeld(t, STEP.backup, ['backup', ...repo.args, img, 'disk'], repo.env);
+  const running = (await lsJson(repo, 'disk')).find((v) => !v.complete);
+  if (!running) return t.fail('the held backup has no incomplete version');
 
   const r = await runCli(['backup', ...repo.args, img, 'disk'], { env: repo.env });
   const msg = assertCliError(t, r, 4, /locked/i);
@@ -125,13 +111,12 @@ test('a second backup of the same name while one runs: exit 4 naming the holder;
 });
 
 test('rm of a version while it is restored: exit 4 naming the restore; a restore elsewhere runs alongside; after kill -9 of the restore, rm works', async (t) => {
-  const { dir, repo, crawl } = await setup(t);
+  const { dir, repo } = await setup(t);
   const img = path.join(dir, 'disk.img');
-  await randomFile(img, 48 * MiB, 'lock-rm');
+  await randomFile(img, IMAGE, 'lock-rm');
   const v = await runJson<V>(['backup', ...repo.args, img, 'disk'], { env: repo.env });
   const target = path.join(dir, 't.img');
-  const restore = killOnTeardown(t, spawnCli(['--config', crawl, 'restore', ...repo.args, v.id, target], repo.env));
-  await restoreRunning(target, () => !restore.exited());
+  const restore = await startHeld(t, STEP.restore, ['restore', ...repo.args, v.id, target], repo.env);
 
   const rm = await runCli(['rm', ...repo.args, v.id], { env: repo.env });
   const msg = assertCliError(t, rm, 4, new RegExp(`pid ${restore.pid}\\b`));
@@ -157,13 +142,13 @@ test('rm of a version while it is restored: exit 4 naming the restore; a restore
  * resource alone is shorter than 64 characters, the resource plus the holder's key longer.
  */
 test('a second backup of a running volume is refused whatever the length of its name', async (t) => {
-  const { dir, repo, crawl } = await setup(t);
+  const { dir, repo } = await setup(t);
   const img = path.join(dir, 'disk.img');
-  await randomFile(img, 48 * MiB, 'lock-len-b');
+  await randomFile(img, IMAGE, 'lock-len-b');
   const names = ['n', 'v'.repeat(58 - 'volume:'.length)];
-  const jobs = names.map((n) => killOnTeardown(t, spawnCli(['--config', crawl, 'backup', ...repo.args, img, n], repo.env)));
+  const jobs: Background[] = [];
+  for (const n of names) jobs.push(await startHeld(t, STEP.backup, ['backup', ...repo.args, img, n], repo.env));
   const alive = () => jobs.every((j) => !j.exited());
-  for (const n of names) await backupRunning(repo, n, alive);
   for (const [i, n] of names.entries()) {
     const r = await runCli(['backup', ...repo.args, img, n], { env: repo.env });
     t.is(r.code, 4, `a second backup of "${n}" (${n.length} characters) is refused: ${r.stderr}${r.stdout}`);
@@ -173,14 +158,14 @@ test('a second backup of a running volume is refused whatever the length of its 
 });
 
 test('a second restore to a target being restored is refused whatever the length of its path', async (t) => {
-  const { dir, repo, crawl } = await setup(t);
+  const { dir, repo } = await setup(t);
   const img = path.join(dir, 'disk.img');
-  await randomFile(img, 48 * MiB, 'lock-len-r');
+  await randomFile(img, IMAGE, 'lock-len-r');
   const v = await runJson<V>(['backup', ...repo.args, img, 'seed'], { env: repo.env });
   const targets = [path.join(dir, 't'), path.join(dir, 't'.repeat(Math.max(1, 58 - 'target:'.length - dir.length - 1)))];
-  const jobs = targets.map((p) => killOnTeardown(t, spawnCli(['--config', crawl, 'restore', ...repo.args, v.id, p], repo.env)));
+  const jobs: Background[] = [];
+  for (const p of targets) jobs.push(await startHeld(t, STEP.restore, ['restore', ...repo.args, v.id, p], repo.env));
   const alive = () => jobs.every((j) => !j.exited());
-  for (const p of targets) await restoreRunning(p, alive);
   for (const [i, p] of targets.entries()) {
     const r = await runCli(['restore', ...repo.args, v.id, p, '--force'], { env: repo.env });
     t.is(r.code, 4, `a second restore to ${p} (${p.length} characters) is refused: ${r.stderr}`);

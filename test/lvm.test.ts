@@ -31,6 +31,7 @@ import {
   type OpenLvmOptions,
 } from '../src/engine/lvm.js';
 import { BlocksafeError, NotFoundError, RefusedError, UsageError } from '../src/errors.js';
+import { assertCliError, initRepo, runCli, runJson, tempDir, type VersionJson } from './helpers.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const FIXTURES = join(HERE, 'fixtures', 'lvm');
@@ -561,4 +562,31 @@ test('resuming reuses the interrupted run\'s snapshot; a vanished one is a NotFo
   const later = await openLvmSource('lvm://vg0/data', { ...sim.opts, previousSnapshot: null, now: () => new Date(2024, 0, 4) });
   t.regex(sim.warnings.join('\n'), new RegExp(`snapshot vg0/${NEW} is left over`));
   await later.finish(false);
+});
+
+test('the CLI backs up lvm://VG/LV from a snapshot it removes afterwards (engine/backupSource.ts); --snapshot-name and --hints are refused with lvm://', async (t) => {
+  const sim = await makeSim({ withMeta: false });
+  const dir = await tempDir(t);
+  const repo = await initRepo(join(dir, 'repo'), { encryption: 'none' });
+  const env = { ...repo.env, PATH: `${BIN}:${process.env.PATH ?? SYSTEM_PATH}`, LVM_SIM_DIR: sim.dir };
+  const v = await runJson<VersionJson>(['backup', ...repo.args, 'lvm://vg0/plain', 'plain'], { env });
+  t.is(v.source, 'lvm://vg0/plain');
+  t.regex(v.snapshot_name, /^plain-blocksafe-\d{14}$/);
+  t.true(sim.calls().includes(`lvremove -f vg0/${v.snapshot_name}`), 'the snapshot was removed');
+  t.deepEqual(sim.lvs(), ['data', PREV, 'plain', 'pool']);
+  const out = join(dir, 'restored');
+  await runJson(['restore', ...repo.args, v.id, out], { env: repo.env });
+  t.is(readFileSync(out, 'utf8'), 'contents of plain\n', 'the snapshot (a copy of the origin) restores byte-identical');
+
+  const hints = join(dir, 'hints.json');
+  writeFileSync(hints, '[]');
+  for (const [extra, message] of [
+    [['--hints', hints], /--hints cannot be used with lvm:\/\/ sources/],
+    [['--snapshot-name', 'mine'], /--snapshot-name cannot be used with lvm:\/\/ sources/],
+  ] as const) {
+    const r = await runCli(['backup', ...repo.args, 'lvm://vg0/plain', 'plain', ...extra], { env });
+    assertCliError(t, r, 2, message);
+  }
+  t.deepEqual((await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })).map((x) => x.id), [v.id], 'the refused backups created nothing');
+  t.deepEqual(sim.lvs(), ['data', PREV, 'plain', 'pool'], 'and no snapshot');
 });

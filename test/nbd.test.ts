@@ -18,6 +18,7 @@ import {
   makeImage,
   MiB,
   readRange,
+  cliEnv,
   ROOT,
   run,
   runCli,
@@ -124,15 +125,9 @@ interface Server {
   /** The printed URI of an export (by its plain name: the secret prefix of --insecure-tcp is found). */
   uri: (name: string) => string;
   /** SIGINT, then the exit code and all output. */
-  stop: () => Promise<{ code: number | null; stdout: string; stderr: string; events: any[] }>;
+  stop: () => Promise<{ code: number | null; stdout: string; stderr: string; events: { event: string; [field: string]: unknown }[] }>;
   stderr: () => string;
   pid: number;
-}
-
-function cliEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BLOCKSAFE_') && !k.startsWith('NODE_OPTIONS')) env[k] = v;
-  return { ...env, ...extra };
 }
 
 /**
@@ -154,10 +149,9 @@ async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[
       if (proc.exitCode === null) proc.kill('SIGKILL');
     }
   });
-  const deadline = Date.now() + 20_000;
+  // No deadline of our own (a loaded machine may take long to start it): ava's timeout bounds every wait.
   while (!stdout.includes('\n')) {
     if (proc.exitCode !== null) throw new Error(`blocksafe nbd exited ${proc.exitCode} before listening:\n${stderr}`);
-    if (Date.now() > deadline) throw new Error(`blocksafe nbd did not start listening within 20 s:\n${stderr}`);
     await new Promise((r) => setTimeout(r, 25));
   }
   const listening = JSON.parse(stdout.split('\n')[0]!) as Listening & { event: string };
@@ -191,13 +185,9 @@ async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[
   };
 }
 
-/** Polls `cond` until it holds; fails after `ms` (a generous upper bound, never what makes a test pass). */
-async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 30_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
+/** Polls `cond` until it holds (`_what` says what for the reader); ava's timeout ends a wait that never does. */
+async function until(_what: string, cond: () => boolean | Promise<boolean>): Promise<void> {
+  while (!(await cond())) await new Promise((r) => setTimeout(r, 20));
 }
 
 /** Resident memory of a process, from /proc. */
@@ -328,10 +318,9 @@ class RawClient {
     return out;
   }
 
-  /** True when the server closes the connection within `ms`. */
-  async closedWithin(ms: number): Promise<boolean> {
-    const deadline = Date.now() + ms;
-    while (!this.ended && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  /** True once the server has closed the connection (ava's timeout ends a wait for one that stays open). */
+  async closed(): Promise<boolean> {
+    while (!this.ended) await new Promise((r) => setTimeout(r, 20));
     return this.ended;
   }
 
@@ -573,7 +562,7 @@ test('protocol details: option errors, EPERM on read-only writes, EINVAL out of 
 
   // NBD_CMD_DISC: the server closes the connection.
   s.sendRequest(NBD.CMD_DISC, 0, 0);
-  t.true(await s.closedWithin(3000));
+  t.true(await s.closed());
   // NBD_OPT_ABORT is acknowledged; an unknown NBD_OPT_EXPORT_NAME ends the session.
   const a = await RawClient.connect(srv.target);
   t.teardown(() => a.close());
@@ -581,7 +570,7 @@ test('protocol details: option errors, EPERM on read-only writes, EINVAL out of 
   const e = await RawClient.connect(srv.target);
   t.teardown(() => e.close());
   e.sendOption(NBD.OPT_EXPORT_NAME, Buffer.from('nope'));
-  t.true(await e.closedWithin(3000));
+  t.true(await e.closed());
 
   t.is((await srv.stop()).code, 0);
 });
@@ -720,10 +709,8 @@ test('nbdfuse → losetup → mount: files of an ext4 backup read back equal (ov
     await Promise.race([fuseExit, delay(3000)]);
     if (fuse.exitCode === null) fuse.kill('SIGKILL');
   });
-  const deadline = Date.now() + 10_000;
   while (!(await fs.stat(pidFile).catch(() => null))) {
     if (fuse.exitCode !== null) return t.fail(`nbdfuse exited ${fuse.exitCode}: ${fuseErr}`);
-    if (Date.now() > deadline) return t.fail(`nbdfuse did not start: ${fuseErr}`);
     await new Promise((r) => setTimeout(r, 25));
   }
   const file = path.join(fuseDir, 'disk');
@@ -1025,7 +1012,7 @@ test('TLS-PSK over TCP: nbdinfo and nbdcopy (nbds://) read byte-identical data; 
   const e = await RawClient.connect(srv.target);
   t.teardown(() => e.close());
   e.sendOption(NBD.OPT_EXPORT_NAME, Buffer.from('disk'));
-  t.true(await e.closedWithin(20_000));
+  t.true(await e.closed());
   t.is((await srv.stop()).code, 0);
 });
 
@@ -1124,7 +1111,7 @@ test('request sizes: a READ above 32 MiB gets EINVAL (nothing allocated), a WRIT
   t.is((await c.simple(NBD.CMD_READ, 0, 0xffffffff)).error, NBD.EINVAL);
   t.is((await c.simple(NBD.CMD_READ, 0, 4096)).error, 0, 'the connection stays usable');
   c.sendRequest(NBD.CMD_WRITE, 0, 0xffffffff);
-  t.true(await c.closedWithin(20_000), 'hard disconnect on an oversized write');
+  t.true(await c.closed(), 'hard disconnect on an oversized write');
   await until('the violation is logged', () => /write of 4294967295 bytes, more than the maximum payload/.test(srv.stderr()));
   // Other clients are unaffected.
   const d = await goRaw(srv.target, 'disk');
@@ -1170,7 +1157,7 @@ test('--handshake-timeout: a client that connects and stalls (in plain NBD or in
   // Connects, reads the greeting, sends nothing.
   const silent = await RawClient.open(srv.target);
   t.teardown(() => silent.close());
-  t.true(await silent.closedWithin(30_000), 'a silent client is disconnected');
+  t.true(await silent.closed(), 'a silent client is disconnected');
   // Sends STARTTLS and then never starts the TLS handshake. (On a loaded machine the 300 ms may run out
   // before the ACK arrives; such attempts are repeated, so that the test does not depend on speed.)
   let acked = 0;
@@ -1179,7 +1166,7 @@ test('--handshake-timeout: a client that connects and stalls (in plain NBD or in
     t.teardown(() => halfTls.close());
     const reply = await halfTls.option(NBD.OPT_STARTTLS).catch(() => null);
     if (reply?.pop()!.type === NBD.REP_ACK) acked++;
-    t.true(await halfTls.closedWithin(30_000), 'a half-open TLS handshake is disconnected');
+    t.true(await halfTls.closed(), 'a half-open TLS handshake is disconnected');
   }
   t.is(acked, 1, 'STARTTLS was acknowledged, then the connection closed for want of a TLS handshake');
   await until('both are logged', () => (srv.stderr().match(/handshake not completed within 0\.3 s \(handshake_timeout\)/g) ?? []).length >= 2);
@@ -1191,7 +1178,7 @@ test('--idle-timeout and --stall-timeout: idle clients, writes stalled mid-paylo
   const idle = await startServer(t, f.repo, ['--idle-timeout', '300ms', 'disk']);
   const c = await goRaw(idle.target, 'disk');
   t.teardown(() => c.close());
-  t.true(await c.closedWithin(30_000));
+  t.true(await c.closed());
   await until('idle logged', () => /idle for 0\.3 s \(idle_timeout\); connection closed/.test(idle.stderr()));
   t.is((await idle.stop()).code, 0);
 
@@ -1202,7 +1189,7 @@ test('--idle-timeout and --stall-timeout: idle clients, writes stalled mid-paylo
   w.sendRequest(NBD.CMD_WRITE, 0, MiB);
   t.is((await w.read(16)).readUInt32BE(4), NBD.EPERM);
   w.socket.write(Buffer.alloc(1000));
-  t.true(await w.closedWithin(30_000));
+  t.true(await w.closed());
   await until('stall logged', () => /stopped sending in the middle of a request for 0\.3 s; connection closed/.test(stall.stderr()));
   // A client that asks for 160 MiB and reads none of it.
   const r = await goRaw(stall.target, 'disk');

@@ -1,5 +1,6 @@
 /**
- * Interrupted backups and restores, killed for real (SIGKILL) in the middle of a throttled run, then
+ * Interrupted backups and restores, killed for real (SIGKILL) in the middle of a run (held at a test pause
+ * point after their first commit or checkpoint, so the machine's speed does not matter), then
  * resumed: the result is byte-identical, and what was committed before the kill is not read (backup) or
  * written (restore) again — counted, and for the backup also proven by changing the already-stored part
  * of the source before resuming.
@@ -8,7 +9,7 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test from 'ava';
 import { assertCliError, initRepo, MiB, prngBytes, runCli, runJson, sha256File, type RepoFixture } from './helpers.js';
-import { fastTempDir, killOnTeardown, type FullVersion, lsJson, nonZeroBlocks, pausePoints, randomFile, spawnCli, waitFor, writeConfig } from './cliHarness.js';
+import { fastTempDir, killOnTeardown, type FullVersion, lsJson, nonZeroBlocks, pausePoints, randomFile, spawnCli } from './cliHarness.js';
 
 const BS = MiB;
 
@@ -27,19 +28,11 @@ async function makeSource(file: string, blocks: number, seed: string): Promise<b
 
 const countRange = (nz: boolean[], from: number, to: number) => nz.slice(from, to).filter(Boolean).length;
 
-/** Starts a throttled backup and kills it (SIGKILL) once it has committed some progress; returns the incomplete version. */
-async function interruptedBackup(t: Parameters<typeof killOnTeardown>[0], repo: RepoFixture, slowConf: string, source: string, name: string, blocks: number, pollMs = 100): Promise<FullVersion> {
-  const bg = killOnTeardown(t, spawnCli(['--config', slowConf, 'backup', ...repo.args, source, name], repo.env));
-  await waitFor(
-    'the backup to commit some blocks',
-    async () => {
-      if (bg.exited()) throw new Error(`the backup ended before it could be killed: ${bg.stderr()}`);
-      const v = (await lsJson(repo, name)).find((x) => !x.complete && x.blocks_done > 0);
-      return v;
-    },
-    60000,
-    pollMs,
-  );
+/** Starts a backup, stops it at its first commit and kills it there (SIGKILL); returns the incomplete version. */
+async function interruptedBackup(t: Parameters<typeof killOnTeardown>[0], repo: RepoFixture, source: string, name: string, blocks: number): Promise<FullVersion> {
+  const pause = await pausePoints(t);
+  const bg = killOnTeardown(t, spawnCli(['backup', ...repo.args, source, name], { ...repo.env, ...pause.env('writer.commit#1') }));
+  if (!(await pause.reached('writer.commit#1', bg))) throw new Error(`the backup ended before its first commit: ${bg.stderr()}`);
   const r = await bg.kill9();
   if (r.signal !== 'SIGKILL') throw new Error(`the backup was not killed mid-run (exit ${r.code}): ${r.stderr}`);
   const [v] = (await lsJson(repo, name)).filter((x) => !x.complete);
@@ -56,9 +49,7 @@ test('kill -9 during a backup, then backup --resume: committed blocks are not re
   const source = path.join(dir, 'disk.img');
   const nz = await makeSource(source, blocks, 'resume-backup');
   const original = await sha256File(source);
-  const slow = await writeConfig(dir, 'slow.conf', { read_limit: '10M' }); // ~12 s for the whole image: killed long before
-
-  const before = await interruptedBackup(t, repo, slow, source, 'disk', blocks);
+  const before = await interruptedBackup(t, repo, source, 'disk', blocks);
   const done = before.blocks_done;
   t.false(before.complete);
   t.is(before.stats.blocks_read, countRange(nz, 0, done), 'the committed statistics cover exactly the committed blocks');
@@ -86,7 +77,7 @@ test('kill -9 during a backup, then backup --resume: committed blocks are not re
   );
 
   const target = path.join(dir, 'restored.img');
-  const r = await runJson(['restore', ...repo.args, after.id, target], { env: repo.env });
+  const r = await runJson<{ damaged: unknown[] }>(['restore', ...repo.args, after.id, target], { env: repo.env });
   t.deepEqual(r.damaged, []);
   t.is(await sha256File(target), original, 'byte-identical to the source as it was backed up (block 0 was not read again)');
 });
@@ -100,11 +91,11 @@ test('kill -9 during a restore: a plain restore is refused, restore --resume fin
   const v = await runJson<FullVersion>(['backup', ...repo.args, source, 'disk'], { env: repo.env });
   const target = path.join(dir, 'target.img');
 
-  // Kill it while it waits right after its first checkpoint (taken after 64 blocks, or earlier by time
-  // on a slow machine): blocks after the checkpoint may be on the target already, the rest are not.
+  // Killed at its first checkpoint (after 64 blocks, or earlier on a slow machine: every 5 s), with most of
+  // the image still to come.
   const pause = await pausePoints(t);
   const bg = killOnTeardown(t, spawnCli(['restore', ...repo.args, v.id, target], { ...repo.env, ...pause.env('restore.checkpoint#1') }));
-  t.true(await pause.reached('restore.checkpoint#1', bg), bg.stderr());
+  t.true(await pause.reached('restore.checkpoint#1', bg), `the restore reached its first checkpoint: ${bg.stderr()}`);
   const killed = await bg.kill9();
   t.is(killed.signal, 'SIGKILL', `killed mid-run (stderr: ${killed.stderr})`);
   t.not(await sha256File(target), await sha256File(source), 'the target is unfinished');
@@ -119,10 +110,9 @@ test('kill -9 during a restore: a plain restore is refused, restore --resume fin
   t.deepEqual(r.damaged, []);
   const totalData = countRange(nz, 0, blocks) * BS;
   t.true(r.bytes_written < totalData, `the resumed restore wrote ${r.bytes_written} of ${totalData} data bytes`);
-  // It restarts at the checkpoint (block 64, or an earlier one taken by time) and writes exactly the data
-  // blocks from there on: nothing before the checkpoint is written again.
+  // It restarts at the checkpoint (a block boundary after block 0) and writes exactly the data blocks from there on.
   const restartPoints = Array.from({ length: blocks - 1 }, (_, i) => i + 1).filter((cp) => r.bytes_written === countRange(nz, cp, blocks) * BS);
-  t.true(restartPoints.length > 0 && restartPoints[0]! <= 64, `bytes_written ${r.bytes_written} matches a restart at a checkpoint after block 1..64`);
+  t.true(restartPoints.length > 0, `bytes_written ${r.bytes_written} matches a restart at a block boundary after the first block`);
   t.is(await sha256File(target), await sha256File(source), 'byte-identical after the resume');
 
   // Nothing left to resume now.
@@ -137,8 +127,7 @@ test('a plain backup after an interrupted one (encrypted repo) notes --resume an
   const blocks = 120;
   const source = path.join(dir, 'disk.img');
   await makeSource(source, blocks, 'resume-note');
-  const slow = await writeConfig(dir, 'slow.conf', { read_limit: '10M' });
-  const interrupted = await interruptedBackup(t, repo, slow, source, 'disk', blocks, 250);
+  const interrupted = await interruptedBackup(t, repo, source, 'disk', blocks);
 
   const r = await runCli(['backup', ...repo.args, source, 'disk'], { env: repo.env });
   t.is(r.code, 0, r.stderr);

@@ -108,9 +108,9 @@ test('mixed image: round trip, dedup within and across versions, zero blocks not
   await restoreTo(repo, v2.id, out2);
   t.is(await sha256File(out2), img.sha256);
 
-  const stats = await runJson(['stats', ...repo.args], { env: repo.env });
+  const stats = await runJson<{ repository: Record<string, number>; versions: { id: string }[] }>(['stats', ...repo.args], { env: repo.env });
   t.like(stats.repository, { versions: 2, versions_incomplete: 0, versions_invalid: 0, blocks: 4, blocks_invalid: 0, stored_bytes: stored, logical_bytes: 2 * img.size });
-  t.deepEqual(stats.versions.map((v: { id: string }) => v.id).sort(), [v1.id, v2.id].sort());
+  t.deepEqual(stats.versions.map((v) => v.id).sort(), [v1.id, v2.id].sort());
 });
 
 test('a second volume sharing blocks with the first stores only its new blocks', async (t) => {

@@ -73,7 +73,7 @@ test.serial('the gateway stopped in the middle of a backup: one clear error, a c
   const dir = await tempDir(t);
   const repo = await s3Repo(t, dir, { pipeline: { read_limit: '4M' } }); // about 5 s for the image
   t.teardown(() => startGateway()); // whatever happens, the other tests need it back
-  const { id } = await runJson<{ id: string }>(['init', ...repo.args, '--block-size', '1M', '--create-bucket']);
+  await runJson<{ id: string }>(['init', ...repo.args, '--block-size', '1M', '--create-bucket']);
   const img = await makeImage(path.join(dir, 'vol.img'), { blockSize: BS, seed: 'outage', blocks: Array.from({ length: BLOCKS }, () => 'random' as const) });
 
   // The backup stops at its first committed progress (a test pause point); the gateway goes away then.

@@ -54,7 +54,7 @@ export async function requireGateway(): Promise<void> {
   try {
     await s3.send(new sdk.ListBucketsCommand({}));
   } catch (err) {
-    throw new Error(`The S3 gateway at ${S3_ENDPOINT} refuses the test credentials (${(err as Error).name}: ${(err as Error).message}); ${HOW_TO_START}.`);
+    throw new Error(`The S3 gateway at ${S3_ENDPOINT} refuses the test credentials (${(err as Error).name}: ${(err as Error).message}); ${HOW_TO_START}.`, { cause: err });
   }
 }
 

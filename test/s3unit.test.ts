@@ -11,6 +11,7 @@ import { Readable } from 'node:stream';
 import { BlocksafeError, NotFoundError } from '../src/errors.js';
 import { parseS3Url, s3Settings, S3Store, defaultStateDir, type S3Api, type S3Settings } from '../src/store/s3.js';
 import { AttemptTimeout, backoffDelay, classifyFailure, RetriesExhausted, Semaphore, withRetries, type RetryPolicy } from '../src/store/s3retry.js';
+import { waitFor } from './cliHarness.js';
 import { runCli, tempDir } from './helpers.js';
 
 const FAST: RetryPolicy = { retries: 3, baseDelayMs: 1, maxDelayMs: 4, timeoutMs: 1000 };
@@ -37,20 +38,32 @@ const sdkError = (name: string, status?: number, extra: Record<string, unknown> 
   Object.assign(new Error(`${name} happened`), { name, ...(status ? { $metadata: { httpStatusCode: status } } : {}), ...extra });
 const netError = (code: string) => Object.assign(new Error(`connect ${code} 10.0.0.1:9`), { code });
 
-type Handler = (input: any, signal?: AbortSignal) => Promise<any> | any;
+/** The fields of the SDK commands' inputs that the fake and the tests read (each command sets its own). */
+interface Input {
+  Bucket: string;
+  Key: string;
+  Body: Uint8Array;
+  ContentMD5?: string;
+  Prefix?: string;
+  ContinuationToken?: string;
+  MaxKeys: number;
+  Delete: { Objects: { Key: string }[] };
+  CreateBucketConfiguration?: { LocationConstraint?: string };
+}
+type Handler = (input: Input, signal?: AbortSignal) => unknown;
 
 /** A fake S3 client: an in-memory bucket plus per-command overrides; records every call. */
 class FakeS3 implements S3Api {
   readonly objects = new Map<string, Buffer>();
-  readonly calls: { cmd: string; input: any }[] = [];
+  readonly calls: { cmd: string; input: Input }[] = [];
   readonly handlers: Record<string, Handler> = {};
   inFlight = 0;
   maxInFlight = 0;
   destroyed = false;
 
-  async send(command: any, options?: { abortSignal?: AbortSignal }): Promise<any> {
-    const cmd = String(command.constructor.name).replace(/Command$/, '');
-    const input = command.input;
+  async send(command: unknown, options?: { abortSignal?: AbortSignal }): Promise<unknown> {
+    const cmd = String((command as object).constructor.name).replace(/Command$/, '');
+    const input = (command as { input: Input }).input;
     this.calls.push({ cmd, input });
     this.inFlight++;
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
@@ -67,7 +80,7 @@ class FakeS3 implements S3Api {
     }
   }
 
-  private builtin(cmd: string, input: any): any {
+  private builtin(cmd: string, input: Input): unknown {
     switch (cmd) {
       case 'HeadBucket':
         return {};
@@ -356,7 +369,7 @@ test('store: deletes go in batches of at most 1000 keys; failed keys of a batch 
 
 test('store: a delete refused for a key is an error, not retried', async (t) => {
   const fake = new FakeS3();
-  fake.handlers.DeleteObjects = (input) => ({ Errors: [{ Key: input.Delete.Objects[0].Key, Code: 'AccessDenied', Message: 'no' }] });
+  fake.handlers.DeleteObjects = (input) => ({ Errors: [{ Key: input.Delete.Objects[0]!.Key, Code: 'AccessDenied', Message: 'no' }] });
   const store = fakeStore(fake);
   const e = await t.throwsAsync(store.delete(['a', 'b']));
   t.regex(e!.message, /refused DeleteObjects/);
@@ -379,13 +392,13 @@ test('store: close() stops requests that wait for a retry', async (t) => {
   fake.handlers.PutObject = () => {
     throw sdkError('ServiceUnavailable', 503);
   };
-  const store = fakeStore(fake, { policy: { retries: 10, baseDelayMs: 10_000, maxDelayMs: 10_000, timeoutMs: 1000 } });
+  // A 10-minute backoff: were it waited out, the test would time out instead of passing.
+  const store = fakeStore(fake, { policy: { retries: 10, baseDelayMs: 600_000, maxDelayMs: 600_000, timeoutMs: 1000 } });
   const p = store.put('k', Buffer.from('x'));
-  await new Promise((r) => setTimeout(r, 50));
-  const started = Date.now();
+  await waitFor('the first attempt to fail', () => (fake.count('PutObject') === 1 && fake.inFlight === 0 ? true : undefined), 60_000, 5);
   await store.close();
   await t.throwsAsync(p, { message: /closed/ });
-  t.true(Date.now() - started < 5000, "well before the 10 s backoff ends");
+  t.is(fake.count('PutObject'), 1, 'no retry after close()');
 });
 
 test('init --create-bucket creates a missing bucket once and never an existing one', async (t) => {

@@ -3,7 +3,8 @@ import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from
 import { FormatError, IntegrityError } from '../errors.js';
 
 /**
- * The one object codec. Every object in a blob store (blocks, manifests, the keyring) is
+ * The one object codec. Every object in a blob store (blocks, manifests, attributes, leases, the cleanup
+ * generation; not the key slots and the keyring, which keys.ts seals itself) is
  *
  *   magic "BSOB" | format u8 | type u8 | compression u8 | cipher u8 | key id u32 BE | nonce (12, if ciphered)
  *   | payload | tag (16, if ciphered)

@@ -221,7 +221,7 @@ export function parseConfigText(text: string, file: string): Omit<LoadedConfig, 
       }
       continue;
     }
-    if (line === '' || line.startsWith('#') || line.startsWith(';') || /^[^=\[\]]+=/.test(line)) continue;
+    if (line === '' || line.startsWith('#') || line.startsWith(';') || /^[^=[\]]+=/.test(line)) continue;
     throw new UsageError(`${file}:${i + 1}: cannot parse "${printable(line.slice(0, 60))}" (expected [section] or key = value).`);
   }
   const parsed = ini.parse(text) as Record<string, unknown>;

@@ -68,7 +68,7 @@ export class NbdExport {
       runs.map((r) => {
         if (r.state === GranuleState.Data) return this.overlay!.read(buf, r.offset - offset, r.offset, r.length);
         if (r.state === GranuleState.Backing) return this.readBacking(buf, r.offset - offset, r.offset, r.length);
-        return undefined; // Zero: already zeros
+        return Promise.resolve(); // Zero: already zeros
       }),
     );
     return buf;

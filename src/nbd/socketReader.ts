@@ -36,7 +36,7 @@ export class SocketReader {
   private buffered = 0;
   private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void; opts: ReadOptions; got: number; timer: NodeJS.Timeout | null } | null = null;
   private closed: Error | null = null;
-  private readonly listeners: [string, (...args: any[]) => void][];
+  private readonly unlisten: () => void;
 
   constructor(
     private readonly socket: Duplex,
@@ -60,13 +60,10 @@ export class SocketReader {
       if (!this.closed) this.closed = new ConnectionClosed(err ? `connection failed: ${err.message}` : 'connection closed by the client');
       this.serve();
     };
-    this.listeners = [
-      ['data', data],
-      ['end', () => end()],
-      ['close', () => end()],
-      ['error', (err: Error) => end(err)],
-    ];
-    for (const [ev, fn] of this.listeners) socket.on(ev, fn);
+    const closed = () => end();
+    const failed = (err: Error) => end(err);
+    socket.on('data', data).on('end', closed).on('close', closed).on('error', failed);
+    this.unlisten = () => socket.off('data', data).off('end', closed).off('close', closed).off('error', failed);
   }
 
   /** Bytes received and not yet consumed. */
@@ -123,7 +120,7 @@ export class SocketReader {
    * consumed. A waiting read, if any, is rejected.
    */
   detach(): Buffer {
-    for (const [ev, fn] of this.listeners) this.socket.off(ev, fn);
+    this.unlisten();
     const w = this.waiter;
     if (w) {
       this.waiter = null;

@@ -36,7 +36,7 @@ type Sdk = typeof import('@aws-sdk/client-s3');
 
 /** The part of the SDK client the store uses (a fake implements it in tests). */
 export interface S3Api {
-  send(command: unknown, options?: { abortSignal?: AbortSignal }): Promise<any>;
+  send(command: unknown, options?: { abortSignal?: AbortSignal }): Promise<unknown>;
   destroy(): void;
 }
 
@@ -418,7 +418,7 @@ export class S3Store implements BlobStore {
     const data = await this.call('GetObject', key, async (client, sdk, signal) => {
       let out: { Body?: unknown; ContentLength?: number };
       try {
-        out = await client.send(new sdk.GetObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal: signal });
+        out = (await client.send(new sdk.GetObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal: signal })) as typeof out;
       } catch (err) {
         if ((err as { name?: string }).name === 'NoSuchKey') return undefined;
         throw err;

@@ -1,9 +1,5 @@
 import type { Command } from 'commander';
-import { backup, newestComplete, newestIncomplete } from '../../engine/backup.js';
-import { withLvmSource } from '../../engine/lvm.js';
-import { backupRbd } from '../../engine/rbdBackup.js';
-import type { Repository } from '../../engine/repository.js';
-import { NotFoundError, UsageError } from '../../errors.js';
+import { backupSource } from '../../engine/backupSource.js';
 import { readHintsFile } from '../../engine/hints.js';
 import type { VersionRecord } from '../../index/records.js';
 import { formatBytes } from '../../util/size.js';
@@ -48,53 +44,18 @@ export function register(program: Command): void {
           readThrottle: s.readThrottle,
           onProgress: progress.listener,
         };
-        if (source.startsWith('rbd://')) {
-          // RBD: export-diff of a snapshot (made and rotated by blocksafe unless the URI names one).
-          if (opts.snapshotName) throw new UsageError('--snapshot-name cannot be used with rbd:// sources: the snapshot is the one read (rbd://POOL/IMAGE@SNAP) or the one blocksafe makes.');
-          if (opts.hints) throw new UsageError('--hints cannot be used with rbd:// sources: rbd export-diff says what changed.');
-          if (opts.from) throw new UsageError('--from cannot be used with rbd:// sources: the base is the version read from the previous snapshot.');
-          return backupRbd(repo, pipeline, rbdClient(opts), {
-            ...common,
-            uri: source,
-            resume: !!opts.resume,
-            offerResume: (v) => offerResume(v, name, !!opts.json),
-            warn: (m) => process.stderr.write(`blocksafe: note: ${m}\n`),
-          });
-        }
-        if (!source.startsWith('lvm://')) {
-          return backup(repo, pipeline, {
-            ...common,
-            source,
-            snapshotName: opts.snapshotName,
-            from,
-            hints,
-            resume: !!opts.resume,
-            offerResume: (v) => offerResume(v, name, !!opts.json),
-          });
-        }
-        // LVM: snapshot, back up the snapshot, remove it (thin: keep it as the base of tomorrow's hints).
-        if (opts.snapshotName) throw new UsageError('--snapshot-name cannot be used with lvm:// sources: blocksafe names the snapshot it creates.');
-        if (opts.hints) throw new UsageError('--hints cannot be used with lvm:// sources: thin volumes get their hints from thin_delta.');
-        const previous = newestComplete(repo, name);
-        const interrupted = opts.resume ? newestIncomplete(repo, name) : null;
-        if (opts.resume && !interrupted) throw new NotFoundError(`There is no interrupted backup of "${name}" to resume; run the backup without --resume.`);
-        return withLvmSource(
+        return backupSource(repo, pipeline, {
+          ...common,
           source,
-          { previousSnapshot: previous?.snapshot_name || null, snapshotSize: config(opts).config.lvm.snapshot_size, resumeSnapshot: interrupted?.snapshot_name || null },
-          (src) => {
-            // thin_delta hints are relative to the kept snapshot: only valid against the version taken from it.
-            const base = src.hints ? baseBySnapshot(repo, name, src.baseSnapshot) : null;
-            return backup(repo, pipeline, {
-              ...common,
-              source: src.devicePath,
-              sourceLabel: source,
-              snapshotName: src.snapshotName,
-              from: base ?? from,
-              hints: base ? src.hints : null,
-              resume: !!interrupted,
-            });
-          },
-        );
+          snapshotName: opts.snapshotName,
+          from,
+          hints,
+          resume: !!opts.resume,
+          offerResume: (v) => offerResume(v, name, !!opts.json),
+          snapshotSize: config(opts).config.lvm.snapshot_size,
+          rbd: () => rbdClient(opts),
+          warn: (m) => process.stderr.write(`blocksafe: note: ${m}\n`),
+        });
       });
       progress.done();
       if (opts.json) return printJson(versionJson(version));
@@ -117,10 +78,3 @@ function offerResume(v: VersionRecord, name: string, json: boolean): boolean {
   return false;
 }
 
-/** The newest complete version of `name` taken from the given snapshot. */
-function baseBySnapshot(repo: Repository, name: string, snapshot: string | null): VersionRecord | null {
-  if (!snapshot) return null;
-  let best: VersionRecord | null = null;
-  for (const v of repo.index.allVersions()) if (v.name === name && v.complete && v.snapshot_name === snapshot && (!best || v.date > best.date)) best = v;
-  return best;
-}
