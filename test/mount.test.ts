@@ -243,7 +243,7 @@ fuseTest('a damaged block gives EIO on exactly its range; the rest reads back an
   t.is(objects.length, 3);
   const victim = objects.sort((a, b) => a.size - b.size)[0]!.file;
   const raw = await fs.readFile(victim);
-  raw[100] ^= 0x55;
+  raw[100] = raw[100]! ^ 0x55;
   await fs.writeFile(victim, raw);
 
   const m = await mount(t, repo, path.join(dir, 'mnt'), [v.id]);

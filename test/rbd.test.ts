@@ -179,7 +179,7 @@ function backup(s: Setup, uri: string, name: string, extra: string[] = []): Prom
 
 rbdTest('full and incremental backups of rbd://POOL/IMAGE read only changed blocks, rotate snapshots and restore byte-identical', async (t) => {
   const s = await setup(t);
-  let local = await fs.readFile(s.img);
+  let local: Buffer = await fs.readFile(s.img);
   await rbd('snap', 'create', '--no-progress', `${POOL}/${s.image}@users-own`);
   // A snapshot with blocksafe's naming pattern that is protected: rotation must leave it.
   await rbd('snap', 'create', '--no-progress', `${POOL}/${s.image}@blocksafe-manual`);
