@@ -4,14 +4,20 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { blockChecksum, isAllZero } from '../codec/checksum.js';
-import { decodeObject, encodeObject, ObjectType, type CodecKeys } from '../codec/object.js';
+import { decodeBlockInto, decodeObject, encodeObject, encodeObjectInto, ObjectType, type CodecKeys } from '../codec/object.js';
+import { zstdBound, ZstdWorkspace } from '../codec/zstdWorkspace.js';
 import { ownArrayBuffer } from '../util/buffers.js';
-import { gcEvery } from '../util/gc.js';
+import { collectYoung, gcEvery } from '../util/gc.js';
+import { slotView } from './arena.js';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js';
 
 const init = workerData as WorkerInit;
 let keys: CodecKeys = { currentKeyId: init.currentKeyId, dataKeys: new Map(init.dataKeys) };
 const macKey = init.macKey;
+/** Reused for every slot-based block: zstd contexts and the compressed form of one block. */
+const zstd = new ZstdWorkspace(init.zstdLevel, init.blockSize);
+const scratch = Buffer.allocUnsafeSlow(zstdBound(init.blockSize));
+const slot = (n: number, length: number) => slotView(init.arena, init.arenaSlotSize, n, length);
 
 function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer[] } {
   switch (req.op) {
@@ -31,6 +37,21 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
       const out = ownArrayBuffer(obj);
       // The input travels back so the main thread can reuse it for the next block.
       return { reply: { seq: req.seq, op: 'seal', object: out, data: req.data, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [out, req.data] };
+    }
+    case 'digestSlot': {
+      const data = slot(req.slot, req.length);
+      return { reply: { seq: req.seq, op: 'digestSlot', checksum: isAllZero(data) ? null : blockChecksum(macKey, data) }, transfer: [] };
+    }
+    case 'sealSlot': {
+      const length = encodeObjectInto(slot(req.slot, req.length), keys, { type: ObjectType.Block, compress: init.compress, zstdLevel: init.zstdLevel, context: req.context }, zstd, scratch, slot(req.out, init.arenaSlotSize));
+      return { reply: { seq: req.seq, op: 'sealSlot', length, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [] };
+    }
+    case 'openSlot': {
+      if (req.size > init.blockSize) throw new Error(`block of ${req.size} bytes is larger than the repository's blocks`);
+      const plain = slot(req.out, req.size);
+      decodeBlockInto(slot(req.raw, req.rawLength), keys, req.context, zstd, scratch, plain);
+      if (!blockChecksum(macKey, plain).equals(req.checksum)) throw new Error('block checksum does not match its contents');
+      return { reply: { seq: req.seq, op: 'openSlot' }, transfer: [] };
     }
     case 'keys':
       keys = { currentKeyId: req.currentKeyId, dataKeys: new Map(req.dataKeys) };
@@ -56,6 +77,7 @@ parentPort!.on('message', (req: WorkerRequest) => {
     const { reply, transfer } = handle(req);
     parentPort!.postMessage(reply, transfer);
     if (req.op === 'seal' || req.op === 'open') tick();
+    else if (req.op === 'sealSlot' || req.op === 'openSlot') collectYoung();
   } catch (err) {
     parentPort!.postMessage({ seq: req.seq, op: 'error', message: (err as Error).message } satisfies WorkerReply);
   }

@@ -25,6 +25,11 @@ export interface BlobStore {
   get(name: string): Promise<Buffer>;
   /** The object or undefined when it does not exist. */
   tryGet(name: string): Promise<Buffer | undefined>;
+  /**
+   * Optional: reads the object into `out` and returns its size (undefined when it does not exist). When it is
+   * larger than `out`, returns its size without reading it. Saves the block pipeline an allocation per block.
+   */
+  readInto?(name: string, out: Uint8Array): Promise<number | undefined>;
   has(name: string): Promise<boolean>;
   /** Stored size in bytes, or undefined when the object does not exist. */
   size(name: string): Promise<number | undefined>;
