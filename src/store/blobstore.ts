@@ -8,6 +8,11 @@ export interface ObjectInfo {
   mtime: number;
 }
 
+export interface ListOptions {
+  /** Only names are needed: a store may report size and mtime as 0 when they would cost extra calls. */
+  namesOnly?: boolean;
+}
+
 /**
  * A blob store holds named, immutable-once-written objects: block objects, version manifests, key slots,
  * the keyring and the repository descriptor. Names are '/'-separated relative paths such as
@@ -35,7 +40,7 @@ export interface BlobStore {
   size(name: string): Promise<number | undefined>;
   delete(names: string[]): Promise<void>;
   /** Every object under `prefix` (e.g. "data/"), in no particular order. */
-  list(prefix: string): AsyncIterable<ObjectInfo>;
+  list(prefix: string, opts?: ListOptions): AsyncIterable<ObjectInfo>;
   close(): Promise<void>;
   /** Removes leftovers of interrupted writes older than `olderThanMs`; returns how many. Optional. */
   removeStaleTemp?(olderThanMs: number): Promise<number>;
