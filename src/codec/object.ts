@@ -107,8 +107,8 @@ export function encodeObject(plain: Uint8Array, keys: CodecKeys, opts: EncodeOpt
 /** Bytes an object adds to its payload at most (header with nonce, tag). */
 export const OBJECT_OVERHEAD = FIXED_HEADER + NONCE_BYTES + TAG_BYTES;
 
-/** AEAD input and output travel in pieces this large: small, reused allocations instead of block-sized ones. */
-const CIPHER_PIECE = 256 * 1024;
+/** AEAD input and output travel in pieces this large: below malloc's mmap threshold (128 KiB), so they are reused heap memory, not fresh pages per block. */
+const CIPHER_PIECE = 64 * 1024;
 
 /**
  * encodeObject for the block pipeline, without block-sized allocations: compresses with the worker's zstd

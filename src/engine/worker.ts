@@ -7,7 +7,7 @@ import { blockChecksum, isAllZero } from '../codec/checksum.js';
 import { decodeBlockInto, decodeObject, encodeObject, encodeObjectInto, ObjectType, type CodecKeys } from '../codec/object.js';
 import { zstdBound, ZstdWorkspace } from '../codec/zstdWorkspace.js';
 import { ownArrayBuffer } from '../util/buffers.js';
-import { collectYoung, gcEvery } from '../util/gc.js';
+import { collectGarbage, collectYoung, gcEvery } from '../util/gc.js';
 import { slotView } from './arena.js';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js';
 
@@ -17,6 +17,19 @@ const macKey = init.macKey;
 /** Reused for every slot-based block: zstd contexts and the compressed form of one block. */
 const zstd = new ZstdWorkspace(init.zstdLevel, init.blockSize);
 const scratch = Buffer.allocUnsafeSlow(zstdBound(init.blockSize));
+/**
+ * glibc trims a thread's heap whenever more than 128 KiB at its top is free, so the AEAD's 64 KiB output
+ * pieces (freed together by each scavenge) would come back as fresh, zero-filled pages for every block. Freeing
+ * one large mmap'ed allocation raises glibc's mmap and trim thresholds (its dynamic threshold), after which
+ * the pieces are reused heap memory. Measured: 100,000 page faults per 1 GiB backup became 27,000.
+ */
+function raiseMallocThresholds(): void {
+  let big: Buffer | null = Buffer.allocUnsafeSlow(2 * init.blockSize + (1 << 20));
+  big[0] = 1;
+  big = null;
+  collectGarbage();
+}
+raiseMallocThresholds();
 const slot = (n: number, length: number) => slotView(init.arena, init.arenaSlotSize, n, length);
 
 function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer[] } {
