@@ -1,7 +1,7 @@
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
 import { FormatError, IntegrityError } from '../errors.js';
-import type { ZstdWorkspace } from './zstdWorkspace.js';
+import { zstdBound, type ZstdWorkspace } from './zstdWorkspace.js';
 
 /**
  * The one object codec. Every object in a blob store (blocks, manifests, the keyring) is
@@ -104,40 +104,46 @@ export function encodeObject(plain: Uint8Array, keys: CodecKeys, opts: EncodeOpt
   return Buffer.concat([header, body, cipher.getAuthTag()]);
 }
 
-/** Bytes an object adds to its payload at most (header with nonce, tag). */
-export const OBJECT_OVERHEAD = FIXED_HEADER + NONCE_BYTES + TAG_BYTES;
+
+/** Bytes encodeObjectInto needs for a block of `n` bytes. */
+export function objectRoom(n: number): number {
+  return FIXED_HEADER + NONCE_BYTES + zstdBound(n) + TAG_BYTES;
+}
 
 /** AEAD input and output travel in pieces this large: below malloc's mmap threshold (128 KiB), so they are reused heap memory, not fresh pages per block. */
 const CIPHER_PIECE = 64 * 1024;
 
 /**
- * encodeObject for the block pipeline, without block-sized allocations: compresses with the worker's zstd
- * workspace into `scratch` (at least zstdBound(plain.length) bytes) and writes the whole object into `out`
- * (at least plain.length + OBJECT_OVERHEAD bytes). Returns the object's length. Same format as encodeObject.
+ * encodeObject for the block pipeline, without block-sized allocations or scratch memory: compresses with the
+ * worker's zstd workspace straight into `out` (objectRoom(plain.length) bytes: zstd writes directly only
+ * into room for its worst case), after the header, and encrypts there in place, piece by piece. Returns the
+ * object's length. Same format as encodeObject.
  */
-export function encodeObjectInto(plain: Uint8Array, keys: CodecKeys, opts: EncodeOptions, zstd: ZstdWorkspace, scratch: Uint8Array, out: Uint8Array): number {
-  let payload: Uint8Array = plain;
-  let compression = Compression.None;
-  if (opts.compress && plain.length > 0 && looksCompressible(plain, opts.zstdLevel, zstd, scratch)) {
-    const n = zstd.compressInto(plain, scratch);
-    if (n >= 0 && n < plain.length) {
-      payload = scratch.subarray(0, n);
-      compression = Compression.Zstd;
-    }
-  }
+export function encodeObjectInto(plain: Uint8Array, keys: CodecKeys, opts: EncodeOptions, zstd: ZstdWorkspace, out: Uint8Array): number {
   const encrypted = keys.dataKeys.size > 0;
   const headerLen = FIXED_HEADER + (encrypted ? NONCE_BYTES : 0);
-  if (out.length < headerLen + payload.length + (encrypted ? TAG_BYTES : 0)) throw new FormatError('Object output buffer is too small.');
+  if (out.length < objectRoom(plain.length)) throw new FormatError('Object output buffer is too small.');
   const o = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+  // The payload's place. A frame only counts when it is smaller than the block (else the block is stored as is).
+  const room = o.subarray(headerLen, headerLen + zstdBound(plain.length));
+  let length = -1;
+  if (opts.compress && plain.length > 0 && looksCompressible(plain, opts.zstdLevel, zstd, room)) {
+    const n = zstd.compressInto(plain, room);
+    if (n >= 0 && n < plain.length) length = n;
+  }
+  const compression = length >= 0 ? Compression.Zstd : Compression.None;
   OBJECT_MAGIC.copy(o, 0);
   o[4] = OBJECT_FORMAT;
   o[5] = opts.type;
   o[6] = compression;
   o[7] = encrypted ? Cipher.ChaCha20Poly1305 : Cipher.None;
   o.writeUInt32BE(encrypted ? keys.currentKeyId : 0, 8);
+  // Uncompressed: the cipher reads the plaintext where it is (or it is copied when there is no cipher).
+  const source = compression === Compression.Zstd ? room.subarray(0, length) : plain;
+  if (length < 0) length = plain.length;
   if (!encrypted) {
-    o.set(payload, headerLen);
-    return headerLen + payload.length;
+    if (compression === Compression.None) o.set(plain, headerLen);
+    return headerLen + length;
   }
   const key = keys.dataKeys.get(keys.currentKeyId);
   if (!key) throw new FormatError(`Data key ${keys.currentKeyId} is missing from the keyring.`);
@@ -145,10 +151,11 @@ export function encodeObjectInto(plain: Uint8Array, keys: CodecKeys, opts: Encod
   nonce.copy(o, FIXED_HEADER);
   const header = Buffer.from(o.subarray(0, headerLen)); // a copy: `out` may be shared memory
   const cipher = createCipheriv('chacha20-poly1305', key, nonce, { authTagLength: TAG_BYTES });
-  cipher.setAAD(opts.context ? Buffer.concat([header, opts.context]) : header, { plaintextLength: payload.length });
+  cipher.setAAD(opts.context ? Buffer.concat([header, opts.context]) : header, { plaintextLength: length });
   let at = headerLen;
-  for (let i = 0; i < payload.length; i += CIPHER_PIECE) {
-    const piece = cipher.update(payload.subarray(i, Math.min(payload.length, i + CIPHER_PIECE)));
+  for (let i = 0; i < length; i += CIPHER_PIECE) {
+    // In place for a frame in `room`: each piece is read completely before its ciphertext is written back.
+    const piece = cipher.update(source.subarray(i, Math.min(length, i + CIPHER_PIECE)));
     o.set(piece, at);
     at += piece.length;
   }
@@ -161,10 +168,11 @@ export function encodeObjectInto(plain: Uint8Array, keys: CodecKeys, opts: Encod
 
 /**
  * decodeObject for a block of known size, without block-sized allocations: authenticates and decrypts `raw`
- * into `out` (exactly the block's size) — through `scratch` when compressed — and returns its key id.
- * Nothing in `out` may be used unless this returns: it holds unauthenticated bytes after a failure.
+ * — into `out` when stored uncompressed, else in place in `raw`, then decompressed into `out` (exactly the
+ * block's size) — and returns its key id. `raw` and `out` hold unauthenticated bytes after a failure: nothing
+ * in them may be used unless this returns.
  */
-export function decodeBlockInto(raw: Uint8Array, keys: CodecKeys, context: Uint8Array, zstd: ZstdWorkspace, scratch: Uint8Array, out: Uint8Array): number {
+export function decodeBlockInto(raw: Uint8Array, keys: CodecKeys, context: Uint8Array, zstd: ZstdWorkspace, out: Uint8Array): number {
   const obj = Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength);
   if (obj.length < FIXED_HEADER || !obj.subarray(0, 4).equals(OBJECT_MAGIC)) throw new IntegrityError('Object header is damaged (bad magic or truncated).');
   if (obj[4]! > OBJECT_FORMAT) throw new FormatError(`Object format ${obj[4]} is newer than this blocksafe understands (${OBJECT_FORMAT}); upgrade blocksafe.`);
@@ -183,31 +191,29 @@ export function decodeBlockInto(raw: Uint8Array, keys: CodecKeys, context: Uint8
     if (obj.length < headerLen + TAG_BYTES) throw new IntegrityError('Object is truncated.');
   } else throw new FormatError(`Object uses unknown cipher ${cipher}; upgrade blocksafe.`);
   const body = obj.subarray(headerLen, obj.length - tagLen);
-  // Where the payload goes: straight into `out` when it is the plaintext, else into scratch for zstd.
-  const dest = compression === Compression.None ? out : scratch;
   if (compression === Compression.None && body.length !== out.length) throw new IntegrityError(`block has ${body.length} bytes instead of ${out.length}`);
-  if (body.length > dest.length) throw new IntegrityError('Object payload is larger than any block of this repository.');
-  let payload: Uint8Array;
-  if (cipher === Cipher.None) payload = body;
-  else {
+  let payload: Uint8Array = body;
+  if (cipher === Cipher.ChaCha20Poly1305) {
     const key = keys.dataKeys.get(keyId);
     if (!key) throw new IntegrityError(`Object is encrypted with unknown key id ${keyId}.`);
     const header = Buffer.from(obj.subarray(0, headerLen));
     const decipher = createDecipheriv('chacha20-poly1305', key, Buffer.from(obj.subarray(FIXED_HEADER, headerLen)), { authTagLength: TAG_BYTES });
     decipher.setAAD(Buffer.concat([header, context]), { plaintextLength: body.length });
     decipher.setAuthTag(Buffer.from(obj.subarray(obj.length - TAG_BYTES)));
-    const d = Buffer.from(dest.buffer, dest.byteOffset, dest.byteLength);
+    // Where the plaintext goes: straight into `out` when it is the block, else in place for zstd to read.
+    const dest = compression === Compression.None ? Buffer.from(out.buffer, out.byteOffset, out.byteLength) : body;
     let at = 0;
-    for (let i = 0; i < body.length; i += CIPHER_PIECE) at += decipher.update(body.subarray(i, Math.min(body.length, i + CIPHER_PIECE))).copy(d, at);
+    for (let i = 0; i < body.length; i += CIPHER_PIECE) at += decipher.update(body.subarray(i, Math.min(body.length, i + CIPHER_PIECE))).copy(dest, at);
     try {
       decipher.final();
     } catch (err) {
       throw new IntegrityError('Object failed authentication (altered, truncated or replaced).', { cause: err });
     }
-    payload = dest.subarray(0, at);
+    if (compression === Compression.None) return keyId;
+    payload = body.subarray(0, at);
   }
   if (compression === Compression.None) {
-    if (cipher === Cipher.None && payload.length > 0) out.set(payload); // unencrypted: the object's bytes are the block's
+    if (payload.length > 0) out.set(payload); // unencrypted: the object's bytes are the block's
     return keyId;
   }
   const declared = zstdDeclaredSize(payload);
@@ -223,6 +229,7 @@ const PROBE = 64 * 1024;
  * and a block-sized allocation; a 64 KiB sample that does not shrink by 2 % says the block will not either.
  */
 function looksCompressible(plain: Uint8Array, level: number, zstd?: ZstdWorkspace, scratch?: Uint8Array): boolean {
+  // `scratch` (the object's payload area) has room for the sample's frame: the block is larger than 2 samples.
   if (plain.length <= 2 * PROBE) return true;
   const mid = Math.floor(plain.length / 2);
   const sample = plain.subarray(mid, mid + PROBE);

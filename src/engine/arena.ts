@@ -1,4 +1,4 @@
-import { OBJECT_OVERHEAD } from '../codec/object.js';
+import { objectRoom } from '../codec/object.js';
 
 /** O_DIRECT wants offsets, lengths and memory aligned to the logical block size; 4096 covers 512 too. */
 export const ALIGN = 4096;
@@ -23,7 +23,7 @@ export class Arena {
   private readonly waiters: ((slot: number) => void)[] = [];
 
   constructor(
-    /** Bytes per slot: a block rounded up to ALIGN, plus room for an object's header and tag. */
+    /** Bytes per slot: room for a block's object while it is sealed (codec/object.ts objectRoom), rounded up to ALIGN. */
     readonly slotSize: number,
     readonly slots: number,
   ) {
@@ -32,7 +32,7 @@ export class Arena {
   }
 
   static slotSizeFor(blockSize: number): number {
-    return Math.ceil((blockSize + OBJECT_OVERHEAD) / ALIGN) * ALIGN;
+    return Math.ceil(objectRoom(blockSize) / ALIGN) * ALIGN;
   }
 
   /** A free slot, waiting for one when all are in use. */

@@ -5,7 +5,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { blockChecksum, isAllZero } from '../codec/checksum.js';
 import { decodeBlockInto, decodeObject, encodeObject, encodeObjectInto, ObjectType, type CodecKeys } from '../codec/object.js';
-import { zstdBound, ZstdWorkspace } from '../codec/zstdWorkspace.js';
+import { ZstdWorkspace } from '../codec/zstdWorkspace.js';
 import { ownArrayBuffer } from '../util/buffers.js';
 import { collectGarbage, collectYoung, gcEvery } from '../util/gc.js';
 import { slotView } from './arena.js';
@@ -14,9 +14,8 @@ import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js
 const init = workerData as WorkerInit;
 let keys: CodecKeys = { currentKeyId: init.currentKeyId, dataKeys: new Map(init.dataKeys) };
 const macKey = init.macKey;
-/** Reused for every slot-based block: zstd contexts and the compressed form of one block. */
+/** Reused for every slot-based block: the zstd contexts. */
 const zstd = new ZstdWorkspace(init.zstdLevel, init.blockSize);
-const scratch = Buffer.allocUnsafeSlow(zstdBound(init.blockSize));
 /**
  * glibc trims a thread's heap whenever more than 128 KiB at its top is free, so the AEAD's 64 KiB output
  * pieces (freed together by each scavenge) would come back as fresh, zero-filled pages for every block. Freeing
@@ -24,7 +23,7 @@ const scratch = Buffer.allocUnsafeSlow(zstdBound(init.blockSize));
  * the pieces are reused heap memory. Measured: 100,000 page faults per 1 GiB backup became 27,000.
  */
 function raiseMallocThresholds(): void {
-  let big: Buffer | null = Buffer.allocUnsafeSlow(2 * init.blockSize + (1 << 20));
+  let big: Buffer | null = Buffer.allocUnsafeSlow(Math.max(init.blockSize / 2, 1 << 20) + (1 << 20));
   big[0] = 1;
   big = null;
   collectGarbage();
@@ -56,13 +55,13 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
       return { reply: { seq: req.seq, op: 'digestSlot', checksum: isAllZero(data) ? null : blockChecksum(macKey, data) }, transfer: [] };
     }
     case 'sealSlot': {
-      const length = encodeObjectInto(slot(req.slot, req.length), keys, { type: ObjectType.Block, compress: init.compress, zstdLevel: init.zstdLevel, context: req.context }, zstd, scratch, slot(req.out, init.arenaSlotSize));
+      const length = encodeObjectInto(slot(req.slot, req.length), keys, { type: ObjectType.Block, compress: init.compress, zstdLevel: init.zstdLevel, context: req.context }, zstd, slot(req.out, init.arenaSlotSize));
       return { reply: { seq: req.seq, op: 'sealSlot', length, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [] };
     }
     case 'openSlot': {
       if (req.size > init.blockSize) throw new Error(`block of ${req.size} bytes is larger than the repository's blocks`);
       const plain = slot(req.out, req.size);
-      decodeBlockInto(slot(req.raw, req.rawLength), keys, req.context, zstd, scratch, plain);
+      decodeBlockInto(slot(req.raw, req.rawLength), keys, req.context, zstd, plain);
       if (!blockChecksum(macKey, plain).equals(req.checksum)) throw new Error('block checksum does not match its contents');
       return { reply: { seq: req.seq, op: 'openSlot' }, transfer: [] };
     }
