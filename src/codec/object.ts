@@ -105,75 +105,75 @@ export function encodeObject(plain: Uint8Array, keys: CodecKeys, opts: EncodeOpt
 }
 
 
-/** Bytes encodeObjectInto needs for a block of `n` bytes. */
-export function objectRoom(n: number): number {
-  return FIXED_HEADER + NONCE_BYTES + zstdBound(n) + TAG_BYTES;
-}
-
 /** AEAD input and output travel in pieces this large: below malloc's mmap threshold (128 KiB), so they are reused heap memory, not fresh pages per block. */
 const CIPHER_PIECE = 64 * 1024;
 
+/** Room encodeBlockInPlace needs in front of the block for the object's header (with nonce). */
+export const OBJECT_HEADROOM = FIXED_HEADER + NONCE_BYTES;
+
 /**
- * encodeObject for the block pipeline, without block-sized allocations or scratch memory: compresses with the
- * worker's zstd workspace straight into `out` (objectRoom(plain.length) bytes: zstd writes directly only
- * into room for its worst case), after the header, and encrypts there in place, piece by piece. Returns the
- * object's length. Same format as encodeObject.
+ * encodeObject for the block pipeline, in place and without block-sized allocations: the block is the
+ * `length` bytes at `at` in `mem`, with OBJECT_HEADROOM bytes free before it and TAG_BYTES after. The object
+ * is written over it — header in front, payload (compressed via `scratch`, at least zstdBound(length) bytes,
+ * or the block itself) encrypted in place piece by piece, tag behind — and [start, length] of the object in
+ * `mem` is returned. Same format as encodeObject. The block's bytes are gone afterwards.
  */
-export function encodeObjectInto(plain: Uint8Array, keys: CodecKeys, opts: EncodeOptions, zstd: ZstdWorkspace, out: Uint8Array): number {
+export function encodeBlockInPlace(mem: Uint8Array, at: number, length: number, keys: CodecKeys, opts: EncodeOptions, zstd: ZstdWorkspace, scratch: Uint8Array): [number, number] {
   const encrypted = keys.dataKeys.size > 0;
   const headerLen = FIXED_HEADER + (encrypted ? NONCE_BYTES : 0);
-  if (out.length < objectRoom(plain.length)) throw new FormatError('Object output buffer is too small.');
-  const o = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
-  // The payload's place. A frame only counts when it is smaller than the block (else the block is stored as is).
-  const room = o.subarray(headerLen, headerLen + zstdBound(plain.length));
-  let length = -1;
-  if (opts.compress && plain.length > 0 && looksCompressible(plain, opts.zstdLevel, zstd, room)) {
-    const n = zstd.compressInto(plain, room);
-    if (n >= 0 && n < plain.length) length = n;
+  if (at < OBJECT_HEADROOM || mem.length < at + length + TAG_BYTES || scratch.length < zstdBound(length)) throw new FormatError('Object buffer is too small.');
+  const m = Buffer.from(mem.buffer, mem.byteOffset, mem.byteLength);
+  const plain = m.subarray(at, at + length);
+  let payload = plain;
+  let compression = Compression.None;
+  if (opts.compress && length > 0 && looksCompressible(plain, opts.zstdLevel, zstd, scratch)) {
+    const n = zstd.compressInto(plain, scratch);
+    // Incompressible data is stored as is: smaller object and no decompression on restore.
+    if (n >= 0 && n < length) {
+      payload = Buffer.from(scratch.buffer, scratch.byteOffset, n);
+      compression = Compression.Zstd;
+    }
   }
-  const compression = length >= 0 ? Compression.Zstd : Compression.None;
-  OBJECT_MAGIC.copy(o, 0);
-  o[4] = OBJECT_FORMAT;
-  o[5] = opts.type;
-  o[6] = compression;
-  o[7] = encrypted ? Cipher.ChaCha20Poly1305 : Cipher.None;
-  o.writeUInt32BE(encrypted ? keys.currentKeyId : 0, 8);
-  // Uncompressed: the cipher reads the plaintext where it is (or it is copied when there is no cipher).
-  const source = compression === Compression.Zstd ? room.subarray(0, length) : plain;
-  if (length < 0) length = plain.length;
+  const start = at - headerLen;
+  OBJECT_MAGIC.copy(m, start);
+  m[start + 4] = OBJECT_FORMAT;
+  m[start + 5] = opts.type;
+  m[start + 6] = compression;
+  m[start + 7] = encrypted ? Cipher.ChaCha20Poly1305 : Cipher.None;
+  m.writeUInt32BE(encrypted ? keys.currentKeyId : 0, start + 8);
   if (!encrypted) {
-    if (compression === Compression.None) o.set(plain, headerLen);
-    return headerLen + length;
+    if (payload !== plain) m.set(payload, at);
+    return [start, headerLen + payload.length];
   }
   const key = keys.dataKeys.get(keys.currentKeyId);
   if (!key) throw new FormatError(`Data key ${keys.currentKeyId} is missing from the keyring.`);
   const nonce = randomBytes(NONCE_BYTES);
-  nonce.copy(o, FIXED_HEADER);
-  const header = Buffer.from(o.subarray(0, headerLen)); // a copy: `out` may be shared memory
+  nonce.copy(m, start + FIXED_HEADER);
+  const header = Buffer.from(m.subarray(start, at)); // a copy: `mem` may be shared memory
   const cipher = createCipheriv('chacha20-poly1305', key, nonce, { authTagLength: TAG_BYTES });
-  cipher.setAAD(opts.context ? Buffer.concat([header, opts.context]) : header, { plaintextLength: length });
-  let at = headerLen;
-  for (let i = 0; i < length; i += CIPHER_PIECE) {
-    // In place for a frame in `room`: each piece is read completely before its ciphertext is written back.
-    const piece = cipher.update(source.subarray(i, Math.min(length, i + CIPHER_PIECE)));
-    o.set(piece, at);
-    at += piece.length;
+  cipher.setAAD(opts.context ? Buffer.concat([header, opts.context]) : header, { plaintextLength: payload.length });
+  let end = at;
+  for (let i = 0; i < payload.length; i += CIPHER_PIECE) {
+    // In place for an uncompressed block: each piece is read completely before its ciphertext replaces it.
+    const piece = cipher.update(payload.subarray(i, Math.min(payload.length, i + CIPHER_PIECE)));
+    m.set(piece, end);
+    end += piece.length;
   }
   const rest = cipher.final();
-  o.set(rest, at);
-  at += rest.length;
-  cipher.getAuthTag().copy(o, at);
-  return at + TAG_BYTES;
+  m.set(rest, end);
+  end += rest.length;
+  cipher.getAuthTag().copy(m, end);
+  return [start, end + TAG_BYTES - start];
 }
 
 /**
- * decodeObject for a block of known size, without block-sized allocations: authenticates and decrypts `raw`
- * — into `out` when stored uncompressed, else in place in `raw`, then decompressed into `out` (exactly the
- * block's size) — and returns its key id. `raw` and `out` hold unauthenticated bytes after a failure: nothing
- * in them may be used unless this returns.
+ * decodeObject for a block of `size` bytes, in place and without block-sized allocations: the object is the
+ * first `length` bytes of `mem`. It is authenticated and decrypted in place; a compressed payload is then
+ * decompressed into `scratch` and copied to the start of `mem`. Returns where in `mem` the block now starts.
+ * `mem` holds unauthenticated bytes after a failure: nothing in it may be used unless this returns.
  */
-export function decodeBlockInto(raw: Uint8Array, keys: CodecKeys, context: Uint8Array, zstd: ZstdWorkspace, out: Uint8Array): number {
-  const obj = Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength);
+export function decodeBlockInPlace(mem: Uint8Array, length: number, size: number, keys: CodecKeys, context: Uint8Array, zstd: ZstdWorkspace, scratch: Uint8Array): number {
+  const obj = Buffer.from(mem.buffer, mem.byteOffset, length);
   if (obj.length < FIXED_HEADER || !obj.subarray(0, 4).equals(OBJECT_MAGIC)) throw new IntegrityError('Object header is damaged (bad magic or truncated).');
   if (obj[4]! > OBJECT_FORMAT) throw new FormatError(`Object format ${obj[4]} is newer than this blocksafe understands (${OBJECT_FORMAT}); upgrade blocksafe.`);
   if (obj[5] !== ObjectType.Block) throw new IntegrityError('object is not a block object');
@@ -191,8 +191,7 @@ export function decodeBlockInto(raw: Uint8Array, keys: CodecKeys, context: Uint8
     if (obj.length < headerLen + TAG_BYTES) throw new IntegrityError('Object is truncated.');
   } else throw new FormatError(`Object uses unknown cipher ${cipher}; upgrade blocksafe.`);
   const body = obj.subarray(headerLen, obj.length - tagLen);
-  if (compression === Compression.None && body.length !== out.length) throw new IntegrityError(`block has ${body.length} bytes instead of ${out.length}`);
-  let payload: Uint8Array = body;
+  if (compression === Compression.None && body.length !== size) throw new IntegrityError(`block has ${body.length} bytes instead of ${size}`);
   if (cipher === Cipher.ChaCha20Poly1305) {
     const key = keys.dataKeys.get(keyId);
     if (!key) throw new IntegrityError(`Object is encrypted with unknown key id ${keyId}.`);
@@ -200,26 +199,23 @@ export function decodeBlockInto(raw: Uint8Array, keys: CodecKeys, context: Uint8
     const decipher = createDecipheriv('chacha20-poly1305', key, Buffer.from(obj.subarray(FIXED_HEADER, headerLen)), { authTagLength: TAG_BYTES });
     decipher.setAAD(Buffer.concat([header, context]), { plaintextLength: body.length });
     decipher.setAuthTag(Buffer.from(obj.subarray(obj.length - TAG_BYTES)));
-    // Where the plaintext goes: straight into `out` when it is the block, else in place for zstd to read.
-    const dest = compression === Compression.None ? Buffer.from(out.buffer, out.byteOffset, out.byteLength) : body;
+    // In place: each piece is read completely before its plaintext replaces it.
     let at = 0;
-    for (let i = 0; i < body.length; i += CIPHER_PIECE) at += decipher.update(body.subarray(i, Math.min(body.length, i + CIPHER_PIECE))).copy(dest, at);
+    for (let i = 0; i < body.length; i += CIPHER_PIECE) at += decipher.update(body.subarray(i, Math.min(body.length, i + CIPHER_PIECE))).copy(body, at);
     try {
       decipher.final();
     } catch (err) {
       throw new IntegrityError('Object failed authentication (altered, truncated or replaced).', { cause: err });
     }
-    if (compression === Compression.None) return keyId;
-    payload = body.subarray(0, at);
   }
-  if (compression === Compression.None) {
-    if (payload.length > 0) out.set(payload); // unencrypted: the object's bytes are the block's
-    return keyId;
-  }
-  const declared = zstdDeclaredSize(payload);
-  if (declared !== undefined && declared !== out.length) throw new IntegrityError(`Object payload claims to decompress to ${declared} bytes instead of ${out.length}; it was not decompressed.`);
-  zstd.decompressInto(payload, out);
-  return keyId;
+  if (compression === Compression.None) return headerLen;
+  const declared = zstdDeclaredSize(body);
+  if (declared !== undefined && declared !== size) throw new IntegrityError(`Object payload claims to decompress to ${declared} bytes instead of ${size}; it was not decompressed.`);
+  if (scratch.length < size || mem.length < size) throw new IntegrityError(`Block of ${size} bytes is larger than this repository's blocks.`);
+  const plain = Buffer.from(scratch.buffer, scratch.byteOffset, size);
+  zstd.decompressInto(body, plain);
+  plain.copy(Buffer.from(mem.buffer, mem.byteOffset, size));
+  return 0;
 }
 
 const PROBE = 64 * 1024;

@@ -1,8 +1,14 @@
-import { objectRoom } from '../codec/object.js';
+import { OBJECT_HEADROOM } from '../codec/object.js';
 
 /** O_DIRECT wants offsets, lengths and memory aligned to the logical block size; 4096 covers 512 too. */
 export const ALIGN = 4096;
 const WASM_PAGE = 65536;
+/**
+ * Where a block starts in its slot: aligned for O_DIRECT, with room in front for the object's header, so a
+ * block is sealed in place (codec/object.ts encodeBlockInPlace) and written to the store from its own slot.
+ */
+export const BLOCK_AT = ALIGN;
+if (BLOCK_AT < OBJECT_HEADROOM) throw new Error('arena headroom is smaller than an object header');
 
 /** The WebAssembly global exists in Node but is not in the ES lib typings. */
 const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number; maximum: number; shared: boolean }) => { buffer: SharedArrayBuffer } } }).WebAssembly
@@ -10,8 +16,9 @@ const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: new (d: { 
 
 /**
  * The block pipeline's one piece of block memory, shared by the main thread and the workers: a fixed number
- * of slots, each large enough for a block or a block's object. The reader fills a slot, workers read and
- * write slots in place, and store writes and restore writes go out of slots: no block-sized allocation, copy
+ * of slots, each large enough for a block or a block's object. The reader fills a slot, workers hash and seal
+ * it in place, objects go to the store from there; restore reads an object into one slot and a worker opens
+ * it into another, which the target is written from: no block-sized allocation, copy
  * or transfer per block, so nothing for the garbage collector and a peak RSS fixed by the slot count.
  *
  * Shared WebAssembly memory because it is page-aligned (O_DIRECT reads go straight into a slot). Ownership is
@@ -23,7 +30,7 @@ export class Arena {
   private readonly waiters: ((slot: number) => void)[] = [];
 
   constructor(
-    /** Bytes per slot: room for a block's object while it is sealed (codec/object.ts objectRoom), rounded up to ALIGN. */
+    /** Bytes per slot: headroom, the block rounded up to ALIGN, and room behind it for the object's tag. */
     readonly slotSize: number,
     readonly slots: number,
   ) {
@@ -32,7 +39,7 @@ export class Arena {
   }
 
   static slotSizeFor(blockSize: number): number {
-    return Math.ceil(objectRoom(blockSize) / ALIGN) * ALIGN;
+    return BLOCK_AT + Math.ceil((blockSize + ALIGN) / ALIGN) * ALIGN;
   }
 
   /** A free slot, waiting for one when all are in use. */
@@ -46,6 +53,11 @@ export class Arena {
     const w = this.waiters.shift();
     if (w) w(slot);
     else this.free.push(slot);
+  }
+
+  /** A slot from BLOCK_AT to its end: where the reader puts a block. */
+  blockRegion(slot: number): Buffer {
+    return Buffer.from(this.memory, slot * this.slotSize + BLOCK_AT, this.slotSize - BLOCK_AT);
   }
 
   /** The first `length` bytes of a slot. */

@@ -124,7 +124,7 @@ async function runBackupOn(
   const readBlock = async (i: number, length: number, sampled: boolean, expect?: Buffer | null): Promise<BlockOutcome> => {
     const slot = await pipeline.arena.take();
     try {
-      await reader.readInto(i * bs, length, pipeline.arena.view(slot));
+      await reader.readInto(i * bs, length, pipeline.arena.blockRegion(slot));
       const checksum = await pipeline.digestSlot(slot, length);
       if (expect !== undefined && !(checksum === null ? expect === null : expect !== null && checksum.equals(expect))) {
         throw new HintsMismatchError(

@@ -50,7 +50,8 @@ export class BlockPipeline {
   /**
    * Starts the workers with the repository's keys. The pipeline holds the `keys` lock (shared) for its
    * life: a rekey does not retire a key while a process that may still use it runs. `depth` is the most
-   * blocks a caller has in flight at once: each needs two arena slots (pages of unused slots are never touched).
+   * blocks a caller has in flight at once: each needs up to two arena slots (pages of unused slots are never
+   * touched; slots are reused most recently freed first).
    */
   static async start(repo: Repository, threads?: number, limits: PipelineLimits = {}, depth?: number): Promise<BlockPipeline> {
     const lock = await repo.locks.acquire(LockNames.keys, 'shared', 'The repository keys (a rekey is retiring old keys)');
@@ -64,7 +65,7 @@ export class BlockPipeline {
     }
   }
 
-  /** Checksum of the block in arena slot `slot` (its first `length` bytes), or null when it is all zeros. */
+  /** Checksum of the block of `length` bytes in arena slot `slot` (at BLOCK_AT), or null when it is all zeros. */
   async digestSlot(slot: number, length: number): Promise<Buffer | null> {
     const reply = await this.pool.request({ op: 'digestSlot', slot, length }, []);
     if (reply.op !== 'digestSlot') throw pipelineError(reply);
@@ -72,8 +73,9 @@ export class BlockPipeline {
   }
 
   /**
-   * store() for a block in an arena slot: makes sure it is in the store and returns its record and whether this
-   * call wrote it. The slot stays the caller's (read only meanwhile).
+   * store() for a block in an arena slot (at BLOCK_AT): makes sure it is in the store and returns its record and
+   * whether this call wrote it. The slot stays the caller's, but its block is gone when this wrote it (sealed
+   * in place).
    */
   async storeSlot(slot: number, length: number, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
     await this.retain(checksum);
@@ -93,38 +95,32 @@ export class BlockPipeline {
   }
 
   private async writeSlot(slot: number, size: number, checksum: Buffer, hex: string): Promise<BlockRecord> {
-    const out = await this.arena.take();
-    try {
-      const reply = await this.pool.request({ op: 'sealSlot', slot, length: size, out, context: checksum }, []);
-      if (reply.op !== 'sealSlot') throw pipelineError(reply);
-      await this.limits.storeWrite?.take(reply.length);
-      const object = this.arena.view(out, reply.length);
-      await this.repo.store.put(ObjectNames.block(hex), this.putShared ? object : Buffer.from(object));
-      return { size, stored: reply.length, key_id: reply.keyId, valid: true, verified: Date.now() };
-    } finally {
-      this.arena.give(out);
-    }
+    // Sealed in place: the object replaces the block in its slot.
+    const reply = await this.pool.request({ op: 'sealSlot', slot, length: size, context: checksum }, []);
+    if (reply.op !== 'sealSlot') throw pipelineError(reply);
+    await this.limits.storeWrite?.take(reply.length);
+    const object = this.arena.view(slot).subarray(reply.start, reply.start + reply.length);
+    await this.repo.store.put(ObjectNames.block(hex), this.putShared ? object : Buffer.from(object));
+    return { size, stored: reply.length, key_id: reply.keyId, valid: true, verified: Date.now() };
   }
 
   /**
-   * load() into an arena slot: the block with this checksum, authenticated and verified, ends up in the first
-   * `size` bytes of `slot`. Throws IntegrityError naming what is wrong (then the slot holds garbage).
+   * load() into an arena slot: the block with this checksum is read into `slot`, authenticated, opened and
+   * verified there; returns where in the slot its `size` bytes start. Throws IntegrityError naming what is
+   * wrong (then the slot holds garbage).
    */
-  async loadInto(checksum: Buffer, size: number, slot: number): Promise<void> {
+  async loadInto(checksum: Buffer, size: number, slot: number): Promise<number> {
     const hex = checksum.toString('hex');
-    const raw = await this.arena.take();
-    try {
-      const keysSeen = this.keysUpdated;
-      const rawLength = await this.readObject(hex, size, raw);
-      let reply = await this.pool.request({ op: 'openSlot', raw, rawLength, out: slot, size, context: checksum, checksum }, []);
-      if (reply.op === 'error' && /unknown key id/.test(reply.message) && (this.keysUpdated !== keysSeen || (await this.reloadKeys()))) {
-        reply = await this.pool.request({ op: 'openSlot', raw, rawLength, out: slot, size, context: checksum, checksum }, []);
-      }
-      if (reply.op === 'error') throw new IntegrityError(`block ${hex.slice(0, 16)}… is damaged: ${reply.message}`);
-      if (reply.op !== 'openSlot') throw pipelineError(reply);
-    } finally {
-      this.arena.give(raw);
+    const keysSeen = this.keysUpdated;
+    const rawLength = await this.readObject(hex, size, slot);
+    let reply = await this.pool.request({ op: 'openSlot', raw: slot, rawLength, size, context: checksum, checksum }, []);
+    if (reply.op === 'error' && /unknown key id/.test(reply.message) && (this.keysUpdated !== keysSeen || (await this.reloadKeys()))) {
+      // Refused before anything was decrypted in place: the slot still holds the object.
+      reply = await this.pool.request({ op: 'openSlot', raw: slot, rawLength, size, context: checksum, checksum }, []);
     }
+    if (reply.op === 'error') throw new IntegrityError(`block ${hex.slice(0, 16)}… is damaged: ${reply.message}`);
+    if (reply.op !== 'openSlot') throw pipelineError(reply);
+    return reply.at;
   }
 
   /** Reads block object `hex` into arena slot `slot`; returns its length. */

@@ -196,16 +196,17 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
           if (!skipSparse) await put(i, zero.subarray(0, length));
           return {};
         }
-        // The block is decrypted into an arena slot and written to the target from there.
+        // The block is read into an arena slot, opened there and written to the target from there.
         const slot = await pipeline.arena.take();
         try {
+          let at: number;
           try {
-            await pipeline.loadInto(checksum, length, slot);
+            at = await pipeline.loadInto(checksum, length, slot);
           } catch (err) {
             if (err instanceof IntegrityError) return { error: err.message };
             throw err;
           }
-          await put(i, pipeline.arena.view(slot, length));
+          await put(i, pipeline.arena.view(slot).subarray(at, at + length));
         } finally {
           pipeline.arena.give(slot);
         }

@@ -4,18 +4,19 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { blockChecksum, isAllZero } from '../codec/checksum.js';
-import { decodeBlockInto, decodeObject, encodeObject, encodeObjectInto, ObjectType, type CodecKeys } from '../codec/object.js';
-import { ZstdWorkspace } from '../codec/zstdWorkspace.js';
+import { decodeBlockInPlace, decodeObject, encodeBlockInPlace, encodeObject, ObjectType, type CodecKeys } from '../codec/object.js';
+import { zstdBound, ZstdWorkspace } from '../codec/zstdWorkspace.js';
 import { ownArrayBuffer } from '../util/buffers.js';
 import { collectGarbage, collectYoung, gcEvery } from '../util/gc.js';
-import { slotView } from './arena.js';
+import { BLOCK_AT, slotView } from './arena.js';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './workerProtocol.js';
 
 const init = workerData as WorkerInit;
 let keys: CodecKeys = { currentKeyId: init.currentKeyId, dataKeys: new Map(init.dataKeys) };
 const macKey = init.macKey;
-/** Reused for every slot-based block: the zstd contexts. */
+/** Reused for every slot-based block: zstd contexts, and the compressed form of the block being sealed. */
 const zstd = new ZstdWorkspace(init.zstdLevel, init.blockSize);
+const scratch = Buffer.allocUnsafeSlow(zstdBound(init.blockSize));
 /**
  * glibc trims a thread's heap whenever more than 128 KiB at its top is free, so the AEAD's 64 KiB output
  * pieces (freed together by each scavenge) would come back as fresh, zero-filled pages for every block. Freeing
@@ -51,19 +52,20 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
       return { reply: { seq: req.seq, op: 'seal', object: out, data: req.data, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [out, req.data] };
     }
     case 'digestSlot': {
-      const data = slot(req.slot, req.length);
+      const data = slot(req.slot, BLOCK_AT + req.length).subarray(BLOCK_AT);
       return { reply: { seq: req.seq, op: 'digestSlot', checksum: isAllZero(data) ? null : blockChecksum(macKey, data) }, transfer: [] };
     }
     case 'sealSlot': {
-      const length = encodeObjectInto(slot(req.slot, req.length), keys, { type: ObjectType.Block, compress: init.compress, zstdLevel: init.zstdLevel, context: req.context }, zstd, slot(req.out, init.arenaSlotSize));
-      return { reply: { seq: req.seq, op: 'sealSlot', length, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [] };
+      const opts = { type: ObjectType.Block, compress: init.compress, zstdLevel: init.zstdLevel, context: req.context };
+      const [start, length] = encodeBlockInPlace(slot(req.slot, init.arenaSlotSize), BLOCK_AT, req.length, keys, opts, zstd, scratch);
+      return { reply: { seq: req.seq, op: 'sealSlot', start, length, keyId: keys.dataKeys.size > 0 ? keys.currentKeyId : 0 }, transfer: [] };
     }
     case 'openSlot': {
       if (req.size > init.blockSize) throw new Error(`block of ${req.size} bytes is larger than the repository's blocks`);
-      const plain = slot(req.out, req.size);
-      decodeBlockInto(slot(req.raw, req.rawLength), keys, req.context, zstd, plain);
-      if (!blockChecksum(macKey, plain).equals(req.checksum)) throw new Error('block checksum does not match its contents');
-      return { reply: { seq: req.seq, op: 'openSlot' }, transfer: [] };
+      const mem = slot(req.raw, init.arenaSlotSize);
+      const at = decodeBlockInPlace(mem, req.rawLength, req.size, keys, req.context, zstd, scratch);
+      if (!blockChecksum(macKey, mem.subarray(at, at + req.size)).equals(req.checksum)) throw new Error('block checksum does not match its contents');
+      return { reply: { seq: req.seq, op: 'openSlot', at }, transfer: [] };
     }
     case 'keys':
       keys = { currentKeyId: req.currentKeyId, dataKeys: new Map(req.dataKeys) };

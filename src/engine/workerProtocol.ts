@@ -22,12 +22,12 @@ export type WorkerRequest =
   | { seq: number; op: 'seal'; data: ArrayBuffer; context: ArrayBuffer }
   | { seq: number; op: 'open'; object: ArrayBuffer; context: ArrayBuffer; checksum: ArrayBuffer; size: number }
   | ({ seq: number; op: 'keys' } & WorkerKeys)
-  /** Slot-based (arena.ts): the block is `length` bytes at the start of arena slot `slot`. */
+  /** Slot-based (arena.ts): the block is `length` bytes at BLOCK_AT in arena slot `slot`. */
   | { seq: number; op: 'digestSlot'; slot: number; length: number }
-  /** Seals the block in `slot` into an object written at the start of slot `out`. */
-  | { seq: number; op: 'sealSlot'; slot: number; length: number; out: number; context: Uint8Array }
-  /** Opens the object of `rawLength` bytes in slot `raw` into the first `size` bytes of slot `out`, checked against `checksum`. */
-  | { seq: number; op: 'openSlot'; raw: number; rawLength: number; out: number; size: number; context: Uint8Array; checksum: Uint8Array };
+  /** Seals the block in `slot` in place: the object replaces it (reply: where it is in the slot). */
+  | { seq: number; op: 'sealSlot'; slot: number; length: number; context: Uint8Array }
+  /** Opens the object of `rawLength` bytes at the start of slot `raw` in place, checked against `checksum` (reply: where the block is). */
+  | { seq: number; op: 'openSlot'; raw: number; rawLength: number; size: number; context: Uint8Array; checksum: Uint8Array };
 
 export type WorkerReply =
   | { seq: number; op: 'digest'; data: ArrayBuffer; checksum: ArrayBuffer | null }
@@ -35,6 +35,6 @@ export type WorkerReply =
   | { seq: number; op: 'open'; plain: ArrayBuffer }
   | { seq: number; op: 'keys' }
   | { seq: number; op: 'digestSlot'; checksum: Uint8Array | null }
-  | { seq: number; op: 'sealSlot'; length: number; keyId: number }
-  | { seq: number; op: 'openSlot' }
+  | { seq: number; op: 'sealSlot'; start: number; length: number; keyId: number }
+  | { seq: number; op: 'openSlot'; at: number }
   | { seq: number; op: 'error'; message: string };
