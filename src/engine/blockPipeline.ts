@@ -50,14 +50,16 @@ export class BlockPipeline {
   /**
    * Starts the workers with the repository's keys. The pipeline holds the `keys` lock (shared) for its
    * life: a rekey does not retire a key while a process that may still use it runs. `depth` is the most
-   * blocks a caller has in flight at once: each needs up to two arena slots (pages of unused slots are never
-   * touched; slots are reused most recently freed first).
+   * blocks a caller has in flight at once: each holds one arena slot (pages of unused slots are never touched;
+   * slots are reused most recently freed first). Fewer slots than blocks in flight only make callers wait.
    */
   static async start(repo: Repository, threads?: number, limits: PipelineLimits = {}, depth?: number): Promise<BlockPipeline> {
     const lock = await repo.locks.acquire(LockNames.keys, 'shared', 'The repository keys (a rekey is retiring old keys)');
     try {
       const n = threads ?? defaultThreads();
-      const arena = new Arena(Arena.slotSizeFor(repo.blockSize), 2 * Math.max(depth ?? n + 2, n + 2) + 2);
+      const slotSize = Arena.slotSizeFor(repo.blockSize);
+      // A block in flight holds one slot; shared WebAssembly memory ends at 4 GiB (64 MiB blocks, deep queues).
+      const arena = new Arena(slotSize, Math.max(1, Math.min(Math.max(depth ?? n + 2, n + 2) + 2, Math.floor(2 ** 32 / slotSize) - 1)));
       return new BlockPipeline(repo, new WorkerPool({ ...repo.workerInit(), arena: arena.memory, arenaSlotSize: arena.slotSize }, n), limits, lock, arena);
     } catch (err) {
       await lock.release();
