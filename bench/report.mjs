@@ -135,6 +135,13 @@ const target = (name, value, goal, pass) => targets.push({ target: name, value, 
   const rss = [maxRss('blocksafe'), maxRss('blocksafe-hints')].filter((x) => x !== null);
   const m = rss.length ? Math.max(...rss) : null;
   target('blocksafe peak RSS <= 150 MiB (MiB, any step)', m, 150, m !== null && m <= 150);
+  // issue 16: CPU (user + sys) per GiB of image, so that a loaded machine's wall clock does not decide
+  const gib = imageBytes / (1024 * MiB);
+  const perGiB = (x) => (x === null || x === undefined ? null : x / gib);
+  const b1 = perGiB(row('blocksafe', 'backup1')?.cpu_s);
+  target('blocksafe backup 1 CPU <= 3.0 s per GiB', b1, 3, b1 !== null && b1 <= 3);
+  const rc = perGiB(row('blocksafe', 'restore')?.cpu_s);
+  target('blocksafe restore CPU <= 2.5 s per GiB', rc, 2.5, rc !== null && rc <= 2.5);
 }
 
 // ---------------------------------------------------------------- print

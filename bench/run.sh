@@ -90,7 +90,7 @@ if [[ ! -s $MUT.sha256 ]]; then
   sha256sum "$MUT" | cut -d' ' -f1 >"$MUT.sha256"
 fi
 MUT_SHA=$(<"$MUT.sha256")
-IMG_BYTES=$(stat -c %s "$BASE")
+IMG_BYTES=$(stat -L -c %s "$BASE")
 
 # ------------------------------------------------------------------ measurement
 RESDIR=$WORK/results

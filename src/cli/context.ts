@@ -180,7 +180,7 @@ export async function withPipeline<T>(opts: GlobalOptions, fn: (repo: Repository
   const settings = pipelineSettings(opts);
   let pipeline: BlockPipeline | undefined;
   try {
-    pipeline = await BlockPipeline.start(repo, settings.threads, { storeRead: settings.readThrottle, storeWrite: settings.writeThrottle });
+    pipeline = await BlockPipeline.start(repo, settings.threads, { storeRead: settings.readThrottle, storeWrite: settings.writeThrottle }, settings.queueDepth);
     return await fn(repo, pipeline, settings);
   } finally {
     await pipeline?.close();

@@ -1,6 +1,7 @@
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
 import { FormatError, IntegrityError } from '../errors.js';
+import { zstdBound, type ZstdWorkspace } from './zstdWorkspace.js';
 
 /**
  * The one object codec. Every object in a blob store (blocks, manifests, attributes, leases, the cleanup
@@ -104,16 +105,135 @@ export function encodeObject(plain: Uint8Array, keys: CodecKeys, opts: EncodeOpt
   return Buffer.concat([header, body, cipher.getAuthTag()]);
 }
 
+
+/** AEAD input and output travel in pieces this large: below malloc's mmap threshold (128 KiB), so they are reused heap memory, not fresh pages per block. */
+const CIPHER_PIECE = 64 * 1024;
+
+/** Room encodeBlockInPlace needs in front of the block for the object's header (with nonce). */
+export const OBJECT_HEADROOM = FIXED_HEADER + NONCE_BYTES;
+
+/**
+ * encodeObject for the block pipeline, in place and without block-sized allocations: the block is the
+ * `length` bytes at `at` in `mem`, with OBJECT_HEADROOM bytes free before it and TAG_BYTES after. The object
+ * is written over it — header in front, payload (compressed via `scratch`, at least zstdBound(length) bytes,
+ * or the block itself) encrypted in place piece by piece, tag behind — and [start, length] of the object in
+ * `mem` is returned. Same format as encodeObject. The block's bytes are gone afterwards.
+ */
+export function encodeBlockInPlace(mem: Uint8Array, at: number, length: number, keys: CodecKeys, opts: EncodeOptions, zstd: ZstdWorkspace, scratch: Uint8Array): [number, number] {
+  const encrypted = keys.dataKeys.size > 0;
+  const headerLen = FIXED_HEADER + (encrypted ? NONCE_BYTES : 0);
+  if (at < OBJECT_HEADROOM || mem.length < at + length + TAG_BYTES || scratch.length < zstdBound(length)) throw new FormatError('Object buffer is too small.');
+  const m = Buffer.from(mem.buffer, mem.byteOffset, mem.byteLength);
+  const plain = m.subarray(at, at + length);
+  let payload = plain;
+  let compression = Compression.None;
+  if (opts.compress && length > 0 && looksCompressible(plain, opts.zstdLevel, zstd, scratch)) {
+    const n = zstd.compressInto(plain, scratch);
+    // Incompressible data is stored as is: smaller object and no decompression on restore.
+    if (n >= 0 && n < length) {
+      payload = Buffer.from(scratch.buffer, scratch.byteOffset, n);
+      compression = Compression.Zstd;
+    }
+  }
+  const start = at - headerLen;
+  OBJECT_MAGIC.copy(m, start);
+  m[start + 4] = OBJECT_FORMAT;
+  m[start + 5] = opts.type;
+  m[start + 6] = compression;
+  m[start + 7] = encrypted ? Cipher.ChaCha20Poly1305 : Cipher.None;
+  m.writeUInt32BE(encrypted ? keys.currentKeyId : 0, start + 8);
+  if (!encrypted) {
+    if (payload !== plain) m.set(payload, at);
+    return [start, headerLen + payload.length];
+  }
+  const key = keys.dataKeys.get(keys.currentKeyId);
+  if (!key) throw new FormatError(`Data key ${keys.currentKeyId} is missing from the keyring.`);
+  const nonce = randomBytes(NONCE_BYTES);
+  nonce.copy(m, start + FIXED_HEADER);
+  const header = Buffer.from(m.subarray(start, at)); // a copy: `mem` may be shared memory
+  const cipher = createCipheriv('chacha20-poly1305', key, nonce, { authTagLength: TAG_BYTES });
+  cipher.setAAD(opts.context ? Buffer.concat([header, opts.context]) : header, { plaintextLength: payload.length });
+  let end = at;
+  for (let i = 0; i < payload.length; i += CIPHER_PIECE) {
+    // In place for an uncompressed block: each piece is read completely before its ciphertext replaces it.
+    const piece = cipher.update(payload.subarray(i, Math.min(payload.length, i + CIPHER_PIECE)));
+    m.set(piece, end);
+    end += piece.length;
+  }
+  const rest = cipher.final();
+  m.set(rest, end);
+  end += rest.length;
+  cipher.getAuthTag().copy(m, end);
+  return [start, end + TAG_BYTES - start];
+}
+
+/**
+ * decodeObject for a block of `size` bytes, in place and without block-sized allocations: the object is the
+ * first `length` bytes of `mem`. It is authenticated and decrypted in place; a compressed payload is then
+ * decompressed into `scratch` and copied to the start of `mem`. Returns where in `mem` the block now starts.
+ * `mem` holds unauthenticated bytes after a failure: nothing in it may be used unless this returns.
+ */
+export function decodeBlockInPlace(mem: Uint8Array, length: number, size: number, keys: CodecKeys, context: Uint8Array, zstd: ZstdWorkspace, scratch: Uint8Array): number {
+  const obj = Buffer.from(mem.buffer, mem.byteOffset, length);
+  if (obj.length < FIXED_HEADER || !obj.subarray(0, 4).equals(OBJECT_MAGIC)) throw new IntegrityError('Object header is damaged (bad magic or truncated).');
+  if (obj[4]! > OBJECT_FORMAT) throw new FormatError(`Object format ${obj[4]} is newer than this blocksafe understands (${OBJECT_FORMAT}); upgrade blocksafe.`);
+  if (obj[5] !== ObjectType.Block) throw new IntegrityError('object is not a block object');
+  const compression = obj[6] as Compression;
+  const cipher = obj[7] as Cipher;
+  const keyId = obj.readUInt32BE(8);
+  if (compression !== Compression.None && compression !== Compression.Zstd) throw new FormatError(`Object uses unknown compression ${compression}; upgrade blocksafe.`);
+  let headerLen = FIXED_HEADER;
+  let tagLen = 0;
+  if (cipher === Cipher.None) {
+    if (keys.dataKeys.size > 0) throw new IntegrityError('Object is not encrypted in an encrypted repository (it may have been replaced).');
+  } else if (cipher === Cipher.ChaCha20Poly1305) {
+    headerLen += NONCE_BYTES;
+    tagLen = TAG_BYTES;
+    if (obj.length < headerLen + TAG_BYTES) throw new IntegrityError('Object is truncated.');
+  } else throw new FormatError(`Object uses unknown cipher ${cipher}; upgrade blocksafe.`);
+  const body = obj.subarray(headerLen, obj.length - tagLen);
+  if (compression === Compression.None && body.length !== size) throw new IntegrityError(`block has ${body.length} bytes instead of ${size}`);
+  if (cipher === Cipher.ChaCha20Poly1305) {
+    const key = keys.dataKeys.get(keyId);
+    if (!key) throw new IntegrityError(`Object is encrypted with unknown key id ${keyId}.`);
+    const header = Buffer.from(obj.subarray(0, headerLen));
+    const decipher = createDecipheriv('chacha20-poly1305', key, Buffer.from(obj.subarray(FIXED_HEADER, headerLen)), { authTagLength: TAG_BYTES });
+    decipher.setAAD(Buffer.concat([header, context]), { plaintextLength: body.length });
+    decipher.setAuthTag(Buffer.from(obj.subarray(obj.length - TAG_BYTES)));
+    // In place: each piece is read completely before its plaintext replaces it.
+    let at = 0;
+    for (let i = 0; i < body.length; i += CIPHER_PIECE) at += decipher.update(body.subarray(i, Math.min(body.length, i + CIPHER_PIECE))).copy(body, at);
+    try {
+      decipher.final();
+    } catch (err) {
+      throw new IntegrityError('Object failed authentication (altered, truncated or replaced).', { cause: err });
+    }
+  }
+  if (compression === Compression.None) return headerLen;
+  const declared = zstdDeclaredSize(body);
+  if (declared !== undefined && declared !== size) throw new IntegrityError(`Object payload claims to decompress to ${declared} bytes instead of ${size}; it was not decompressed.`);
+  if (scratch.length < size || mem.length < size) throw new IntegrityError(`Block of ${size} bytes is larger than this repository's blocks.`);
+  const plain = Buffer.from(scratch.buffer, scratch.byteOffset, size);
+  zstd.decompressInto(body, plain);
+  plain.copy(Buffer.from(mem.buffer, mem.byteOffset, size));
+  return 0;
+}
+
 const PROBE = 64 * 1024;
 
 /**
  * Compressing a random (already compressed, encrypted) 4 MiB block only to throw the result away costs CPU
  * and a block-sized allocation; a 64 KiB sample that does not shrink by 2 % says the block will not either.
  */
-function looksCompressible(plain: Uint8Array, level: number): boolean {
+function looksCompressible(plain: Uint8Array, level: number, zstd?: ZstdWorkspace, scratch?: Uint8Array): boolean {
+  // `scratch` (the object's payload area) has room for the sample's frame: the block is larger than 2 samples.
   if (plain.length <= 2 * PROBE) return true;
   const mid = Math.floor(plain.length / 2);
   const sample = plain.subarray(mid, mid + PROBE);
+  if (zstd && scratch) {
+    const n = zstd.compressInto(sample, scratch);
+    return n >= 0 && n < PROBE * 0.98;
+  }
   return zstdCompress(sample, level).length < PROBE * 0.98;
 }
 

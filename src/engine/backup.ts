@@ -112,7 +112,7 @@ async function runBackupOn(
   let comparable = Math.min(blocks, baseBlocks);
   if (comparable > 0 && Math.min(bs, info.size - (comparable - 1) * bs) !== Math.min(bs, (base?.size ?? 0) - (comparable - 1) * bs)) comparable--;
   const samples = hints ? pickSamples(comparable, hints) : new Set<number>();
-  const reader = await SourceReader.open(info.path, { blockSize: bs, slots: opts.queueDepth, direct: opts.direct, throttle: opts.readThrottle, buffers: pipeline.buffers });
+  const reader = await SourceReader.open(info.path, { blockSize: bs, slots: 0, direct: opts.direct, throttle: opts.readThrottle });
 
   /** The base version's entry for block i when it covers exactly the same byte range, else undefined. */
   const baseEntry = (i: number, length: number): Buffer | null | undefined => {
@@ -120,21 +120,24 @@ async function runBackupOn(
     return baseCursor.get(i);
   };
 
-  /** Reads, checksums and stores block i; with `expect`, it must equal the base's entry (hints check). */
+  /** Reads, checksums and stores block i (through an arena slot); with `expect`, it must equal the base's entry (hints check). */
   const readBlock = async (i: number, length: number, sampled: boolean, expect?: Buffer | null): Promise<BlockOutcome> => {
-    const { data, checksum } = await pipeline.digest(await reader.read(i * bs, length));
-    if (expect !== undefined && !(checksum === null ? expect === null : expect !== null && checksum.equals(expect))) {
-      throw new HintsMismatchError(
-        `The hints file is wrong: block ${i} (offset ${i * bs}) changed since version ${base!.id} but the hints do not name it; ` +
-          'no version was created. Back up without --hints (or with correct hints).',
-      );
+    const slot = await pipeline.arena.take();
+    try {
+      await reader.readInto(i * bs, length, pipeline.arena.blockRegion(slot));
+      const checksum = await pipeline.digestSlot(slot, length);
+      if (expect !== undefined && !(checksum === null ? expect === null : expect !== null && checksum.equals(expect))) {
+        throw new HintsMismatchError(
+          `The hints file is wrong: block ${i} (offset ${i * bs}) changed since version ${base!.id} but the hints do not name it; ` +
+            'no version was created. Back up without --hints (or with correct hints).',
+        );
+      }
+      if (!checksum) return { kind: 'sparse', length, sampled };
+      const { record, written } = await pipeline.storeSlot(slot, length, checksum);
+      return { kind: 'data', length, checksum, record, written, sampled };
+    } finally {
+      pipeline.arena.give(slot);
     }
-    if (!checksum) {
-      pipeline.buffers.give(data);
-      return { kind: 'sparse', length, sampled };
-    }
-    const { record, written } = await pipeline.store(data, checksum);
-    return { kind: 'data', length, checksum, record, written, sampled };
   };
 
   try {
@@ -161,6 +164,7 @@ async function runBackupOn(
         opts.onProgress?.({ phase: 'backup', doneBytes: Math.min(info.size, (i + 1) * bs), totalBytes: info.size, damaged: 0 });
       },
       writer.first,
+      0, // slot-based: nothing per block for the garbage collector
     );
   } catch (err) {
     if (err instanceof HintsMismatchError) await writer.abandon();

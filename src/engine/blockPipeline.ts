@@ -1,12 +1,14 @@
 import { BlocksafeError, IntegrityError } from '../errors.js';
 import type { BlockRecord } from '../index/records.js';
 import { ObjectNames } from '../store/blobstore.js';
+import { DirectoryStore } from '../store/directory.js';
 import { BufferPool, ownArrayBuffer } from '../util/buffers.js';
 import { gcEvery } from '../util/gc.js';
 import type { Throttle } from '../util/throttle.js';
+import { Arena } from './arena.js';
 import { cleanupRunning, LockNames, type Lock } from './locks.js';
 import type { Repository } from './repository.js';
-import { WorkerPool } from './workerPool.js';
+import { defaultThreads, WorkerPool } from './workerPool.js';
 
 /** Optional bandwidth limits on the store side of the pipeline. */
 export interface PipelineLimits {
@@ -29,22 +31,117 @@ export class BlockPipeline {
   private keyReload: Promise<boolean> | undefined;
   private keysUpdated = 0;
 
+  /** Objects may be written to the store straight out of shared memory (else they are copied first). */
+  private readonly putShared: boolean;
+
   private constructor(
     readonly repo: Repository,
     private readonly pool: WorkerPool,
     private readonly limits: PipelineLimits,
     private readonly keysLock: Lock,
+    /** Block memory shared with the workers: the slot-based methods (backup, restore) move blocks through it. */
+    readonly arena: Arena,
   ) {
     this.buffers = new BufferPool(repo.blockSize, pool.size * 4 + 16);
+    // The S3 client may hold on to or re-read a body in ways we do not control: it gets its own copy.
+    this.putShared = repo.store instanceof DirectoryStore;
   }
 
   /**
    * Starts the workers with the repository's keys. The pipeline holds the `keys` lock (shared) for its
-   * life: a rekey does not retire a key while a process that may still use it runs.
+   * life: a rekey does not retire a key while a process that may still use it runs. `depth` is the most
+   * blocks a caller has in flight at once: each holds one arena slot (pages of unused slots are never touched;
+   * slots are reused most recently freed first). Fewer slots than blocks in flight only make callers wait.
    */
-  static async start(repo: Repository, threads?: number, limits: PipelineLimits = {}): Promise<BlockPipeline> {
+  static async start(repo: Repository, threads?: number, limits: PipelineLimits = {}, depth?: number): Promise<BlockPipeline> {
     const lock = await repo.locks.acquire(LockNames.keys, 'shared', 'The repository keys (a rekey is retiring old keys)');
-    return new BlockPipeline(repo, new WorkerPool(repo.workerInit(), threads), limits, lock);
+    try {
+      const n = threads ?? defaultThreads();
+      const slotSize = Arena.slotSizeFor(repo.blockSize);
+      // A block in flight holds one slot; shared WebAssembly memory ends at 4 GiB (64 MiB blocks, deep queues).
+      const arena = new Arena(slotSize, Math.max(1, Math.min(Math.max(depth ?? n + 2, n + 2) + 2, Math.floor(2 ** 32 / slotSize) - 1)));
+      return new BlockPipeline(repo, new WorkerPool({ ...repo.workerInit(), arena: arena.memory, arenaSlotSize: arena.slotSize }, n), limits, lock, arena);
+    } catch (err) {
+      await lock.release();
+      throw err;
+    }
+  }
+
+  /** Checksum of the block of `length` bytes in arena slot `slot` (at BLOCK_AT), or null when it is all zeros. */
+  async digestSlot(slot: number, length: number): Promise<Buffer | null> {
+    const reply = await this.pool.request({ op: 'digestSlot', slot, length }, []);
+    if (reply.op !== 'digestSlot') throw pipelineError(reply);
+    return reply.checksum ? Buffer.from(reply.checksum.buffer, reply.checksum.byteOffset, reply.checksum.byteLength) : null;
+  }
+
+  /**
+   * store() for a block in an arena slot (at BLOCK_AT): makes sure it is in the store and returns its record and
+   * whether this call wrote it. The slot stays the caller's, but its block is gone when this wrote it (sealed
+   * in place).
+   */
+  async storeSlot(slot: number, length: number, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
+    await this.retain(checksum);
+    const known = this.repo.index.getBlock(checksum);
+    if (known && known.valid) return { record: known, written: false };
+    const hex = checksum.toString('hex');
+    const pending = this.inFlight.get(hex);
+    if (pending) return { record: await pending, written: false };
+    const job = this.writeSlot(slot, length, checksum, hex);
+    this.inFlight.set(hex, job);
+    try {
+      return { record: await job, written: true };
+    } catch (err) {
+      this.inFlight.delete(hex);
+      throw err;
+    }
+  }
+
+  private async writeSlot(slot: number, size: number, checksum: Buffer, hex: string): Promise<BlockRecord> {
+    // Sealed in place: the object replaces the block in its slot.
+    const reply = await this.pool.request({ op: 'sealSlot', slot, length: size, context: checksum }, []);
+    if (reply.op !== 'sealSlot') throw pipelineError(reply);
+    await this.limits.storeWrite?.take(reply.length);
+    const object = this.arena.view(slot).subarray(reply.start, reply.start + reply.length);
+    await this.repo.store.put(ObjectNames.block(hex), this.putShared ? object : Buffer.from(object));
+    return { size, stored: reply.length, key_id: reply.keyId, valid: true, verified: Date.now() };
+  }
+
+  /**
+   * load() into an arena slot: the block with this checksum is read into `slot`, authenticated, opened and
+   * verified there; returns where in the slot its `size` bytes start. Throws IntegrityError naming what is
+   * wrong (then the slot holds garbage).
+   */
+  async loadInto(checksum: Buffer, size: number, slot: number): Promise<number> {
+    const hex = checksum.toString('hex');
+    const keysSeen = this.keysUpdated;
+    const rawLength = await this.readObject(hex, size, slot);
+    let reply = await this.pool.request({ op: 'openSlot', raw: slot, rawLength, size, context: checksum, checksum }, []);
+    if (reply.op === 'error' && /unknown key id/.test(reply.message) && (this.keysUpdated !== keysSeen || (await this.reloadKeys()))) {
+      // Refused before anything was decrypted in place: the slot still holds the object.
+      reply = await this.pool.request({ op: 'openSlot', raw: slot, rawLength, size, context: checksum, checksum }, []);
+    }
+    if (reply.op === 'error') throw new IntegrityError(`block ${hex.slice(0, 16)}… is damaged: ${reply.message}`);
+    if (reply.op !== 'openSlot') throw pipelineError(reply);
+    return reply.at;
+  }
+
+  /** Reads block object `hex` into arena slot `slot`; returns its length. */
+  private async readObject(hex: string, size: number, slot: number): Promise<number> {
+    const name = ObjectNames.block(hex);
+    await this.limits.storeRead?.take(size);
+    const into = this.arena.view(slot);
+    const tooLarge = () => new IntegrityError(`block ${hex.slice(0, 16)}… is damaged: its object is larger than any block object can be`);
+    if (this.repo.store.readInto) {
+      const n = await this.repo.store.readInto(name, into);
+      if (n === undefined) throw new IntegrityError(`block ${hex.slice(0, 16)}… is missing from the store`);
+      if (n > into.length) throw tooLarge();
+      return n;
+    }
+    const raw = await this.repo.store.tryGet(name);
+    if (!raw) throw new IntegrityError(`block ${hex.slice(0, 16)}… is missing from the store`);
+    if (raw.length > into.length) throw tooLarge();
+    into.set(raw);
+    return raw.length;
   }
 
   get threads(): number {
@@ -187,9 +284,11 @@ export async function orderedWindow<T>(
   start: (i: number) => Promise<T>,
   finish: (i: number, result: T) => Promise<void> | void,
   first = 0,
+  /** Explicit garbage collection every this many blocks (0: none), for callers that allocate per block. */
+  collectEvery = 16,
 ): Promise<void> {
   const window: Promise<T>[] = [];
-  const tick = gcEvery(16);
+  const tick = collectEvery > 0 ? gcEvery(collectEvery) : () => undefined;
   let next = first;
   const fill = () => {
     while (next < count && window.length < depth) {

@@ -75,7 +75,7 @@ export async function syncIndex(repo: Repository, onProgress?: ProgressListener)
   const fresh = index.getMeta<number>('gc_generation') === undefined && isEmpty(repo);
 
   const manifests = new Map<string, ObjectInfo>();
-  for await (const e of store.list(ObjectNames.manifestPrefix)) {
+  for await (const e of store.list(ObjectNames.manifestPrefix, { namesOnly: true })) {
     const id = e.name.slice(ObjectNames.manifestPrefix.length);
     if (isVersionId(id)) manifests.set(id, e);
     else report.foreign_names.push(e.name);

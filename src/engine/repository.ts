@@ -119,7 +119,7 @@ export class Repository {
       : { currentKeyId: this.keyring.currentKeyId, dataKeys: this.keyring.dataKeys };
   }
 
-  workerInit(): WorkerInit {
+  workerInit(): Omit<WorkerInit, 'arena' | 'arenaSlotSize'> {
     const keys = this.codecKeys;
     return {
       macKey: this.keyring.macKey,

@@ -176,6 +176,15 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
     lastCheckpoint = Date.now();
     await pausePoint('restore.checkpoint');
   };
+  const put = async (i: number, data: Buffer) => {
+    await writeThrottle.take(data.length);
+    try {
+      await writeFully(fh, data, i * bs);
+    } catch (err) {
+      throw describeSystemError(err, `Writing target ${opts.target} at offset ${i * bs}`);
+    }
+    bytesWritten += data.length;
+  };
   try {
     await orderedWindow<{ error?: string }>(
       blocks,
@@ -183,25 +192,23 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
       async (i) => {
         const length = Math.min(bs, version.size - i * bs);
         const checksum = cursor.get(i);
-        let data: Buffer | null;
         if (!checksum) {
-          data = skipSparse ? null : zero.subarray(0, length);
-        } else {
+          if (!skipSparse) await put(i, zero.subarray(0, length));
+          return {};
+        }
+        // The block is read into an arena slot, opened there and written to the target from there.
+        const slot = await pipeline.arena.take();
+        try {
+          let at: number;
           try {
-            data = await pipeline.load(checksum, length);
+            at = await pipeline.loadInto(checksum, length, slot);
           } catch (err) {
             if (err instanceof IntegrityError) return { error: err.message };
             throw err;
           }
-        }
-        if (data) {
-          await writeThrottle.take(data.length);
-          try {
-            await writeFully(fh, data, i * bs);
-          } catch (err) {
-            throw describeSystemError(err, `Writing target ${opts.target} at offset ${i * bs}`);
-          }
-          bytesWritten += data.length;
+          await put(i, pipeline.arena.view(slot).subarray(at, at + length));
+        } finally {
+          pipeline.arena.give(slot);
         }
         return {};
       },
@@ -217,6 +224,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
         opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, (i + 1) * bs), totalBytes: version.size, damaged: damaged.length });
       },
       state.blocks_done,
+      0, // slot-based: nothing per block for the garbage collector
     );
     await fh.sync();
   } finally {

@@ -31,7 +31,7 @@ export class SourceReader {
     private readonly throttle: Throttle,
     private readonly buffers: BufferPool | null,
   ) {
-    this.arena = direct ? new WasmMemory({ initial: Math.ceil((slots * slotSize) / WASM_PAGE) }).buffer : null;
+    this.arena = direct && slots > 0 ? new WasmMemory({ initial: Math.ceil((slots * slotSize) / WASM_PAGE) }).buffer : null;
     for (let i = 0; i < slots; i++) this.free.push(i);
   }
 
@@ -54,7 +54,7 @@ export class SourceReader {
         throw describeSystemError(err, `Source ${path}`);
       }
     }
-    return new SourceReader(fh, path, direct, slotSize, Math.max(1, opts.slots), opts.throttle ?? UNLIMITED, opts.buffers ?? null);
+    return new SourceReader(fh, path, direct, slotSize, Math.max(0, opts.slots), opts.throttle ?? UNLIMITED, opts.buffers ?? null);
   }
 
   private async slot(): Promise<number> {
@@ -83,11 +83,36 @@ export class SourceReader {
     return out;
   }
 
+  /**
+   * Reads `length` bytes at `offset` (block-aligned) into `slot`, a page-aligned arena slot (arena.ts) with room
+   * for `length` rounded up to ALIGN: O_DIRECT reads land there without a bounce buffer.
+   */
+  async readInto(offset: number, length: number, slot: Buffer): Promise<void> {
+    await this.throttle.take(length);
+    let got: number;
+    try {
+      if (this.direct) {
+        try {
+          got = Math.min(length, await readFully(this.fh, slot, Math.ceil(length / ALIGN) * ALIGN, offset));
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+          // The filesystem accepted O_DIRECT at open but not for reads: continue buffered.
+          await this.reopenBuffered();
+          got = await readFully(this.fh, slot, length, offset);
+        }
+      } else got = await readFully(this.fh, slot, length, offset);
+    } catch (err) {
+      throw describeSystemError(err, `Reading source ${this.path} at offset ${offset}`);
+    }
+    if (got !== length) throw new UsageError(`Source ${this.path} shrank while it was read (short read at offset ${offset + got}).`);
+  }
+
   private async readDirect(offset: number, length: number, out: Buffer): Promise<number> {
     const slot = await this.slot();
     try {
       const aligned = Math.ceil(length / ALIGN) * ALIGN;
-      const view = Buffer.from(this.arena!, slot * this.slotSize, aligned);
+      if (!this.arena) throw new Error('SourceReader opened without slots: use readInto');
+      const view = Buffer.from(this.arena, slot * this.slotSize, aligned);
       let got: number;
       try {
         got = await readFully(this.fh, view, aligned, offset);

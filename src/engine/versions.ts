@@ -24,7 +24,12 @@ export function listVersions(repo: Repository, f: VersionFilter = {}, now = Date
     if (f.includeIncomplete === false && !v.complete) continue;
     out.push(v);
   }
-  return out.sort((a, b) => b.date.localeCompare(a.date) || a.id.localeCompare(b.id));
+  // Plain code-unit order (ISO dates and ids are ASCII): localeCompare goes through ICU, ~0.1 s for 1,000 versions.
+  return out.sort((a, b) => (a.date === b.date ? cmp(a.id, b.id) : cmp(b.date, a.date)));
+}
+
+function cmp(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 export interface RepositoryStats {

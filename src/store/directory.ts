@@ -3,7 +3,7 @@ import { accessSync, constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { BlocksafeError, describeSystemError, NotFoundError } from '../errors.js';
-import { checkObjectName, type BlobStore, type ObjectInfo } from './blobstore.js';
+import { checkObjectName, type BlobStore, type ListOptions, type ObjectInfo } from './blobstore.js';
 
 /**
  * Blob store in a directory, typically on an external USB disk. Objects are written to `tmp/` and renamed
@@ -107,6 +107,31 @@ export class DirectoryStore implements BlobStore {
     }
   }
 
+  async readInto(name: string, out: Uint8Array): Promise<number | undefined> {
+    let fh: fs.FileHandle;
+    try {
+      fh = await fs.open(this.file(name), fsc.O_RDONLY);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw describeSystemError(err, `Reading ${name} from the repository at ${this.root}`);
+    }
+    try {
+      const { size } = await fh.stat();
+      if (size > out.length) return size;
+      let done = 0;
+      while (done < size) {
+        const { bytesRead } = await fh.read(out, done, size - done, done);
+        if (bytesRead === 0) return done; // shrank while read: the caller sees a short (damaged) object
+        done += bytesRead;
+      }
+      return size;
+    } catch (err) {
+      throw describeSystemError(err, `Reading ${name} from the repository at ${this.root}`);
+    } finally {
+      await fh.close();
+    }
+  }
+
   async has(name: string): Promise<boolean> {
     return (await this.size(name)) !== undefined;
   }
@@ -134,10 +159,10 @@ export class DirectoryStore implements BlobStore {
     }
   }
 
-  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+  async *list(prefix: string, opts: ListOptions = {}): AsyncIterable<ObjectInfo> {
     const base = prefix.replace(/\/$/, '');
     if (base) checkObjectName(base);
-    yield* walk(this.root, base);
+    yield* walk(this.root, base, opts.namesOnly ?? false);
   }
 
   async close(): Promise<void> {
@@ -175,7 +200,10 @@ export class DirectoryStore implements BlobStore {
   }
 }
 
-async function* walk(root: string, rel: string): AsyncIterable<ObjectInfo> {
+/** Files are stat'ed this many at a time (a listing of 1,000 manifests is one of every command's costs). */
+const STAT_PARALLEL = 64;
+
+async function* walk(root: string, rel: string, namesOnly: boolean): AsyncIterable<ObjectInfo> {
   let entries: import('node:fs').Dirent[];
   try {
     entries = await fs.readdir(path.join(root, rel), { withFileTypes: true });
@@ -184,12 +212,22 @@ async function* walk(root: string, rel: string): AsyncIterable<ObjectInfo> {
     if (code === 'ENOENT' || code === 'ENOTDIR') return;
     throw describeSystemError(err, `Listing ${rel || 'the repository'} in ${root}`);
   }
+  const files: string[] = [];
   for (const e of entries) {
     const child = rel ? `${rel}/${e.name}` : e.name;
-    if (e.isDirectory()) yield* walk(root, child);
-    else if (e.isFile()) {
-      const st = await fs.stat(path.join(root, child)).catch(() => undefined);
-      if (st) yield { name: child, size: st.size, mtime: st.mtimeMs }; // else removed while listing
+    if (e.isDirectory()) yield* walk(root, child, namesOnly);
+    else if (e.isFile()) files.push(child);
+  }
+  if (namesOnly) {
+    for (const name of files) yield { name, size: 0, mtime: 0 };
+    return;
+  }
+  for (let i = 0; i < files.length; i += STAT_PARALLEL) {
+    const batch = files.slice(i, i + STAT_PARALLEL);
+    const stats = await Promise.all(batch.map((f) => fs.stat(path.join(root, f)).catch(() => undefined)));
+    for (let k = 0; k < batch.length; k++) {
+      const st = stats[k];
+      if (st) yield { name: batch[k]!, size: st.size, mtime: st.mtimeMs }; // else removed while listing
     }
   }
 }
