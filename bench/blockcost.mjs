@@ -4,7 +4,7 @@
 // (user + sys of this process, all threads) per block, so that a loaded machine does not decide.
 //
 //   node bench/blockcost.mjs IMAGE [ITERATIONS]     (after npm run build; see docs/PERFORMANCE.md)
-import { createHmac, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { constants as zc, zstdCompressSync } from 'node:zlib';
