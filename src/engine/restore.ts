@@ -1,7 +1,7 @@
 import { constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import { describeSystemError, IntegrityError, NotFoundError, RefusedError, UsageError } from '../errors.js';
+import { describeSystemError, IntegrityError, NotFoundError, RefusedError, StoppedError, UsageError } from '../errors.js';
 import { CHUNK_BLOCKS } from '../index/blockmap.js';
 import type { VersionRecord } from '../index/records.js';
 import { formatBytes } from '../util/size.js';
@@ -12,6 +12,7 @@ import { blockDeviceSize, mountsOf, readFully, writeFully } from './device.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
 import { pausePoint } from '../util/pause.js';
+import { assertTargetNotInUse } from './targetInUse.js';
 
 export interface RestoreOptions {
   target: string;
@@ -23,6 +24,8 @@ export interface RestoreOptions {
   sparse: boolean;
   queueDepth: number;
   onProgress?: ProgressListener;
+  /** Stops the restore after the blocks in flight, with a checkpoint (StoppedError): SIGINT, the UI's Stop. */
+  signal?: AbortSignal;
 }
 
 export interface DamagedRange {
@@ -65,6 +68,7 @@ async function prepareTarget(version: VersionRecord, target: string, force: bool
     return { fh, kind: 'file', zeroed: true };
   }
   if (st.isDirectory()) throw new UsageError(`Target ${target} is a directory; give a file path or a block device.`);
+  await assertTargetNotInUse(target, st);
   if (st.isFile()) {
     if (st.size > 0 && !force) {
       throw new RefusedError(`Target ${target} exists and is not empty (${formatBytes(st.size)}); nothing was written. Use --force to overwrite it.`);
@@ -165,6 +169,8 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
   const cursor = repo.index.mapCursor(version.id, blocks);
   const writeThrottle = opts.writeThrottle ?? UNLIMITED;
   let bytesWritten = 0;
+  // Blocks before this one are written (in order): what a checkpoint on stop or failure may record.
+  let doneInOrder = state.blocks_done;
   let sinceCheckpoint = 0;
   let lastCheckpoint = Date.now();
   const checkpoint = async (done: number) => {
@@ -177,10 +183,11 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
     await pausePoint('restore.checkpoint');
   };
   try {
-    await orderedWindow<{ error?: string }>(
+    await orderedWindow<{ error?: string; stopped?: boolean }>(
       blocks,
       opts.queueDepth,
       async (i) => {
+        if (opts.signal?.aborted) return { stopped: true };
         const length = Math.min(bs, version.size - i * bs);
         const checksum = cursor.get(i);
         let data: Buffer | null;
@@ -196,6 +203,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
         }
         if (data) {
           await writeThrottle.take(data.length);
+          if (opts.signal?.aborted) return { stopped: true };
           try {
             await writeFully(fh, data, i * bs);
           } catch (err) {
@@ -206,6 +214,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
         return {};
       },
       async (i, out) => {
+        if (out.stopped) throw new StoppedError(`The restore of version ${version.id} to ${opts.target} was stopped at ${stoppedAt(i, blocks)}; continue it with --resume.`);
         if (out.error) {
           const offset = i * bs;
           const length = Math.min(bs, version.size - offset);
@@ -213,17 +222,28 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
           if (last && last.offset + last.length === offset && last.reason === out.error) last.length += length;
           else damaged.push({ offset, length, reason: out.error });
         }
+        doneInOrder = i + 1;
         if (++sinceCheckpoint >= CHECKPOINT_EVERY_BLOCKS || Date.now() - lastCheckpoint >= CHECKPOINT_EVERY_MS) await checkpoint(i + 1);
         opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, (i + 1) * bs), totalBytes: version.size, damaged: damaged.length });
       },
       state.blocks_done,
     );
     await fh.sync();
+  } catch (err) {
+    // Stopped, or failed (no space, a lost device, a lock): what was written in order stays written, so a
+    // resume continues from there instead of from the last periodic checkpoint.
+    if (doneInOrder > state.blocks_done) await checkpoint(doneInOrder).catch(() => undefined);
+    throw err;
   } finally {
     await fh.close();
   }
   await repo.index.removeRestoreState(targetKey);
   return { version, target: opts.target, bytesWritten, damaged };
+}
+
+/** "81.3 % (13 of 16 blocks)". */
+function stoppedAt(done: number, blocks: number): string {
+  return `${((100 * done) / Math.max(1, blocks)).toFixed(1)} % (${done} of ${blocks} block${blocks === 1 ? '' : 's'})`;
 }
 
 /** The target's identity for locks and resume state: its real path (symlinks like /dev/disk/by-id resolved). */
@@ -243,6 +263,7 @@ async function reopenTarget(version: VersionRecord, target: string): Promise<fs.
   } catch (err) {
     throw describeSystemError(err, `Target ${target}`);
   }
+  await assertTargetNotInUse(target, st);
   if (st.isBlockDevice()) {
     const mounts = mountsOf(st.rdev);
     if (mounts.length > 0) throw new RefusedError(`Target ${target} is mounted on ${mounts.join(', ')}; unmount it first.`);

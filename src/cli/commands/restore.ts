@@ -25,8 +25,22 @@ export function register(program: Command): void {
     .action(async (ref: string, target: string, _opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<RestoreOptions>();
       const progress = progressReporter(!opts.json);
+      // ctrl-c, a closed terminal or a shutdown stop the restore after the blocks in flight, with a checkpoint
+      // (so --resume continues from there); a second signal ends the process at once.
+      const stop = new AbortController();
+      const signals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+      const onSignal = (sig: NodeJS.Signals) => {
+        if (stop.signal.aborted) {
+          for (const s of signals) process.off(s, onSignal);
+          process.kill(process.pid, sig);
+          return;
+        }
+        stop.abort();
+      };
+      for (const s of signals) process.on(s, onSignal);
       const result = await withPipeline(opts, (repo, pipeline, s) =>
         restore(repo, pipeline, repo.index.resolveVersion(ref), {
+          signal: stop.signal,
           target,
           force: !!opts.force,
           sparse: !!opts.sparse,
@@ -35,7 +49,9 @@ export function register(program: Command): void {
           writeThrottle: s.writeThrottle,
           onProgress: progress.listener,
         }),
-      );
+      ).finally(() => {
+        for (const s of signals) process.off(s, onSignal);
+      });
       progress.done();
       if (opts.json) {
         printJson({ version: result.version.id, target: result.target, size: result.version.size, bytes_written: result.bytesWritten, damaged: result.damaged });
