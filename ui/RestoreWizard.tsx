@@ -18,11 +18,16 @@ type Phase =
   | { p: 'checking' }
   | { p: 'summary'; target: TargetInfo; startOver: boolean }
   | { p: 'running'; target: TargetInfo; resume: boolean; confirmStop: boolean; stopping: boolean }
-  | { p: 'result'; target: TargetInfo; outcome?: RestoreOutcome; cancelled?: boolean; error?: string; durationMs: number; last: ProgressView };
+  | { p: 'result'; target: TargetInfo; outcome?: RestoreOutcome; cancelled?: boolean; error?: string; durationMs: number; last: ProgressView; stoppedAt: string };
 
 /** A stopped restore, or one that failed after writing something, can continue where it stopped. */
 function resumable(phase: Extract<Phase, { p: 'result' }>): boolean {
   return !!phase.cancelled || (!!phase.error && phase.last.progress !== null);
+}
+
+/** "81.3 % (13 of 16 blocks)": where a stopped restore continues. */
+function resumePoint(done: number, blocks: number): string {
+  return `${percent(done, blocks)} (${done} of ${blocks} block${blocks === 1 ? '' : 's'})`;
 }
 
 function versionLine(v: VersionRecord): string {
@@ -99,7 +104,7 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
       </Box>
       {!v.valid ? (
         <Text color="red" wrap="wrap">
-          This version is INVALID: some of its blocks are damaged. They are reported and left unwritten; everything else is restored.
+          This version is INVALID: some of its blocks are damaged. They are reported and read as zeros on the target (never old data); everything else is restored.
         </Text>
       ) : null}
       {target.warning ? (
@@ -113,7 +118,8 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
 }
 
 export function RestoreWizard({ version, onExit }: { version: VersionRecord; onExit: (notice: string | null) => void }) {
-  const { backend, size, active, quit, openHelp, setJob, log, noteIntegrityProblem } = useSession();
+  const { backend, size, active, quit, openHelp, setJob, log, noteIntegrityProblem, noteUnfinished } = useSession();
+  const blocks = Math.ceil(version.size / version.block_size);
   const [phase, setPhase] = useState<Phase>({ p: 'target' });
   const [mode, setMode] = useState<'path' | 'device'>('path');
   const [pathText, setPathText] = useState('');
@@ -169,7 +175,8 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
 
   /** The typed-name confirmation: the only way to get force = true. */
   const submitTyped = (target: TargetInfo, text: string) => {
-    if (text.trim() === target.name) return start(target, { force: true, resume: false });
+    // The name, or the whole path (/dev/loop0 for loop0) as people often type it.
+    if (text.trim() === target.name || text.trim() === target.path) return start(target, { force: true, resume: false });
     setError(
       text
         ? `You typed "${text}", not "${target.name}": nothing was written. Type ${target.name} exactly.`
@@ -194,25 +201,33 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
     backend.restore(version, { target: target.path, force: opts.force, resume: opts.resume }, listener, controller.signal).then(
       (outcome) => {
         setJob(null);
+        noteUnfinished(target.path, false);
         const durationMs = Date.now() - startedAt.current;
         if (outcome.damaged.length) {
           noteIntegrityProblem();
-          log(`Restored ${what} with ${outcome.damaged.length} DAMAGED range(s), left unwritten:`);
+          log(`Restored ${what} with ${outcome.damaged.length} DAMAGED range(s), which read as zeros:`);
           for (const d of outcome.damaged) log(`  offset ${d.offset} length ${d.length}: ${d.reason}`);
         } else log(`Restored ${what}: ${formatBytes(version.size)}, every block verified.`);
-        setPhase({ p: 'result', target, outcome, durationMs, last: snapshot() });
+        setPhase({ p: 'result', target, outcome, durationMs, last: snapshot(), stoppedAt: '' });
       },
       (err) => {
         setJob(null);
+        noteUnfinished(target.path, true);
         const durationMs = Date.now() - startedAt.current;
         const last = snapshot();
-        const pct = last.progress ? percent(last.progress.doneBytes, last.progress.totalBytes) : '0 %';
+        // Where a resume continues is the engine's checkpoint; the Check step shows the same figure.
+        const stoppedAt =
+          err instanceof CancelledError && err.blocksDone !== undefined
+            ? resumePoint(err.blocksDone, blocks)
+            : last.progress
+              ? percent(last.progress.doneBytes, last.progress.totalBytes)
+              : '0.0 %';
         if (err instanceof CancelledError) {
-          log(`Restore of ${what} STOPPED at ${pct}; the target is incomplete. Resume: blocksafe ui, or blocksafe restore --resume ${version.id} ${target.path}`);
-          setPhase({ p: 'result', target, cancelled: true, durationMs, last });
+          log(`Restore of ${what} STOPPED at ${stoppedAt}; the target is incomplete. Resume: blocksafe ui, or blocksafe restore --resume ${version.id} ${target.path}`);
+          setPhase({ p: 'result', target, cancelled: true, durationMs, last, stoppedAt });
         } else {
           log(`Restore of ${what} FAILED: ${errorText(err)}`);
-          setPhase({ p: 'result', target, error: errorText(err), durationMs, last });
+          setPhase({ p: 'result', target, error: errorText(err), durationMs, last, stoppedAt });
         }
       },
     );
@@ -229,8 +244,14 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           }
           if (mode === 'path') return; // the text input takes the rest, Enter included
           const list = devices ?? [];
-          if (key.upArrow) return setDevIndex((i) => Math.max(0, i - 1));
-          if (key.downArrow) return setDevIndex((i) => Math.min(Math.max(0, list.length - 1), i + 1));
+          const last = Math.max(0, list.length - 1);
+          const page = Math.max(1, bodyHeight - 9);
+          if (key.upArrow || input === 'k') return setDevIndex((i) => Math.max(0, i - 1));
+          if (key.downArrow || input === 'j') return setDevIndex((i) => Math.min(last, i + 1));
+          if (key.pageUp) return setDevIndex((i) => Math.max(0, i - page));
+          if (key.pageDown) return setDevIndex((i) => Math.min(last, i + page));
+          if (key.home || input === 'g') return setDevIndex(0);
+          if (key.end || input === 'G') return setDevIndex(last);
           if (input === 'r') {
             setError(null);
             return loadDevices();
@@ -312,6 +333,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const width = size.columns;
   const bodyHeight = Math.max(5, size.rows - 4);
   let step = 1;
+  let verdict: string | undefined;
   let keys: KeyHint[] = [];
   let body: ReactNode;
 
@@ -366,7 +388,6 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
       const { target } = phase;
       const sameInterrupted = target.interrupted?.version === version.id;
       const needTyped = target.overwrites || !!target.interrupted;
-      const blocks = Math.ceil(version.size / version.block_size);
       if (sameInterrupted && !phase.startOver) {
         keys = [
           ['r', 'resume (recommended)'],
@@ -397,7 +418,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           {target.interrupted ? (
             <Text color="yellow" wrap="wrap">
               {sameInterrupted
-                ? `An interrupted restore of this version to this target exists: it stopped after ${target.interrupted.blocks_done} of ${blocks} blocks (${percent(target.interrupted.blocks_done, blocks)}), started ${longDate(target.interrupted.started)}.`
+                ? `An interrupted restore of this version to this target exists (started ${longDate(target.interrupted.started)}): it resumes at ${resumePoint(target.interrupted.blocks_done, blocks)}.`
                 : `An interrupted restore of ANOTHER version (${target.interrupted.version}) to this target exists; starting this one abandons it.`}
             </Text>
           ) : null}
@@ -463,9 +484,9 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
     }
     case 'result': {
       step = 4;
-      const { outcome, last } = phase;
+      const { outcome } = phase;
+      verdict = outcome ? (outcome.damaged.length ? 'DAMAGED' : 'ok') : phase.cancelled ? 'STOPPED' : 'FAILED';
       keys = [['Enter', 'back to the list'], ...(resumable(phase) ? ([['r', 'resume']] as KeyHint[]) : []), ['?', 'help'], ['q', 'quit']];
-      const pct = last.progress ? percent(last.progress.doneBytes, last.progress.totalBytes) : '0 %';
       body = (
         <Box flexDirection="column">
           {outcome && outcome.damaged.length === 0 ? (
@@ -480,7 +501,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           ) : outcome ? (
             <Box flexDirection="column">
               <Text color="red" bold wrap="wrap">
-                FINISHED WITH DAMAGE: {outcome.damaged.length} range(s) could not be restored and were left unwritten.
+                FINISHED WITH DAMAGE: {outcome.damaged.length} range(s) could not be restored; they read as zeros.
               </Text>
               <Text wrap="wrap">Everything else of version {version.id} is on {phase.target.path}. An older or newer version may hold intact copies of these blocks.</Text>
               {outcome.damaged.slice(0, Math.max(1, bodyHeight - 6)).map((d) => (
@@ -493,9 +514,9 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           ) : phase.cancelled ? (
             <Box flexDirection="column">
               <Text color="yellow" bold>
-                STOPPED at {pct}. The target is incomplete.
+                STOPPED at {phase.stoppedAt}. The target is incomplete.
               </Text>
-              <Text wrap="wrap">Press r to resume now, or later: choose the same version and target and the restore continues where it stopped.</Text>
+              <Text wrap="wrap">Press r to resume now, or later: choose the same version and target and the restore continues from {phase.stoppedAt}.</Text>
             </Box>
           ) : (
             <Box flexDirection="column">
@@ -516,7 +537,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
 
   return (
     <Frame title="blocksafe · restore" right={backend.summary.location} keys={keys} error={error}>
-      <StepBar steps={STEPS} current={step} />
+      <StepBar steps={STEPS} current={step} verdict={verdict} />
       <Text> </Text>
       {body}
     </Frame>

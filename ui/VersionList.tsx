@@ -6,18 +6,22 @@ import { Box, Text } from 'ink';
 import { useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
 import type { VersionRecord, VersionUsage } from './backend.js';
 import { errorText } from './backend.js';
-import { Frame, TextInput, type KeyHint } from './components.js';
-import { age, blocksOf, fit, fitRight, formatBytes, formatDuration, longDate, shortDate, statusColor, statusWords } from './format.js';
+import { Frame, frameBodyRows, TextInput, type KeyHint } from './components.js';
+import { age, blocksOf, fit, plural, fitRight, formatBytes, formatDuration, longDate, shortDate, statusColor, statusWords } from './format.js';
 import { useKeys, useSession } from './hooks.js';
 
 export type ListLine = { kind: 'group'; name: string; count: number; shown: number } | { kind: 'version'; v: VersionRecord };
 
-/** Every space-separated word of the filter must occur in the version's id, name, date, tags, snapshot or status. */
+/**
+ * Every space-separated word of the filter must occur in the version's id, name, date, tags or snapshot, or
+ * be one of its status words exactly ("valid" does not match INVALID).
+ */
 export function matchesFilter(v: VersionRecord, filter: string): boolean {
   const words = filter.toLowerCase().split(/\s+/).filter(Boolean);
   if (words.length === 0) return true;
-  const hay = [v.id, v.name, v.snapshot_name, shortDate(v.date), ...v.tags, ...statusWords(v)].join(' ').toLowerCase();
-  return words.every((w) => hay.includes(w));
+  const hay = [v.id, v.name, v.snapshot_name, shortDate(v.date), ...v.tags].join(' ').toLowerCase();
+  const status = statusWords(v).map((w) => w.toLowerCase());
+  return words.every((w) => status.includes(w) || hay.includes(w));
 }
 
 /** Groups by volume name (names in alphabetical order), keeping the newest-first order inside each group. */
@@ -81,38 +85,76 @@ function VersionRow({ v, selected, width }: { v: VersionRecord; selected: boolea
   );
 }
 
-/** The list itself: `height` lines, scrolled so the selected version is visible. */
+/**
+ * Which lines of the list are shown in `rows` rows so that the selected line is always one of them. When the
+ * list scrolls, the last row says how many versions are below, and a first row whose group header scrolled
+ * away shows that header instead (so the volume name stays in view).
+ */
+export function listWindow(lines: ListLine[], sel: number, rows: number, previousOffset: number): { offset: number; content: number; sticky: boolean; moreBelow: number } {
+  const scrolls = lines.length > rows;
+  const content = Math.max(1, scrolls ? rows - 1 : rows);
+  let offset = previousOffset;
+  // The selected line must not sit under a sticky header (row 0 when a version starts the window).
+  const firstShown = (o: number) => o + (o > 0 && lines[o]?.kind === 'version' && content > 1 ? 1 : 0);
+  if (sel < firstShown(offset)) offset = Math.max(0, sel - 1);
+  if (sel > offset + content - 1) offset = sel - content + 1;
+  offset = Math.max(0, Math.min(offset, Math.max(0, lines.length - content)));
+  if (sel < firstShown(offset)) offset = Math.max(0, sel - 1);
+  const sticky = offset > 0 && lines[offset]?.kind === 'version' && content > 1;
+  const moreBelow = lines.slice(offset + content).filter((l) => l.kind === 'version').length;
+  return { offset, content, sticky, moreBelow };
+}
+
+function GroupHeader({ name, count, shown, width, note }: { name: string; count: number; shown: number; width: number; note?: string }) {
+  return (
+    <Box width={width} height={1} overflow="hidden">
+      <Text bold color="blue" wrap="truncate-end">
+        {`== ${name} `}
+        <Text dimColor>({shown === count ? `${count} version${count === 1 ? '' : 's'}` : `${shown} of ${count} versions match`})</Text>
+        {note ? <Text dimColor>{note}</Text> : null}
+      </Text>
+    </Box>
+  );
+}
+
+/** The list itself: `height` lines, scrolled so the selected version is always visible. */
 export function VersionList({ lines, selectedId, width, height }: { lines: ListLine[]; selectedId: string | null; width: number; height: number }) {
-  const offset = useRef(0);
+  const offsetRef = useRef(0);
   const sel = Math.max(
     0,
     lines.findIndex((l) => l.kind === 'version' && l.v.id === selectedId),
   );
   const rows = Math.max(1, height);
-  // Keep the selection in view, showing its group header when it is the first of its group.
-  const top = sel > 0 && lines[sel - 1]?.kind === 'group' ? sel - 1 : sel;
-  if (top < offset.current) offset.current = top;
-  if (sel >= offset.current + rows) offset.current = sel - rows + 1;
-  offset.current = Math.max(0, Math.min(offset.current, Math.max(0, lines.length - rows)));
-  const visible = lines.slice(offset.current, offset.current + rows);
-  const more = lines.length - offset.current - visible.length;
+  const win = listWindow(lines, sel, rows, offsetRef.current);
+  offsetRef.current = win.offset;
+  const visible = lines.slice(win.offset, win.offset + win.content);
+  const groupOf = (i: number) => {
+    for (let j = i; j >= 0; j--) {
+      const l = lines[j];
+      if (l?.kind === 'group') return l;
+    }
+    return null;
+  };
   return (
     <Box flexDirection="column" width={width} height={rows} overflow="hidden">
-      {visible.map((l, i) =>
-        l.kind === 'group' ? (
-          <Box key={`g:${l.name}`} width={width} height={1} overflow="hidden">
-            <Text bold color="blue" wrap="truncate-end">
-              {`== ${l.name} `}
-              <Text dimColor>
-                ({l.shown === l.count ? `${l.count} version${l.count === 1 ? '' : 's'}` : `${l.shown} of ${l.count} versions match`})
-              </Text>
-              {i === rows - 1 && more > 0 ? <Text dimColor>{`  ↓ ${more} more`}</Text> : null}
-            </Text>
-          </Box>
+      {visible.map((l, i) => {
+        if (i === 0 && win.sticky) {
+          const g = groupOf(win.offset);
+          if (g) return <GroupHeader key={`sticky:${g.name}`} name={g.name} count={g.count} shown={g.shown} width={width} note="  (continued)" />;
+        }
+        return l.kind === 'group' ? (
+          <GroupHeader key={`g:${l.name}`} name={l.name} count={l.count} shown={l.shown} width={width} />
         ) : (
           <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} />
-        ),
-      )}
+        );
+      })}
+      {lines.length > rows ? (
+        <Box width={width} height={1} overflow="hidden">
+          <Text dimColor wrap="truncate-end">
+            {win.moreBelow > 0 ? `   ↓ ${win.moreBelow} more below` : '   (end of the list)'}
+          </Text>
+        </Box>
+      ) : null}
     </Box>
   );
 }
@@ -146,7 +188,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
         <Text bold>{v.id}</Text> · {v.name} · {longDate(v.date)} ({age(v.date)} ago)
       </Text>,
     ],
-    ['Size', `${formatBytes(v.size)} = ${blocksOf(v)} blocks of ${formatBytes(v.block_size)}`],
+    ['Size', `${formatBytes(v.size)} = ${plural(blocksOf(v), 'block')} of ${formatBytes(v.block_size)}`],
     [
       'Status',
       <Text>
@@ -156,7 +198,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
             {w}
           </Text>
         ))}
-        {!v.complete ? ` (${v.blocks_done} of ${blocksOf(v)} blocks saved; cannot be restored)` : ''}
+        {!v.complete ? ` (${v.blocks_done} of ${plural(blocksOf(v), 'block')} saved; cannot be restored)` : ''}
         {` · expires ${v.expire ? longDate(v.expire) : 'never'} · tags ${v.tags.length ? v.tags.join(', ') : 'none'}`}
       </Text>,
     ],
@@ -211,6 +253,13 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   const [usage, setUsage] = useState<UsageState>(null);
   const [localNotice, setLocalNotice] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
+  // The age column moves on by itself (a render every 30 s), not only when a key is pressed.
+  const [, setTick] = useState(0);
+  useEffect(() => {
+    const timer = setInterval(() => setTick((n) => n + 1), 30_000);
+    timer.unref?.();
+    return () => clearInterval(timer);
+  }, []);
 
   const lines = useMemo(() => groupLines(versions, filter), [versions, filter]);
   const shown = useMemo(() => lines.flatMap((l) => (l.kind === 'version' ? [l.v] : [])), [lines]);
@@ -246,12 +295,14 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   };
 
   const wide = size.columns >= 120;
-  const bodyHeight = Math.max(5, size.rows - 4);
-  const detailHeight = wide ? bodyHeight - 2 : size.rows >= 30 ? 8 : 6;
-  const listWidth = wide ? size.columns - 48 : size.columns;
+  // The rows the frame really gives the body: a long error takes two or three lines (see Frame).
+  const bodyHeight = frameBodyRows(size, error);
   const shownNotice = localNotice ?? notice;
   const noticeLines = shownNotice ? 1 : 0;
-  const listHeight = Math.max(2, (wide ? bodyHeight - 2 : bodyHeight - 2 - detailHeight - 1) - noticeLines);
+  // Below the list: a separator and the details, which give way first when rows are short.
+  const detailHeight = wide ? bodyHeight - 2 : Math.max(2, Math.min(size.rows >= 30 ? 8 : 6, bodyHeight - noticeLines - 2 - 1 - 4));
+  const listWidth = wide ? size.columns - 48 : size.columns;
+  const listHeight = Math.max(1, (wide ? bodyHeight - 2 : bodyHeight - 2 - detailHeight - 1) - noticeLines);
   const page = Math.max(1, listHeight - 2);
 
   useKeys(
@@ -265,12 +316,12 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
         else if (key.downArrow) move(1);
         return;
       }
-      if (key.upArrow) return move(-1);
-      if (key.downArrow) return move(1);
+      if (key.upArrow || input === 'k') return move(-1);
+      if (key.downArrow || input === 'j') return move(1);
       if (key.pageUp) return move(-page);
       if (key.pageDown) return move(page);
-      if (key.home) return move(-shown.length);
-      if (key.end) return move(shown.length);
+      if (key.home || input === 'g') return move(-shown.length);
+      if (key.end || input === 'G') return move(shown.length);
       if (key.escape) {
         setFilter('');
         setError(null);

@@ -72,9 +72,12 @@ export interface RepositorySummary {
 
 /** Thrown (by the backend) when an operation stopped because the user cancelled it. */
 export class CancelledError extends Error {
-  constructor() {
+  /** For a stopped restore: the blocks on the target by its checkpoint, where a resume continues. */
+  readonly blocksDone: number | undefined;
+  constructor(blocksDone?: number) {
     super('Cancelled by the user.');
     this.name = 'CancelledError';
+    this.blocksDone = blocksDone;
   }
 }
 

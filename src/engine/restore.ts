@@ -182,6 +182,8 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
     lastCheckpoint = Date.now();
     await pausePoint('restore.checkpoint');
   };
+  // A resumed restore starts where its checkpoint is: say so at once rather than at the first block.
+  opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, state.blocks_done * bs), totalBytes: version.size, damaged: damaged.length });
   try {
     await orderedWindow<{ error?: string; stopped?: boolean }>(
       blocks,
@@ -197,8 +199,17 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
           try {
             data = await pipeline.load(checksum, length);
           } catch (err) {
-            if (err instanceof IntegrityError) return { error: err.message };
-            throw err;
+            if (!(err instanceof IntegrityError)) throw err;
+            // A device (or a resumed file) still holds older data under a damaged block: zeros instead, so a
+            // restored target never silently mixes two versions. A fresh or truncated file reads as zeros already.
+            if (!zeroed) {
+              await writeThrottle.take(length);
+              await writeFully(fh, zero.subarray(0, length), i * bs).catch((e: unknown) => {
+                throw describeSystemError(e, `Writing target ${opts.target} at offset ${i * bs}`);
+              });
+              bytesWritten += length;
+            }
+            return { error: err.message };
           }
         }
         if (data) {

@@ -58,7 +58,7 @@ export function register(program: Command): void {
       } else if (result.damaged.length === 0) {
         process.stderr.write(`Restored version ${result.version.id} (${formatBytes(result.version.size)}) to ${target}; every block verified.\n`);
       } else {
-        process.stderr.write(`Restored version ${result.version.id} to ${target} with ${result.damaged.length} DAMAGED range(s), left unwritten:\n`);
+        process.stderr.write(`Restored version ${result.version.id} to ${target} with ${result.damaged.length} DAMAGED range(s), which read as zeros:\n`);
         for (const d of result.damaged) process.stderr.write(`  offset ${d.offset} length ${d.length}: ${d.reason}\n`);
       }
       if (result.damaged.length > 0) process.exitCode = ExitCode.integrity;
