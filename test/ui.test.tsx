@@ -8,7 +8,7 @@ import test from 'ava';
 import { cleanup } from 'ink-testing-library';
 import { App } from '../ui/App.js';
 import type { Backend } from '../ui/backend.js';
-import { groupLines, matchesFilter } from '../ui/VersionList.js';
+import { groupLines, listWindow, matchesFilter } from '../ui/VersionList.js';
 import { fakeBackend, fakeVersion, KEY, press, renderAt, VERSIONS, waitForFrame, waitUnmounted, type FakeOptions, type Rendered } from './uiFake.js';
 
 void React; // the test files are compiled with the classic JSX runtime
@@ -472,4 +472,130 @@ test.serial('a bug in a screen is caught: one error line, q still quits', async 
   t.false(/\n\s+at .*:\d+:\d+/.test(frame));
   await press(r, 'q');
   t.true(await waitUnmounted(r), 'the app exited');
+});
+
+/** 27 versions of one volume (as in the report: 27 versions at 100×30), the 20th protected. */
+function manyVersions(): ReturnType<typeof fakeVersion>[] {
+  return Array.from({ length: 27 }, (_, i) => {
+    const day = String(27 - i).padStart(2, '0');
+    return fakeVersion(`data00${String(27 - i).padStart(2, '0')}`, 'data', `2026-11-${day}T02:00:00.000Z`, { protected: i === 19, size: 2 * GiB });
+  });
+}
+
+for (const [columns, rows] of [
+  [100, 30],
+  [80, 24],
+] as const) {
+  test.serial(`a long list at ${columns}x${rows} keeps the selected row visible when a two-line error appears`, async (t) => {
+    const { r } = await start({ versions: manyVersions(), withRemove: true }, columns, rows);
+    for (let i = 0; i < 19; i++) await press(r, 'j');
+    let frame = await waitForFrame(r, /^> data0008/m);
+    t.regex(frame, /↓ \d+ more below/);
+    t.regex(frame, /== data \(27 versions\)\s+\(continued\)/, 'the group header stays in view when scrolled');
+    await press(r, 'x');
+    frame = await waitForFrame(r, 'Error: Version data0008 is protected');
+    const ls = lines(frame);
+    t.true(ls.length <= rows - 1, `at most ${rows - 1} lines, got ${ls.length}`);
+    t.true(ls.some((l) => /^> data0008 /.test(l)), 'the selected row is still shown');
+    t.true(ls.filter((l) => l.startsWith('Error:') || l.startsWith('unprotect')).length >= 1);
+    // No row of the list went blank: the rows between the first and the last shown version are all versions.
+    const first = ls.findIndex((l) => /^[ >] data00\d\d /.test(l));
+    const last = ls.map((l) => /^[ >] data00\d\d /.test(l)).lastIndexOf(true);
+    for (let i = first; i <= last; i++) t.regex(ls[i]!, /^[ >] data00\d\d /);
+    // And moving on still shows the selection.
+    await press(r, 'G');
+    frame = await waitForFrame(r, /^> data0001/m);
+    t.regex(frame, /end of the list/);
+    await press(r, 'g');
+    await waitForFrame(r, /^> data0027/m);
+    r.unmount();
+  });
+}
+
+test('listWindow: the selection is never under the sticky header nor below the window', (t) => {
+  const versions = manyVersions();
+  const ls = groupLines(versions, '');
+  let offset = 0;
+  for (const sel of [1, 5, 20, 27, 3, 1, 14, 2]) {
+    const w = listWindow(ls, sel, 10, offset);
+    offset = w.offset;
+    t.true(sel >= w.offset + (w.sticky ? 1 : 0), `sel ${sel} below the sticky header at ${w.offset}`);
+    t.true(sel < w.offset + w.content, `sel ${sel} inside the window ${w.offset}+${w.content}`);
+    t.is(w.content, 9, 'one row is kept for "more below"');
+  }
+});
+
+test.serial('the status filter matches words exactly: valid is not INVALID; incomplete is not valid', (t) => {
+  const invalid = VERSIONS[1]!;
+  const incomplete = VERSIONS[3]!;
+  t.false(matchesFilter(invalid, 'valid'));
+  t.true(matchesFilter(invalid, 'invalid'));
+  t.true(matchesFilter(VERSIONS[0]!, 'valid'));
+  t.false(matchesFilter(incomplete, 'valid'));
+  t.true(matchesFilter(incomplete, 'incomplete'));
+});
+
+test.serial('F1 opens the help, j/k move, F10 quits; Esc and a key in one read are both handled', async (t) => {
+  const { r } = await start();
+  await press(r, 'j', 'j');
+  await waitForFrame(r, /^> root0003/m);
+  await press(r, 'k');
+  await waitForFrame(r, /^> home0001/m);
+  await press(r, '\u001BOP'); // F1
+  await waitForFrame(r, 'blocksafe · help');
+  await press(r, KEY.esc);
+  await waitForFrame(r, 'versions of');
+  // In the device list, Esc and "j" arriving together (a slow link): Esc leaves the wizard, j moves on the list.
+  await press(r, KEY.enter, KEY.tab);
+  await waitForFrame(r, /> \/dev\/sdb/);
+  r.stdin.write('\u001Bj');
+  const frame = await waitForFrame(r, /^> root0003/m);
+  t.false(frame.includes('Where should it be restored to?'));
+  await press(r, '\u001B[21~'); // F10
+  t.true(await waitUnmounted(r), 'F10 quit');
+});
+
+test.serial('below 80x24 the UI says the terminal is too small and takes no keys but q', async (t) => {
+  const { backend } = { backend: fakeBackend() };
+  const r = await renderAt(<App connect={async () => backend} location="/media/usb/blocksafe" />, 70, 20);
+  const frame = await waitForFrame(r, 'The terminal is 70×20; blocksafe ui needs at least 80×24.');
+  for (const l of lines(frame)) t.true(l.length <= 70);
+  await press(r, KEY.enter); // would open the restore wizard on a big terminal
+  Object.defineProperty(r.stdout, 'columns', { value: 80, configurable: true });
+  Object.defineProperty(r.stdout, 'rows', { value: 24, configurable: true });
+  r.stdout.emit('resize');
+  t.notRegex(await waitForFrame(r, 'versions of'), /Where should it be restored/);
+  Object.defineProperty(r.stdout, 'columns', { value: 60, configurable: true });
+  r.stdout.emit('resize');
+  await waitForFrame(r, 'The terminal is 60×24');
+  await press(r, 'q');
+  t.true(await waitUnmounted(r), 'q quits');
+});
+
+test.serial('a device can be confirmed by its path too (/dev/sdb for sdb); Home/End move in the device list', async (t) => {
+  const { r, backend } = await start({ stepMs: 2 });
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, /> \/dev\/sdb/);
+  await press(r, 'G');
+  await waitForFrame(r, /> \/dev\/sdd/);
+  await press(r, 'g');
+  await waitForFrame(r, /> \/dev\/sda/);
+  await press(r, 'j', KEY.enter);
+  await waitForFrame(r, 'type its name');
+  r.stdin.write('/dev/sdb\r');
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: true, resume: false }]);
+  r.unmount();
+});
+
+test.serial('adding a tag the version has already is an error, not a second "added"', async (t) => {
+  const { r } = await start({ withLifecycle: true });
+  await press(r, KEY.down, KEY.down, 't'); // root0003, tagged b_daily
+  await waitForFrame(r, 'Tags now: b_daily');
+  r.stdin.write('b_daily\r');
+  await waitForFrame(r, 'Error: Version root0003 has the tag "b_daily" already; nothing was changed.');
+  await press(r, KEY.esc);
+  const frame = await waitForFrame(r, 'versions of');
+  t.notRegex(frame, /Tags of root0003: added/);
+  r.unmount();
 });
