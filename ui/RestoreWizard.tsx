@@ -207,7 +207,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           noteIntegrityProblem();
           log(`Restored ${what} with ${outcome.damaged.length} DAMAGED range(s), which read as zeros:`);
           for (const d of outcome.damaged) log(`  offset ${d.offset} length ${d.length}: ${d.reason}`);
-        } else log(`Restored ${what}: ${formatBytes(version.size)}, every block verified.`);
+        } else log(`Restored ${what}: ${formatBytes(version.size)}, every block verified; ${outcome.bytesWritten} bytes written by this run.`);
         setPhase({ p: 'result', target, outcome, durationMs, last: snapshot(), stoppedAt: '' });
       },
       (err) => {

@@ -178,7 +178,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
       : usage.error
         ? `unknown (${usage.error})`
         : usage.usage
-          ? `${formatBytes(usage.usage.storedBytes)} in ${usage.usage.blocks} distinct blocks (shared ones included), ` +
+          ? `${formatBytes(usage.usage.storedBytes)} in ${plural(usage.usage.blocks, 'distinct block')} (shared ones included), ` +
             (usage.usage.damagedBlocks ? `${usage.usage.damagedBlocks} DAMAGED` : 'none damaged')
           : 'counting…';
   const rows: [string, ReactNode][] = [

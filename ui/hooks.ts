@@ -235,6 +235,12 @@ function dispatchKeys(input: string, key: Key, handler: (input: string, key: Key
     return dispatchKeys(input, { ...NO_KEY, shift: key.shift }, handler);
   }
   {
+    // Several plain keys in one read ("kk", "/abc" typed fast or over a slow link) are several keys: each is
+    // handled on its own, so a "/" that opens the filter is not swallowed with the text after it.
+    if (!key.ctrl && !key.meta && input.length > 1 && !/[\u0000-\u001f\u007f]/.test(input)) {
+      for (const c of Array.from(input)) handler(c, { ...key, shift: /[A-Z]/.test(c) });
+      return;
+    }
     if (key.ctrl || key.meta || input.length === 0 || !/[\u0000-\u001f\u007f]/.test(input)) return handler(input, key);
     if (input.length === 1) {
       const [i, k] = controlKey(input);
