@@ -250,7 +250,7 @@ function dispatchKeys(input: string, key: Key, handler: (input: string, key: Key
       if (/^[\u0000-\u001f\u007f]$/.test(part)) {
         const [i, k] = controlKey(part);
         handler(i, k);
-      } else handler(part, { ...NO_KEY });
+      } else for (const c of Array.from(part)) handler(c, { ...NO_KEY, shift: /[A-Z]/.test(c) });
     }
   }
 }
