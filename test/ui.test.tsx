@@ -7,7 +7,7 @@ import React from 'react';
 import test from 'ava';
 import { cleanup } from 'ink-testing-library';
 import { App } from '../ui/App.js';
-import type { Backend } from '../ui/backend.js';
+import { withoutCliHints, type Backend } from '../ui/backend.js';
 import { groupLines, listWindow, matchesFilter } from '../ui/VersionList.js';
 import { fakeBackend, fakeVersion, KEY, press, renderAt, VERSIONS, waitForFrame, waitUnmounted, type FakeOptions, type Rendered } from './uiFake.js';
 
@@ -597,5 +597,31 @@ test.serial('adding a tag the version has already is an error, not a second "add
   await press(r, KEY.esc);
   const frame = await waitForFrame(r, 'versions of');
   t.notRegex(frame, /Tags of root0003: added/);
+  r.unmount();
+});
+
+test.serial('the Check step says what is on the device; DONE gives the next steps and the same command for scripts', async (t) => {
+  const { r } = await start({ stepMs: 2 }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, /> \/dev\/sdb/);
+  await press(r, KEY.enter);
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /Holds\s+an ext4 filesystem labelled "old-root" \(what is lost\)/);
+  r.stdin.write('sdb\r');
+  frame = await waitForFrame(r, 'DONE');
+  t.regex(frame, /Next: fsck -n \/dev\/sdb checks a filesystem without changing it; mount -o ro \/dev\/sdb/);
+  t.regex(frame, /The same from a script: blocksafe restore --repo \/media\/usb\/blocksafe --force root0003 \/dev\/sdb/);
+  r.unmount();
+});
+
+test.serial('a notice is gone after the next key; engine hints for the command line are not shown in the UI', async (t) => {
+  t.is(withoutCliHints('Target /x exists and is not empty (5 GiB); nothing was written. Use --force to overwrite it.'), 'Target /x exists and is not empty (5 GiB); nothing was written.');
+  t.is(withoutCliHints('Version abc is incomplete; resume or repeat the backup.'), 'Version abc is incomplete; resume or repeat the backup.');
+  const { r } = await start({ withLifecycle: true });
+  await press(r, KEY.down, KEY.down, 'p');
+  await waitForFrame(r, 'Version root0003 is now protected');
+  await press(r, KEY.down);
+  const frame = await waitForFrame(r, /^> root0002/m);
+  t.false(frame.includes('is now protected'), 'the notice went with the next key');
   r.unmount();
 });

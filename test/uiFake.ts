@@ -120,7 +120,7 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
       const dev = (o.devices ?? DEVICES).find((d) => d.path === abs);
       if (dev) {
         const refusal = dev.mountpoints.length ? `mounted on ${dev.mountpoints.join(', ')}` : dev.size < v.size ? 'too small' : null;
-        return { ...base, kind: 'block', name: dev.name, size: dev.size, overwrites: true, description: dev.model, refusal: refusal && `${abs} cannot be used: ${refusal}.` };
+        return { ...base, kind: 'block', name: dev.name, size: dev.size, overwrites: true, description: dev.model, refusal: refusal && `${abs} cannot be used: ${refusal}.`, contents: 'an ext4 filesystem labelled "old-root"' };
       }
       if (abs.endsWith('/')) return { ...base, kind: 'directory', refusal: `${abs} is a folder; add a file name.` };
       if (abs in files) return { ...base, kind: 'file', size: files[abs]!, overwrites: files[abs]! > 0, description: 'an existing file' };

@@ -102,6 +102,14 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
           {effect}
         </Text>
       </Box>
+      {target.contents ? (
+        <Box>
+          <Box width={9} flexShrink={0}>
+            <Text dimColor>Holds</Text>
+          </Box>
+          <Text wrap="wrap">{`${target.contents} (what is lost)`}</Text>
+        </Box>
+      ) : null}
       {!v.valid ? (
         <Text color="red" wrap="wrap">
           This version is INVALID: some of its blocks are damaged. They are reported and read as zeros on the target (never old data); everything else is restored.
@@ -113,6 +121,20 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
         </Text>
       ) : null}
       <Text dimColor>Every block is verified as it is written.</Text>
+    </Box>
+  );
+}
+
+/** What to do after a restore: look at the result without changing it; the same restore from a script. */
+function NextSteps({ target, command }: { target: TargetInfo; command: string | null }) {
+  const look =
+    target.kind === 'block'
+      ? `Next: fsck -n ${target.path} checks a filesystem without changing it; mount -o ro ${target.path} /mnt shows its files read-only.`
+      : `Next: losetup --find --show --read-only --partscan ${target.path} attaches the image read-only; then fsck -n or mount -o ro the device it prints.`;
+  return (
+    <Box flexDirection="column" marginTop={1}>
+      <Text wrap="wrap">{look}</Text>
+      {command ? <Text wrap="wrap" dimColor>{`The same from a script: ${command}`}</Text> : null}
     </Box>
   );
 }
@@ -130,6 +152,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const { view, listener, reset, snapshot } = useProgress();
   const ctl = useRef<AbortController | null>(null);
   const startedAt = useRef(0);
+  const forced = useRef(false);
 
   const loadDevices = () => {
     try {
@@ -189,6 +212,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
     reset();
     const controller = new AbortController();
     ctl.current = controller;
+    forced.current = opts.force;
     startedAt.current = Date.now();
     setPhase({ p: 'running', target, resume: opts.resume, confirmStop: false, stopping: false });
     setJob({
@@ -497,6 +521,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
               <Text wrap="wrap">
                 Version {version.id} ({version.name}, {longDate(version.date)}, {formatBytes(version.size)}) is now on {phase.target.path}. Took {formatDuration(phase.durationMs)}.
               </Text>
+              <NextSteps target={phase.target} command={`blocksafe restore --repo ${backend.summary.location}${forced.current ? ' --force' : ''} ${version.id} ${phase.target.path}`} />
             </Box>
           ) : outcome ? (
             <Box flexDirection="column">
@@ -504,12 +529,13 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
                 FINISHED WITH DAMAGE: {outcome.damaged.length} range(s) could not be restored; they read as zeros.
               </Text>
               <Text wrap="wrap">Everything else of version {version.id} is on {phase.target.path}. An older or newer version may hold intact copies of these blocks.</Text>
-              {outcome.damaged.slice(0, Math.max(1, bodyHeight - 6)).map((d) => (
+              {outcome.damaged.slice(0, Math.max(1, bodyHeight - 8)).map((d) => (
                 <Text key={d.offset} color="red" wrap="truncate-end">
                   DAMAGED offset {d.offset} ({formatBytes(d.offset)}), {formatBytes(d.length)}: {d.reason}
                 </Text>
               ))}
-              {outcome.damaged.length > bodyHeight - 6 ? <Text dimColor>… and more (the full list is printed when you quit).</Text> : null}
+              {outcome.damaged.length > bodyHeight - 8 ? <Text dimColor>… and more (the full list is printed when you quit).</Text> : null}
+              <NextSteps target={phase.target} command={null} />
             </Box>
           ) : phase.cancelled ? (
             <Box flexDirection="column">

@@ -252,6 +252,8 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   };
   const [usage, setUsage] = useState<UsageState>(null);
   const [localNotice, setLocalNotice] = useState<string | null>(null);
+  // A notice (what was just done) stays until the next key, so it never describes an older state.
+  const [noticeFresh, setNoticeFresh] = useState(true);
   const [busy, setBusy] = useState(false);
   // The age column moves on by itself (a render every 30 s), not only when a key is pressed.
   const [, setTick] = useState(0);
@@ -297,7 +299,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   const wide = size.columns >= 120;
   // The rows the frame really gives the body: a long error takes two or three lines (see Frame).
   const bodyHeight = frameBodyRows(size, error);
-  const shownNotice = localNotice ?? notice;
+  const shownNotice = localNotice ?? (noticeFresh ? notice : null);
   const noticeLines = shownNotice ? 1 : 0;
   // Below the list: a separator and the details, which give way first when rows are short.
   const detailHeight = wide ? bodyHeight - 2 : Math.max(2, Math.min(size.rows >= 30 ? 8 : 6, bodyHeight - noticeLines - 2 - 1 - 4));
@@ -307,6 +309,8 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
 
   useKeys(
     (input, key) => {
+      setNoticeFresh(false);
+      setLocalNotice(null);
       if (filtering) {
         if (key.escape) {
           setFilter('');

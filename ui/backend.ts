@@ -32,6 +32,8 @@ export interface TargetInfo {
   interrupted: RestoreState | null;
   /** Extra words for the summary, e.g. the device model. */
   description: string;
+  /** What is on it now (a filesystem and its label, a partition table, zeros), when it will be overwritten. */
+  contents?: string | null;
 }
 
 export interface RestoreRequest {
@@ -104,13 +106,24 @@ export interface Backend {
 /** Opens the repository; `askPassphrase` is called (maybe several times) only when one is needed. */
 export type Connect = (askPassphrase: () => Promise<string>) => Promise<Backend>;
 
+/**
+ * The engine's messages end with hints for the command line ("Use --force …", "… with --resume"); inside
+ * the UI those options do not exist (the UI asks, and offers resume itself), so such sentences are left out.
+ */
+export function withoutCliHints(message: string): string {
+  const sentences = message.split(/(?<=[.;])\s+/);
+  const kept = sentences.filter((s) => !/(^|\s|\()--[a-z]/.test(s) && !/\bblocksafe [a-z]+ /.test(s));
+  if (kept.length === 0 || kept.length === sentences.length) return message;
+  return kept.join(' ').replace(/;$/, '.');
+}
+
 /** One line for the UI: the message of a blocksafe error, never a stack trace. */
 export function errorText(err: unknown): string {
   if (err instanceof Error) {
     // BlocksafeError messages are written for users; anything else gets a hint where to look.
     const isBlocksafe = 'exitCode' in err;
     const first = err.message.split('\n')[0] ?? '';
-    return isBlocksafe ? first : `Unexpected problem: ${first} (the CLI command with --debug shows details).`;
+    return isBlocksafe ? withoutCliHints(first) : `Unexpected problem: ${first} (the CLI command with --debug shows details).`;
   }
   return String(err);
 }

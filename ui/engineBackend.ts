@@ -30,6 +30,7 @@ import {
   type TargetInfo,
   type VersionUsage,
 } from './backend.js';
+import { describeContents } from './contents.js';
 import { deviceRefusal, listBlockDevices, type BlockDevice } from './devices.js';
 import { confirmName, formatBytes } from './format.js';
 
@@ -170,6 +171,7 @@ class EngineBackend implements Backend {
       info.size = st.size;
       info.overwrites = st.size > 0;
       info.description = st.size > 0 ? `an existing file of ${formatBytes(st.size)}` : 'an existing empty file';
+      if (st.size > 0) info.contents = await describeContents(abs, st.size);
       return info;
     }
     if (st.isBlockDevice()) {
@@ -193,6 +195,7 @@ class EngineBackend implements Backend {
         else if (info.size < v.size) info.refusal = `too small (${formatBytes(info.size)} < ${formatBytes(v.size)})`;
       }
       if (info.refusal) info.refusal = `${abs} cannot be used: ${info.refusal}.`;
+      else info.contents = await describeContents(abs, info.size);
       return info;
     }
     info.refusal = `${abs} is neither a regular file nor a block device.`;
