@@ -10,6 +10,7 @@ import { BlockPipeline } from '../src/engine/blockPipeline.js';
 import { blockDeviceSize, mountsOf } from '../src/engine/device.js';
 import type { Progress } from '../src/engine/progress.js';
 import { addTags, assertOldEnough, removeTags, setProtected as protectVersion } from '../src/engine/lifecycle.js';
+import { describeHolder, LockNames } from '../src/engine/locks.js';
 import { assertRemovable, removeVersion } from '../src/engine/remove.js';
 import type { Repository, SecretSource } from '../src/engine/repository.js';
 import { restore as runRestore } from '../src/engine/restore.js';
@@ -116,6 +117,13 @@ class EngineBackend implements Backend {
       real = await fs.realpath(abs);
     } catch {
       // a new file: the engine keys its restore state by the resolved path as well
+    }
+    // A restore state whose target lock is held live is a restore running right now (another window, a
+    // script), not an interrupted one: it is neither resumed nor overwritten from here.
+    const running = this.repo.locks.liveLocks((r) => r === LockNames.target(real));
+    if (running[0]) {
+      info.refusal = `${abs} is being restored right now by ${describeHolder(running[0])}; wait for it to finish or stop it there.`;
+      return info;
     }
     info.interrupted = this.repo.index.getRestoreState(real) ?? null;
     let st;

@@ -159,6 +159,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
     ({ fh, zeroed } = await prepareTarget(version, opts.target, opts.force));
     state = { target: targetKey, version: version.id, blocks_done: 0, damaged: [], zeroed, sparse: opts.sparse, started: new Date().toISOString() };
     await repo.index.putRestoreState(state);
+    await pausePoint('restore.started');
   }
   const bs = version.block_size;
   const blocks = Math.ceil(version.size / bs);
