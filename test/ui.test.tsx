@@ -625,3 +625,18 @@ test.serial('a notice is gone after the next key; engine hints for the command l
   t.false(frame.includes('is now protected'), 'the notice went with the next key');
   r.unmount();
 });
+
+test.serial('an INVALID version: damaged blocks are zeros by default, Tab chooses another version to fill them from', async (t) => {
+  const { r, backend } = await start({ stepMs: 2 }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.down, KEY.enter); // root0002, INVALID
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/r2.img\r');
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /Damaged blocks: written as zeros\. Tab: fill them from another version\./);
+  await press(r, KEY.tab);
+  frame = await waitForFrame(r, /Damaged blocks: taken from version root0003 \(root, .*\) where it has them\s+intact, else zeros\./);
+  await press(r, KEY.enter);
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/work/r2.img', force: false, resume: false, fillFrom: 'root0003' }]);
+  r.unmount();
+});

@@ -4,7 +4,7 @@
  * interrupted restore exists) → progress (stoppable, resumable) → result.
  */
 import { Box, Text } from 'ink';
-import { useEffect, useRef, useState, type ReactNode } from 'react';
+import { useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
 import { CancelledError, errorText, type BlockDevice, type RestoreOutcome, type TargetInfo, type VersionRecord } from './backend.js';
 import { Frame, ProgressPanel, StepBar, TextInput, type KeyHint } from './components.js';
 import { deviceRefusal } from './devices.js';
@@ -153,6 +153,19 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const ctl = useRef<AbortController | null>(null);
   const startedAt = useRef(0);
   const forced = useRef(false);
+  // An INVALID version: its damaged blocks may be taken from another version (Tab on the Check step).
+  const [fillFrom, setFillFrom] = useState<VersionRecord | null>(null);
+  const fillCandidates = useMemo(() => {
+    if (version.valid) return [];
+    try {
+      return backend
+        .listVersions()
+        .filter((x) => x.id !== version.id && x.complete && x.block_size === version.block_size)
+        .sort((a, b) => Number(b.name === version.name) - Number(a.name === version.name) || Number(b.valid) - Number(a.valid) || b.date.localeCompare(a.date));
+    } catch {
+      return [];
+    }
+  }, [backend, version]);
 
   const loadDevices = () => {
     try {
@@ -222,7 +235,8 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
       },
     });
     const what = `version ${version.id} (${version.name}, ${longDate(version.date)}) to ${target.path}`;
-    backend.restore(version, { target: target.path, force: opts.force, resume: opts.resume }, listener, controller.signal).then(
+    const req = { target: target.path, force: opts.force, resume: opts.resume, ...(fillFrom ? { fillFrom: fillFrom.id } : {}) };
+    backend.restore(version, req, listener, controller.signal).then(
       (outcome) => {
         setJob(null);
         noteUnfinished(target.path, false);
@@ -296,6 +310,11 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
         case 'summary': {
           const { target } = phase;
           const sameInterrupted = target.interrupted?.version === version.id;
+          if (key.tab && fillCandidates.length) {
+            // none → first candidate → … → none
+            const i = fillFrom ? fillCandidates.findIndex((x) => x.id === fillFrom.id) : -1;
+            return setFillFrom(i + 1 < fillCandidates.length ? fillCandidates[i + 1]! : null);
+          }
           if (key.escape) {
             setError(null);
             return setPhase({ p: 'target' });
@@ -438,6 +457,14 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
         <Box flexDirection="column">
           <Text bold>Check before restoring</Text>
           <Summary v={version} target={target} />
+          {!version.valid ? (
+            <Text wrap="wrap">
+              {fillFrom
+                ? `Damaged blocks: taken from version ${fillFrom.id} (${fillFrom.name}, ${longDate(fillFrom.date)}) where it has them intact, else zeros.`
+                : 'Damaged blocks: written as zeros.'}
+              {fillCandidates.length ? <Text dimColor>{' Tab: fill them from another version.'}</Text> : null}
+            </Text>
+          ) : null}
           <Text> </Text>
           {target.interrupted ? (
             <Text color="yellow" wrap="wrap">

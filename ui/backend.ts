@@ -42,6 +42,8 @@ export interface RestoreRequest {
   force: boolean;
   /** Continue the interrupted restore of the same version to the same target. */
   resume: boolean;
+  /** Id of a version whose intact blocks replace damaged ones at the same offsets (else zeros). */
+  fillFrom?: string;
 }
 
 export interface RestoreOutcome {

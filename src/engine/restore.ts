@@ -26,6 +26,8 @@ export interface RestoreOptions {
   onProgress?: ProgressListener;
   /** Stops the restore after the blocks in flight, with a checkpoint (StoppedError): SIGINT, the UI's Stop. */
   signal?: AbortSignal;
+  /** A damaged block is taken from this version where it has an intact block at the same offset (else zeros). */
+  fillFrom?: VersionRecord;
 }
 
 export interface DamagedRange {
@@ -131,9 +133,14 @@ export async function restore(repo: Repository, pipeline: BlockPipeline, version
   if (!version.complete) {
     throw new RefusedError(`Version ${version.id} is incomplete (its backup was interrupted); resume or repeat the backup, or pick another version.`);
   }
+  const fill = opts.fillFrom;
+  if (fill && (!fill.complete || fill.block_size !== version.block_size || fill.id === version.id)) {
+    throw new UsageError(`Version ${fill.id} cannot fill damaged ranges of ${version.id}: it must be another complete version with the same block size (${formatBytes(version.block_size)}).`);
+  }
   const targetKey = await canonicalTarget(opts.target);
+  const run = () => withLock(repo.locks, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey));
   return withLock(repo.locks, LockNames.target(targetKey), 'exclusive', `Restore target ${opts.target}`, () =>
-    withLock(repo.locks, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey)),
+    fill ? withLock(repo.locks, LockNames.version(fill.id), 'shared', `Version ${fill.id}`, run) : run(),
   );
 }
 
@@ -168,6 +175,20 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
   // Damage found before an interruption is still damage: a resumed restore reports it too.
   const damaged: DamagedRange[] = state.damaged.map((d) => ({ ...d }));
   const cursor = repo.index.mapCursor(version.id, blocks);
+  const fillBlocks = opts.fillFrom ? Math.ceil(opts.fillFrom.size / bs) : 0;
+  const fillCursor = opts.fillFrom ? repo.index.mapCursor(opts.fillFrom.id, fillBlocks) : null;
+  /** The other version's block at `i` when it covers `length` bytes there and is intact; null otherwise. */
+  const fillBlock = async (i: number, length: number): Promise<Buffer | null> => {
+    if (!fillCursor || !opts.fillFrom || i * bs + length > opts.fillFrom.size) return null;
+    const c = fillCursor.get(i);
+    if (!c) return Buffer.alloc(length); // a zero block there
+    try {
+      return await pipeline.load(c, length);
+    } catch (err) {
+      if (err instanceof IntegrityError) return null;
+      throw err;
+    }
+  };
   const writeThrottle = opts.writeThrottle ?? UNLIMITED;
   let bytesWritten = 0;
   // Blocks before this one are written (in order): what a checkpoint on stop or failure may record.
@@ -201,6 +222,15 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
             data = await pipeline.load(checksum, length);
           } catch (err) {
             if (!(err instanceof IntegrityError)) throw err;
+            const other = await fillBlock(i, length);
+            if (other) {
+              await writeThrottle.take(length);
+              await writeFully(fh, other, i * bs).catch((e: unknown) => {
+                throw describeSystemError(e, `Writing target ${opts.target} at offset ${i * bs}`);
+              });
+              bytesWritten += length;
+              return { error: `${err.message} (filled from version ${opts.fillFrom!.id})` };
+            }
             // A device (or a resumed file) still holds older data under a damaged block: zeros instead, so a
             // restored target never silently mixes two versions. A fresh or truncated file reads as zeros already.
             if (!zeroed) {

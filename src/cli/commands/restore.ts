@@ -10,6 +10,7 @@ interface RestoreOptions extends GlobalOptions {
   force?: boolean;
   sparse?: boolean;
   resume?: boolean;
+  fillFrom?: string;
 }
 
 export function register(program: Command): void {
@@ -21,6 +22,7 @@ export function register(program: Command): void {
     .option('-f, --force', 'overwrite an existing, non-empty target')
     .option('--sparse', 'do not write all-zero blocks (the target already reads as zeros, e.g. a fresh thin volume)')
     .option('--resume', 'continue an interrupted restore of this version to this target')
+    .option('--fill-from <version>', 'take damaged blocks from this version where it has them intact (else they read as zeros)')
     .option('--json', 'print the result as JSON')
     .action(async (ref: string, target: string, _opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<RestoreOptions>();
@@ -41,6 +43,7 @@ export function register(program: Command): void {
       const result = await withPipeline(opts, (repo, pipeline, s) =>
         restore(repo, pipeline, repo.index.resolveVersion(ref), {
           signal: stop.signal,
+          fillFrom: opts.fillFrom ? repo.index.resolveVersion(opts.fillFrom) : undefined,
           target,
           force: !!opts.force,
           sparse: !!opts.sparse,
