@@ -183,7 +183,9 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop past 5
   t.regex(s, /== root \(2 versions\)/);
   t.true(s.indexOf('== home') < s.indexOf('== root'));
   t.true(s.indexOf(v2.id) < s.indexOf(v1.id), 'newest first');
-  t.regex(s, new RegExp(`${v1.id} \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d [+-]\\d\\d:\\d\\d .*valid\\s+keep`));
+  t.regex(s, /date \(UTC[+-]\d\d:\d\d\)/);
+  t.regex(s, new RegExp(`${v1.id} \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d(:\\d\\d)? .*valid\\s+keep`));
+  t.regex(s, new RegExp(`${v2.id} .*valid \\(newest valid\\)`));
   t.regex(s, /q quit/);
   t.regex(s, /\? help/);
   for (const line of s.split('\n')) t.true(line.length <= 100);

@@ -8,7 +8,7 @@ import test from 'ava';
 import { cleanup } from 'ink-testing-library';
 import { App } from '../ui/App.js';
 import { withoutCliHints, type Backend } from '../ui/backend.js';
-import { groupLines, listWindow, matchesFilter } from '../ui/VersionList.js';
+import { dateStyle, groupLines, listWindow, matchesFilter } from '../ui/VersionList.js';
 import { fakeBackend, fakeVersion, KEY, press, renderAt, VERSIONS, waitForFrame, waitUnmounted, type FakeOptions, type Rendered } from './uiFake.js';
 
 void React; // the test files are compiled with the classic JSX runtime
@@ -52,8 +52,11 @@ test.serial('the list shows groups, local dates with offset, sizes and status WO
   t.true(frame.indexOf('== home') < frame.indexOf('== root'));
   t.true(frame.indexOf('root0003') < frame.indexOf('root0002') && frame.indexOf('root0002') < frame.indexOf('root0001'));
   const row = (id: string) => ls.find((l) => l.includes(id) && !l.includes('Version'))!;
-  t.regex(row('root0003'), /\d{4}-\d\d-\d\d \d\d:\d\d [+-]\d\d:\d\d/);
-  t.regex(row('root0003'), /20\.0 GiB\s+valid\s+b_daily/);
+  // Every version has the same UTC offset: it is said once, in the header; rows show local date and time.
+  t.regex(frame, /date \(UTC[+-]\d\d:\d\d\)/);
+  t.regex(row('root0003'), /root0003 \d{4}-\d\d-\d\d \d\d:\d\d\s/);
+  t.regex(row('root0003'), /20\.0 GiB\s+valid \(newest valid\)\s+b_daily/);
+  t.notRegex(row('root0001'), /newest valid/);
   t.regex(row('root0002'), /INVALID/);
   t.regex(row('root0001'), /valid protected/);
   t.regex(row('home0002'), /\bincomplete\s*$/); // not "incomplete valid": it cannot be restored
@@ -368,7 +371,7 @@ test.serial('p protects and unprotects; t adds and removes tags (when the engine
   await waitForFrame(r, 'Tags now: offsite');
   await press(r, KEY.esc);
   frame = await waitForFrame(r, 'Tags of root0003: added offsite; removed b_daily.');
-  t.regex(frame, /root0003 .*valid\s+offsite/);
+  t.regex(frame, /root0003 .*valid \(newest valid\)\s+offsite/);
   r.unmount();
 });
 
@@ -638,5 +641,19 @@ test.serial('an INVALID version: damaged blocks are zeros by default, Tab choose
   await press(r, KEY.enter);
   await waitForFrame(r, 'DONE');
   t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/work/r2.img', force: false, resume: false, fillFrom: 'root0003' }]);
+  r.unmount();
+});
+
+test.serial('dates: seconds where versions share a minute, not elsewhere', async (t) => {
+  const a = fakeVersion('aaaa0001', 'a', '2026-11-27T02:00:05.000Z');
+  const b = fakeVersion('aaaa0002', 'a', '2026-11-27T02:00:41.000Z');
+  const c = fakeVersion('aaaa0003', 'a', '2026-11-27T03:10:00.000Z');
+  const style = dateStyle([a, b, c]);
+  t.is(style.withSeconds.size, 1, 'one shared minute');
+  const { r } = await start({ versions: [a, b, c] });
+  const frame = r.lastFrame()!;
+  t.regex(frame, /aaaa0001 \d{4}-\d\d-\d\d \d\d:\d\d:05 /);
+  t.regex(frame, /aaaa0002 \d{4}-\d\d-\d\d \d\d:\d\d:41 /);
+  t.regex(frame, /aaaa0003 \d{4}-\d\d-\d\d \d\d:\d\d {4}/);
   r.unmount();
 });

@@ -10,7 +10,33 @@ import { Frame, frameBodyRows, TextInput, type KeyHint } from './components.js';
 import { age, blocksOf, fit, plural, fitRight, formatBytes, formatDuration, longDate, shortDate, statusColor, statusWords } from './format.js';
 import { useKeys, useSession } from './hooks.js';
 
-export type ListLine = { kind: 'group'; name: string; count: number; shown: number } | { kind: 'version'; v: VersionRecord };
+export type ListLine = { kind: 'group'; name: string; count: number; shown: number } | { kind: 'version'; v: VersionRecord; newestValid?: boolean };
+
+/**
+ * How dates are shown in the list: the UTC offset once in the header when every version has the same one
+ * (else on each row), and seconds where several versions share a minute (else they look identical).
+ */
+export interface DateStyle {
+  offset: string | null;
+  withSeconds: Set<string>;
+}
+
+export function dateStyle(versions: VersionRecord[]): DateStyle {
+  const offsets = new Set(versions.map((v) => longDate(v.date).slice(20)));
+  const minutes = new Map<string, number>();
+  for (const v of versions) {
+    const m = longDate(v.date).slice(0, 16);
+    minutes.set(m, (minutes.get(m) ?? 0) + 1);
+  }
+  return { offset: offsets.size === 1 ? [...offsets][0]! : null, withSeconds: new Set([...minutes].filter(([, n]) => n > 1).map(([m]) => m)) };
+}
+
+function rowDate(iso: string, style: DateStyle): string {
+  const full = longDate(iso); // "2026-11-27 03:12:45 +01:00"
+  const minute = full.slice(0, 16);
+  const time = style.withSeconds.has(minute) ? full.slice(0, 19) : minute;
+  return style.offset ? time : `${time} ${full.slice(20)}`;
+}
 
 /**
  * Every space-separated word of the filter must occur in the version's id, name, date, tags or snapshot, or
@@ -39,7 +65,9 @@ export function groupLines(versions: VersionRecord[], filter: string): ListLine[
     if (g.shown.length === 0) continue;
     g.shown.sort((a, b) => b.date.localeCompare(a.date) || a.id.localeCompare(b.id));
     lines.push({ kind: 'group', name, count: g.all, shown: g.shown.length });
-    for (const v of g.shown) lines.push({ kind: 'version', v });
+    // The version most people want on the restore day: the newest one that is complete and valid.
+    const newest = versions.filter((v) => v.name === name && v.complete && v.valid).sort((a, b) => b.date.localeCompare(a.date))[0];
+    for (const v of g.shown) lines.push({ kind: 'version', v, newestValid: v === newest });
   }
   return lines;
 }
@@ -51,20 +79,21 @@ interface Columns {
   stored: number;
 }
 
-function columnsFor(width: number): Columns {
-  return { date: 23, age: 7, size: 9, stored: width >= 100 ? 10 : 0 };
+function columnsFor(width: number, style: DateStyle): Columns {
+  const date = (style.withSeconds.size ? 19 : 16) + (style.offset ? 0 : 7);
+  return { date: Math.max(date, style.offset ? 20 : 17), age: 7, size: 9, stored: width >= 100 ? 10 : 0 };
 }
 
-function header(width: number): string {
-  const c = columnsFor(width);
-  let s = `  ${fit('id', 8)} ${fit('date (local time)', c.date)} ${fitRight('age', c.age)} ${fitRight('size', c.size)}`;
+function header(width: number, style: DateStyle): string {
+  const c = columnsFor(width, style);
+  let s = `  ${fit('id', 8)} ${fit(style.offset ? `date (UTC${style.offset})` : 'date (local time)', c.date)} ${fitRight('age', c.age)} ${fitRight('size', c.size)}`;
   if (c.stored) s += ` ${fitRight('new data', c.stored)}`;
   return s + '  status / tags';
 }
 
-function VersionRow({ v, selected, width }: { v: VersionRecord; selected: boolean; width: number }) {
-  const c = columnsFor(width);
-  let left = `${selected ? '>' : ' '} ${fit(v.id, 8)} ${fit(shortDate(v.date), c.date)} ${fitRight(age(v.date), c.age)} ${fitRight(formatBytes(v.size), c.size)}`;
+function VersionRow({ v, selected, width, style, newestValid }: { v: VersionRecord; selected: boolean; width: number; style: DateStyle; newestValid: boolean }) {
+  const c = columnsFor(width, style);
+  let left = `${selected ? '>' : ' '} ${fit(v.id, 8)} ${fit(rowDate(v.date, style), c.date)} ${fitRight(age(v.date), c.age)} ${fitRight(formatBytes(v.size), c.size)}`;
   // "new data": what this backup added to the store (stored bytes), known without reading anything.
   if (c.stored) left += ` ${fitRight(v.complete ? formatBytes(v.stats.bytes_written) : '-', c.stored)}`;
   const words = statusWords(v);
@@ -79,6 +108,7 @@ function VersionRow({ v, selected, width }: { v: VersionRecord; selected: boolea
             {w}
           </Text>
         ))}
+        {newestValid ? <Text dimColor={!selected}> (newest valid)</Text> : null}
         {v.tags.length ? `  ${v.tags.join(',')}` : ''}
       </Text>
     </Box>
@@ -118,7 +148,7 @@ function GroupHeader({ name, count, shown, width, note }: { name: string; count:
 }
 
 /** The list itself: `height` lines, scrolled so the selected version is always visible. */
-export function VersionList({ lines, selectedId, width, height }: { lines: ListLine[]; selectedId: string | null; width: number; height: number }) {
+export function VersionList({ lines, selectedId, width, height, style }: { lines: ListLine[]; selectedId: string | null; width: number; height: number; style: DateStyle }) {
   const offsetRef = useRef(0);
   const sel = Math.max(
     0,
@@ -145,7 +175,7 @@ export function VersionList({ lines, selectedId, width, height }: { lines: ListL
         return l.kind === 'group' ? (
           <GroupHeader key={`g:${l.name}`} name={l.name} count={l.count} shown={l.shown} width={width} />
         ) : (
-          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} />
+          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} style={style} newestValid={!!l.newestValid} />
         );
       })}
       {lines.length > rows ? (
@@ -264,6 +294,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   }, []);
 
   const lines = useMemo(() => groupLines(versions, filter), [versions, filter]);
+  const style = useMemo(() => dateStyle(versions), [versions]);
   const shown = useMemo(() => lines.flatMap((l) => (l.kind === 'version' ? [l.v] : [])), [lines]);
   const selected = shown.find((v) => v.id === selectedId) ?? shown[0] ?? null;
 
@@ -422,7 +453,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
     ) : shown.length === 0 ? (
       <Text>No version matches "{filter}". Press Esc to clear the filter.</Text>
     ) : (
-      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} />
+      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} style={style} />
     );
 
   const list = (
@@ -430,7 +461,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
       {filterLine}
       <Box width={listWidth} height={1} overflow="hidden">
         <Text dimColor wrap="truncate-end">
-          {header(listWidth)}
+          {header(listWidth, style)}
         </Text>
       </Box>
       <Box height={listHeight} flexDirection="column">
