@@ -657,3 +657,21 @@ test.serial('dates: seconds where versions share a minute, not elsewhere', async
   t.regex(frame, /aaaa0003 \d{4}-\d\d-\d\d \d\d:\d\d {4}/);
   r.unmount();
 });
+
+test.serial('remove: the minimum age refuses before the id is asked; removing the only version of a volume is warned about', async (t) => {
+  const { r, backend } = await start({ withRemove: true, tooYoung: ['root0003'] });
+  await press(r, KEY.down, KEY.down, 'x'); // root0003, too young
+  let frame = await waitForFrame(r, 'Error: Version root0003 is only 1.0 days old (minimum age for removal: 7 days).');
+  t.false(frame.includes('type its id'), 'no id is asked for a removal that would be refused');
+  await press(r, KEY.esc);
+  await waitForFrame(r, 'versions of');
+  t.deepEqual(backend.removed, []);
+  // home0001 is not the only one of home (home0002 exists): no warning; a volume with one version: a warning.
+  const single = await start({ withRemove: true, versions: [fakeVersion('solo0001', 'solo', '2026-11-20T02:00:00.000Z')] });
+  await press(single.r, 'x');
+  frame = await waitForFrame(single.r, 'Remove this version from the repository?');
+  t.regex(frame, /This is the ONLY version of solo: after removing it, solo cannot be restored at\s+all\./);
+  single.r.unmount();
+  r.unmount();
+  t.is(withoutCliHints('Version v is only 0.2 days old (minimum age for removal: 7 days); use --force to remove it anyway. Nothing was removed.'), 'Version v is only 0.2 days old (minimum age for removal: 7 days). Nothing was removed.');
+});

@@ -82,6 +82,8 @@ export interface FakeOptions {
   withScrub?: boolean;
   withRemove?: boolean;
   withLifecycle?: boolean;
+  /** Versions the repository's minimum age keeps from being removed. */
+  tooYoung?: string[];
 }
 
 export interface FakeBackend extends Backend {
@@ -165,9 +167,18 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
   if (o.withRemove) {
     b.remove = async (v) => {
       if (v.protected) throw Object.assign(new Error(`Version ${v.id} is protected.`), { exitCode: 1 });
+      if (o.tooYoung?.includes(v.id)) throw Object.assign(new Error(`Version ${v.id} is only 1.0 days old.`), { exitCode: 1 });
       removed.push(v.id);
       versions = versions.filter((x) => x.id !== v.id);
     };
+  }
+  if (o.withRemove) {
+    b.removalRefusal = (v) =>
+      v.protected
+        ? `Version ${v.id} is protected.`
+        : o.tooYoung?.includes(v.id)
+          ? `Version ${v.id} is only 1.0 days old (minimum age for removal: 7 days). Nothing was removed.`
+          : null;
   }
   if (o.withLifecycle) {
     const update = (id: string, fn: (v: VersionRecord) => VersionRecord) => {

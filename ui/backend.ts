@@ -98,6 +98,8 @@ export interface Backend {
   scrub?: (req: ScrubRequest, onProgress: (p: Progress) => void, signal: AbortSignal) => Promise<ScrubResult>;
   /** Present only when the engine can remove versions. Refuses protected versions. */
   remove?: (v: VersionRecord) => Promise<void>;
+  /** Why `remove` would refuse `v` (protected, younger than the minimum age), asked before the id is typed. */
+  removalRefusal?: (v: VersionRecord) => string | null;
   /** Present only when the engine has lifecycle operations. */
   setProtected?: (v: VersionRecord, on: boolean) => Promise<void>;
   addTag?: (v: VersionRecord, tag: string) => Promise<void>;
@@ -114,9 +116,15 @@ export type Connect = (askPassphrase: () => Promise<string>) => Promise<Backend>
  */
 export function withoutCliHints(message: string): string {
   const sentences = message.split(/(?<=[.;])\s+/);
-  const kept = sentences.filter((s) => !/(^|\s|\()--[a-z]/.test(s) && !/\bblocksafe [a-z]+ /.test(s));
+  const kept: string[] = [];
+  for (const s of sentences) {
+    if (/(^|\s|\()--[a-z]/.test(s) || /\bblocksafe [a-z]+ /.test(s)) {
+      // "…; use --force …" dropped: the sentence before ends the thought.
+      if (kept.length) kept[kept.length - 1] = kept[kept.length - 1]!.replace(/;$/, '.');
+    } else kept.push(s);
+  }
   if (kept.length === 0 || kept.length === sentences.length) return message;
-  return kept.join(' ').replace(/;$/, '.');
+  return kept.join(' ');
 }
 
 /** One line for the UI: the message of a blocksafe error, never a stack trace. */

@@ -22,6 +22,7 @@ import { describeSystemError, KeyError, StoppedError, UsageError } from '../src/
 import type { VersionRecord } from '../src/index/records.js';
 import {
   CancelledError,
+  errorText,
   type Backend,
   type Connect,
   type RepositorySummary,
@@ -260,6 +261,17 @@ class EngineBackend implements Backend {
       });
     } finally {
       await pipeline.close();
+    }
+  };
+
+  removalRefusal = (v: VersionRecord): string | null => {
+    try {
+      const current = this.repo.index.getVersion(v.id) ?? v;
+      assertRemovable(current);
+      assertOldEnough(current, this.minAgeDays, false);
+      return null;
+    } catch (err) {
+      return errorText(err);
     }
   };
 
