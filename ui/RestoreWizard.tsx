@@ -516,7 +516,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
             {phase.resume ? 'Resuming' : 'Restoring'} <Text bold>{version.id}</Text> ({version.name}, {longDate(version.date)}) to <Text bold>{phase.target.path}</Text>
           </Text>
           <Text> </Text>
-          <ProgressPanel view={view} width={width} damagedLabel="Damaged ranges so far" />
+          <ProgressPanel view={view} width={width} damagedLabel="Damaged ranges so far" preparing="verifying the block map before writing…" />
           <Text> </Text>
           {phase.stopping ? (
             <Text color="yellow">Stopping after the blocks in flight… (the restore can be resumed later)</Text>

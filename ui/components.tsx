@@ -171,7 +171,7 @@ export function StepBar({ steps, current, verdict }: { steps: string[]; current:
 }
 
 /** Bar, bytes, throughput, ETA, elapsed time and damage count of a running operation. */
-export function ProgressPanel({ view, width, damagedLabel }: { view: ProgressView; width: number; damagedLabel: string }) {
+export function ProgressPanel({ view, width, damagedLabel, preparing = 'starting…' }: { view: ProgressView; width: number; damagedLabel: string; preparing?: string }) {
   const p = view.progress;
   const done = p?.doneBytes ?? 0;
   const total = p?.totalBytes ?? 0;
@@ -179,7 +179,7 @@ export function ProgressPanel({ view, width, damagedLabel }: { view: ProgressVie
   return (
     <Box flexDirection="column">
       <Text>
-        {p ? bar(done, total, barWidth) : bar(0, 1, barWidth)} {p ? percent(done, total) : 'starting…'}
+        {p ? bar(done, total, barWidth) : bar(0, 1, barWidth)} {p ? percent(done, total) : preparing}
       </Text>
       <Text wrap="truncate-end">
         {formatBytes(done)} of {p ? formatBytes(total) : '?'}
