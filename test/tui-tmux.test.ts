@@ -435,6 +435,16 @@ run('blocksafe ui in tmux: the terminal killed mid-restore stops it at its check
   const r = await runJson<{ bytes_written: number }>(['restore', ...repo.args, '--resume', v.id, target], { env: repo.env });
   t.true(r.bytes_written > 0 && r.bytes_written < image.size, `resumed, not restarted: ${r.bytes_written} of ${image.size} bytes written`);
   t.is(await sha256File(target), image.sha256);
+
+  // Idle (nothing running): the window killed, the UI ends cleanly with 0.
+  const idleStatus = path.join(dir, 'idle-status');
+  const ti = new Tmux(t, cleanEnv());
+  await ti.start(`sh -c 'trap "" HUP; cd ${ROOT} && ${COMMAND} ui ${repo.args.join(' ')} 2>${dir}/idle-stderr; echo $? > ${idleStatus}'`, 100, 30);
+  await ti.waitFor('1 version of 1 volume');
+  await ti.run('kill-window', '-t', 'ui');
+  const idleEnd = Date.now() + DEADLINE_MS;
+  while (!(code = (await fs.readFile(idleStatus, 'utf8').catch(() => '')).trim()) && Date.now() < idleEnd) await poll();
+  t.is(code, '0', `idle UI after its terminal vanished; stderr: ${await fs.readFile(path.join(dir, 'idle-stderr'), 'utf8').catch(() => '')}`);
 });
 
 run('blocksafe ui in tmux: a repository that does not open exits 1; a long list keeps the selected row visible with a two-line error', async (t) => {
