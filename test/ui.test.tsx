@@ -675,3 +675,32 @@ test.serial('remove: the minimum age refuses before the id is asked; removing th
   r.unmount();
   t.is(withoutCliHints('Version v is only 0.2 days old (minimum age for removal: 7 days); use --force to remove it anyway. Nothing was removed.'), 'Version v is only 0.2 days old (minimum age for removal: 7 days). Nothing was removed.');
 });
+
+test.serial('a repository that does not open: r lets another path be typed, and the UI opens it', async (t) => {
+  const backend = fakeBackend();
+  const tried: string[] = [];
+  const failing = async (): Promise<Backend> => {
+    throw Object.assign(new Error('No blocksafe repository at /media/usbb (no blocksafe.json).'), { exitCode: 1 });
+  };
+  const fatal: boolean[] = [];
+  const r = await renderAt(
+    <App
+      connect={failing}
+      location="/media/usbb"
+      onFatal={(f) => fatal.push(f)}
+      relocate={(input) => {
+        tried.push(input);
+        return { location: input, connect: async () => backend };
+      }}
+    />,
+  );
+  await waitForFrame(r, 'Error: No blocksafe repository at /media/usbb');
+  await press(r, 'r');
+  await waitForFrame(r, 'Type the path of the repository');
+  r.stdin.write('/media/usb/blocksafe\r');
+  const frame = await waitForFrame(r, 'versions of');
+  t.regex(frame, /blocksafe · \/media\/usb\/blocksafe/);
+  t.deepEqual(tried, ['/media/usb/blocksafe']);
+  t.deepEqual(fatal, [true, false], 'the exit code is no longer that of a failed opening');
+  r.unmount();
+});

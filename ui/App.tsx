@@ -28,12 +28,14 @@ export interface AppProps {
   /** Opens the repository (asking for a passphrase through the callback when one is needed). */
   connect: Connect;
   location: string;
+  /** Another repository path typed after this one did not open (a typo at 3 a.m.); throws on a bad one. */
+  relocate?: (input: string) => { location: string; connect: Connect };
   /** Called once the app has decided to end (after any running operation stopped). */
   onLog?: (line: string) => void;
   onIntegrityProblem?: () => void;
   /** A restore was left stopped or failed (true), or finished since (false); the repository did not open (fatal). */
   onUnfinished?: (target: string, unfinished: boolean) => void;
-  onFatal?: () => void;
+  onFatal?: (fatal: boolean) => void;
   /** 'quit' events (SIGTERM, SIGHUP) stop a running operation and end the app. */
   events?: EventEmitter;
 }
@@ -62,7 +64,11 @@ class Guard extends Component<{ children: ReactNode; onError: (e: unknown) => vo
   }
 }
 
-type Gate = { kind: 'opening' } | { kind: 'passphrase'; error: string | null; unlocking: boolean } | { kind: 'fatal'; error: string } | { kind: 'ready'; backend: Backend };
+type Gate =
+  | { kind: 'opening' }
+  | { kind: 'passphrase'; error: string | null; unlocking: boolean }
+  | { kind: 'fatal'; error: string; retyping: boolean }
+  | { kind: 'ready'; backend: Backend };
 
 function UnlockScreen({ location, error, unlocking, onSubmit }: { location: string; error: string | null; unlocking: boolean; onSubmit: (p: string) => void }) {
   const [pass, setPass] = useState('');
@@ -98,10 +104,10 @@ function UnlockScreen({ location, error, unlocking, onSubmit }: { location: stri
   );
 }
 
-function Message({ location, text, error }: { location: string; text?: string; error?: string }) {
+function Message({ location, text, error, retype }: { location: string; text?: string; error?: string; retype?: boolean }) {
   return (
-    <Frame title={`blocksafe · ${location}`} keys={[['q', 'quit']]} error={error}>
-      <Text wrap="wrap">{text ?? (error ? 'The repository could not be opened; the reason is above. Press q to quit.' : '')}</Text>
+    <Frame title={`blocksafe · ${location}`} keys={retype && error ? [['r', 'another path'], ['q', 'quit']] : [['q', 'quit']]} error={error}>
+      <Text wrap="wrap">{text ?? (error ? `The repository could not be opened (the reason is below). ${retype ? 'Press r to type another path, or q to quit.' : 'Press q to quit.'}` : '')}</Text>
     </Frame>
   );
 }
@@ -116,7 +122,10 @@ export function App(props: AppProps) {
   );
 }
 
-function Screens({ connect, location, onLog, onIntegrityProblem, onUnfinished, onFatal, events }: AppProps) {
+function Screens({ connect: firstConnect, location: firstLocation, relocate, onLog, onIntegrityProblem, onUnfinished, onFatal, events }: AppProps) {
+  const [repoTarget, setRepoTarget] = useState({ location: firstLocation, connect: firstConnect });
+  const { location, connect } = repoTarget;
+  const [newPath, setNewPath] = useState('');
   const { exit } = useApp();
   const size = useTerminalSize();
   const [gate, setGate] = useState<Gate>({ kind: 'opening' });
@@ -147,14 +156,15 @@ function Screens({ connect, location, onLog, onIntegrityProblem, onUnfinished, o
       connect(ask).then(
         (backend) => {
           if (!alive) return void backend.close();
+          onFatal?.(false);
           setGate({ kind: 'ready', backend });
         },
         (err) => {
           if (!alive) return;
           if (asked) attempt(errorText(err));
           else {
-            onFatal?.();
-            setGate({ kind: 'fatal', error: errorText(err) });
+            onFatal?.(true);
+            setGate({ kind: 'fatal', error: errorText(err), retyping: false });
           }
         },
       );
@@ -211,7 +221,15 @@ function Screens({ connect, location, onLog, onIntegrityProblem, onUnfinished, o
     if (key.f10) return quit();
     if (key.f1 && gate.kind === 'ready' && !tooSmall) return setHelp(true);
     if (tooSmall && input === 'q') return quit();
+    if (gate.kind === 'fatal' && gate.retyping) {
+      if (key.escape) return setGate({ ...gate, retyping: false });
+      return; // the text input takes the path, Enter included
+    }
     if ((gate.kind === 'fatal' || crashed) && input === 'q') return quit();
+    if (gate.kind === 'fatal' && relocate && input === 'r') {
+      setNewPath('');
+      return setGate({ ...gate, retyping: true });
+    }
     // Esc at the passphrase prompt leaves (nothing is open yet).
     if (gate.kind === 'passphrase' && !gate.unlocking && key.escape) return finish();
   });
@@ -266,8 +284,36 @@ function Screens({ connect, location, onLog, onIntegrityProblem, onUnfinished, o
       <SessionContext.Provider value={bare}>
         {gate.kind === 'passphrase' ? (
           <UnlockScreen location={location} error={gate.error} unlocking={gate.unlocking} onSubmit={(p) => passphraseWaiter.current?.(p)} />
+        ) : gate.kind === 'fatal' && gate.retyping ? (
+          <Frame
+            title={`blocksafe · ${location}`}
+            keys={[
+              ['Enter', 'open this repository'],
+              ['Esc', 'back'],
+            ]}
+            error={gate.error}
+          >
+            <Text>Type the path of the repository (a directory, or s3://bucket/prefix) and press Enter:</Text>
+            <Text>
+              {'> '}
+              <TextInput
+                value={newPath}
+                onChange={setNewPath}
+                active
+                onSubmit={(text) => {
+                  if (!relocate || !text.trim()) return;
+                  try {
+                    setRepoTarget(relocate(text.trim()));
+                    setGate({ kind: 'opening' });
+                  } catch (err) {
+                    setGate({ kind: 'fatal', error: errorText(err), retyping: true });
+                  }
+                }}
+              />
+            </Text>
+          </Frame>
         ) : gate.kind === 'fatal' ? (
-          <Message location={location} error={gate.error} />
+          <Message location={location} error={gate.error} retype={!!relocate} />
         ) : (
           <Message location={location} text={`Opening ${location}…`} />
         )}
@@ -339,7 +385,15 @@ export async function runUi(opts: GlobalOptions): Promise<number> {
   const { engineConnect } = await import('./engineBackend.js');
   const { location, connect } = engineConnect(opts);
   let backend: Backend | null = null;
-  const trackedConnect: Connect = async (ask) => (backend = await connect(ask));
+  const track =
+    (c: Connect): Connect =>
+    async (ask) =>
+      (backend = await c(ask));
+  const trackedConnect = track(connect);
+  const relocate = (input: string) => {
+    const next = engineConnect({ ...opts, repo: input });
+    return { location: next.location, connect: track(next.connect) };
+  };
   const lines: string[] = [];
   let integrity = false;
   let fatal = false;
@@ -391,9 +445,10 @@ export async function runUi(opts: GlobalOptions): Promise<number> {
           if (yes) unfinished.add(target);
           else unfinished.delete(target);
         }}
-        onFatal={() => {
-          fatal = true;
+        onFatal={(f) => {
+          fatal = f;
         }}
+        relocate={relocate}
         events={events}
       />,
       { exitOnCtrlC: false, patchConsole: true },
