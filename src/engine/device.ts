@@ -17,15 +17,21 @@ export function sourcePath(uri: string): string {
   return uri;
 }
 
-/** Size of a block device from sysfs (stat reports 0 for devices). */
-export function blockDeviceSize(rdev: number): number {
+/** "major:minor" of a device number as stat reports it (Linux's encoding). */
+export function devNumber(rdev: number): string {
   const major = Math.floor(rdev / 256) & 0xfff;
   const minor = (rdev & 0xff) | ((Math.floor(rdev / 2 ** 20) & 0xfff) << 8);
+  return `${major}:${minor}`;
+}
+
+/** Size of a block device from sysfs (stat reports 0 for devices). */
+export function blockDeviceSize(rdev: number): number {
+  const devno = devNumber(rdev);
   try {
-    const sectors = Number(readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());
+    const sectors = Number(readFileSync(`/sys/dev/block/${devno}/size`, 'utf8').trim());
     return sectors * 512;
   } catch (err) {
-    throw new BlocksafeError(`Cannot read the size of block device ${major}:${minor} from /sys (${(err as Error).message}).`);
+    throw new BlocksafeError(`Cannot read the size of block device ${devno} from /sys (${(err as Error).message}).`);
   }
 }
 
@@ -46,8 +52,7 @@ export async function inspectSource(path: string): Promise<DeviceInfo> {
 
 /** Mount points of a block device (by its device number, so /dev/loop0 and its aliases match). */
 export function mountsOf(rdev: number): string[] {
-  const major = Math.floor(rdev / 256) & 0xfff;
-  const minor = (rdev & 0xff) | ((Math.floor(rdev / 2 ** 20) & 0xfff) << 8);
+  const devno = devNumber(rdev);
   let text: string;
   try {
     text = readFileSync('/proc/self/mountinfo', 'utf8');
@@ -57,7 +62,7 @@ export function mountsOf(rdev: number): string[] {
   const out: string[] = [];
   for (const line of text.split('\n')) {
     const f = line.split(' ');
-    if (f[2] === `${major}:${minor}`) out.push(f[4]!);
+    if (f[2] === devno) out.push(f[4]!);
   }
   return out;
 }

@@ -10,6 +10,7 @@ import type { Stats } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { RefusedError } from '../errors.js';
+import { devNumber } from './device.js';
 
 /** Where the kernel's views live (a test can point them at a fake tree). */
 export interface SystemRoots {
@@ -19,12 +20,6 @@ export interface SystemRoots {
 
 const SYSTEM: SystemRoots = { sys: '/sys', proc: '/proc' };
 
-/** "major:minor" of a device number as stat reports it (Linux's encoding). */
-export function devNumber(rdev: number): string {
-  const major = Math.floor(rdev / 256) & 0xfff;
-  const minor = (rdev & 0xff) | ((Math.floor(rdev / 2 ** 20) & 0xfff) << 8);
-  return `${major}:${minor}`;
-}
 
 async function read(file: string): Promise<string> {
   try {
