@@ -704,3 +704,10 @@ test.serial('a repository that does not open: r lets another path be typed, and 
   t.deepEqual(fatal, [true, false], 'the exit code is no longer that of a failed opening');
   r.unmount();
 });
+
+test.serial('the list says how much of an INVALID version is damaged', async (t) => {
+  const { r } = await start({}, 100, 30);
+  const frame = await waitForFrame(r, /root0002 .*INVALID \(2 blocks of 5120 damaged\)/);
+  t.notRegex(frame, /root0003 .*damaged/);
+  r.unmount();
+});

@@ -91,7 +91,7 @@ function header(width: number, style: DateStyle): string {
   return s + '  status / tags';
 }
 
-function VersionRow({ v, selected, width, style, newestValid }: { v: VersionRecord; selected: boolean; width: number; style: DateStyle; newestValid: boolean }) {
+function VersionRow({ v, selected, width, style, newestValid, damaged }: { v: VersionRecord; selected: boolean; width: number; style: DateStyle; newestValid: boolean; damaged?: number }) {
   const c = columnsFor(width, style);
   let left = `${selected ? '>' : ' '} ${fit(v.id, 8)} ${fit(rowDate(v.date, style), c.date)} ${fitRight(age(v.date), c.age)} ${fitRight(formatBytes(v.size), c.size)}`;
   // "new data": what this backup added to the store (stored bytes), known without reading anything.
@@ -109,6 +109,7 @@ function VersionRow({ v, selected, width, style, newestValid }: { v: VersionReco
           </Text>
         ))}
         {newestValid ? <Text dimColor={!selected}> (newest valid)</Text> : null}
+        {damaged !== undefined && !v.valid ? <Text color="red">{` (${plural(damaged, 'block')} of ${blocksOf(v)} damaged)`}</Text> : null}
         {v.tags.length ? `  ${v.tags.join(',')}` : ''}
       </Text>
     </Box>
@@ -148,7 +149,22 @@ function GroupHeader({ name, count, shown, width, note }: { name: string; count:
 }
 
 /** The list itself: `height` lines, scrolled so the selected version is always visible. */
-export function VersionList({ lines, selectedId, width, height, style }: { lines: ListLine[]; selectedId: string | null; width: number; height: number; style: DateStyle }) {
+export function VersionList({
+  lines,
+  selectedId,
+  width,
+  height,
+  style,
+  damage = new Map(),
+}: {
+  lines: ListLine[];
+  selectedId: string | null;
+  width: number;
+  height: number;
+  style: DateStyle;
+  /** Damaged blocks of INVALID versions, as far as counted. */
+  damage?: Map<string, number>;
+}) {
   const offsetRef = useRef(0);
   const sel = Math.max(
     0,
@@ -175,7 +191,7 @@ export function VersionList({ lines, selectedId, width, height, style }: { lines
         return l.kind === 'group' ? (
           <GroupHeader key={`g:${l.name}`} name={l.name} count={l.count} shown={l.shown} width={width} />
         ) : (
-          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} style={style} newestValid={!!l.newestValid} />
+          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} style={style} newestValid={!!l.newestValid} damaged={damage.get(l.v.id)} />
         );
       })}
       {lines.length > rows ? (
@@ -295,6 +311,24 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
 
   const lines = useMemo(() => groupLines(versions, filter), [versions, filter]);
   const style = useMemo(() => dateStyle(versions), [versions]);
+  // How much of each INVALID version is damaged, counted in the background from their block maps (INVALID
+  // versions are few), so the list helps choose between them.
+  const [damage, setDamage] = useState<Map<string, number>>(new Map());
+  useEffect(() => {
+    const ctl = new AbortController();
+    void (async () => {
+      for (const v of versions.filter((x) => !x.valid && x.complete)) {
+        try {
+          const u = await backend.versionUsage(v, ctl.signal);
+          if (ctl.signal.aborted) return;
+          setDamage((m) => new Map(m).set(v.id, u.damagedBlocks));
+        } catch {
+          if (ctl.signal.aborted) return;
+        }
+      }
+    })();
+    return () => ctl.abort();
+  }, [backend, versions]);
   const shown = useMemo(() => lines.flatMap((l) => (l.kind === 'version' ? [l.v] : [])), [lines]);
   const selected = shown.find((v) => v.id === selectedId) ?? shown[0] ?? null;
 
@@ -453,7 +487,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
     ) : shown.length === 0 ? (
       <Text>No version matches "{filter}". Press Esc to clear the filter.</Text>
     ) : (
-      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} style={style} />
+      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} style={style} damage={damage} />
     );
 
   const list = (
