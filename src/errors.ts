@@ -33,6 +33,9 @@ export class NotFoundError extends BlocksafeError {}
 /** The operation would destroy data and was refused (existing target, mounted device, …). */
 export class RefusedError extends BlocksafeError {}
 
+/** A long operation was stopped on request (a signal, the UI's Stop); its progress is kept for a resume. */
+export class StoppedError extends BlocksafeError {}
+
 /** Wrong passphrase or key file. */
 export class KeyError extends BlocksafeError {}
 

@@ -14,14 +14,17 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import test, { type ExecutionContext } from 'ava';
-import { attachLoop, backupJson, initRepo, loopDevicesWork, makeImage, MiB, PASSPHRASE, ROOT, runJson, sha256File, tempDir, type ImageLayout, type VersionJson } from './helpers.js';
+import { attachLoop, backupJson, flipBit, initKeyFileRepo, initRepo, listObjects, loopDevicesWork, makeImage, MiB, PASSPHRASE, readRange, ROOT, run as runCmd, runJson, runStatus, sha256File, tempDir, type ImageLayout, type VersionJson } from './helpers.js';
 
 const execFileP = promisify(execFile);
 const ARTIFACTS = path.join(ROOT, 'test-artifacts', 'tui');
 const COMMAND = process.env.BLOCKSAFE_BIN ? path.resolve(ROOT, process.env.BLOCKSAFE_BIN) : `${process.execPath} ${path.join(ROOT, 'bin', 'blocksafe.js')}`;
 const haveTmux = spawnSync('sh', ['-c', 'command -v tmux'], { stdio: 'ignore' }).status === 0;
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+/** Poll interval of the screen (polling for a state, never a wait that decides anything). */
+const poll = () => new Promise<void>((r) => setTimeout(r, 50));
+/** Generous: a loaded 2-core machine must not fail a correct UI. */
+const DEADLINE_MS = 60_000;
 
 /** A tmux server of our own (its own socket), so nothing of the user's tmux is touched. */
 class Tmux {
@@ -48,29 +51,45 @@ class Tmux {
     return this.run('capture-pane', '-p', ...(join ? ['-J'] : []), '-t', 'ui');
   }
 
-  /** Named keys (Enter, Escape, Down, Tab, C-c …). */
+  /**
+   * Named keys (Enter, Escape, Down, Tab, C-c …), sent back to back: the UI handles keys in order, one at a
+   * time, even when several arrive in one read (Esc and the next key included).
+   */
   async keys(...keys: string[]): Promise<void> {
-    for (const k of keys) {
-      await this.run('send-keys', '-t', 'ui', k);
-      await sleep(60);
-    }
+    for (const k of keys) await this.run('send-keys', '-t', 'ui', k);
   }
 
   /** Text typed literally. */
   async type(text: string): Promise<void> {
     await this.run('send-keys', '-t', 'ui', '-l', '--', text);
-    await sleep(60);
   }
 
-  /** Waits until the screen contains `what`; fails with the screen. */
-  async waitFor(what: string | RegExp, timeoutMs = 15000): Promise<string> {
+  /**
+   * Polls until the screen contains `what` (a string also when the UI wrapped it over lines); fails with
+   * the screen after a generous deadline.
+   */
+  async waitFor(what: string | RegExp, timeoutMs = DEADLINE_MS): Promise<string> {
     const end = Date.now() + timeoutMs;
+    const flat = (x: string) => x.replace(/\s+/g, ' ');
     for (;;) {
       const s = await this.screen();
-      if (typeof what === 'string' ? s.includes(what) : what.test(s)) return s;
+      if (typeof what === 'string' ? s.includes(what) || flat(s).includes(flat(what)) : what.test(s)) return s;
       if (Date.now() > end) throw new Error(`timed out waiting for ${String(what)} on the screen:\n${s}`);
-      await sleep(100);
+      await poll();
     }
+  }
+
+  /** Sends `key` until the screen matches `what`, waiting for each key's effect (a changed screen). */
+  async keyUntil(key: string, what: RegExp, max = 60): Promise<string> {
+    let s = await this.screen();
+    for (let i = 0; i < max && !what.test(s); i++) {
+      const before = s;
+      await this.keys(key);
+      const end = Date.now() + DEADLINE_MS;
+      while ((s = await this.screen()) === before && Date.now() < end) await poll();
+    }
+    if (!what.test(s)) throw new Error(`${key} × ${max} did not bring ${String(what)} on the screen:\n${s}`);
+    return s;
   }
 
   /** Saves the current screen as test-artifacts/tui/NN-name.txt and returns it. */
@@ -103,10 +122,22 @@ async function openRestore(tm: Tmux, id: string): Promise<void> {
   await tm.waitFor('Where should it be restored to?');
 }
 
-const run = haveTmux ? test : test.skip;
+const run = haveTmux ? test.serial : test.serial.skip;
+if (!haveTmux && process.env.CI === 'true') test('tmux is needed in CI for the terminal UI tests', (t) => t.fail('tmux is not installed'));
 
-run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and resume, overwrite with typed name, device, quit', async (t) => {
-  t.timeout(90_000);
+/** Bytes a restore to a fresh file writes from block `from` on: zero blocks become holes and are not written. */
+function bytesFrom(layout: ImageLayout, size: number, from: number): number {
+  const bs = layout.blockSize ?? 4 * 1024 * 1024; // makeImage's default
+  let n = 0;
+  for (let i = from; i * bs < size; i++) {
+    const kind = layout.blocks[i] ?? layout.tail?.kind;
+    if (kind !== 'zero') n += Math.min(bs, size - i * bs);
+  }
+  return n;
+}
+
+run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop past 50 % and resume from there, in-use targets refused, overwrite with typed name, device, damage zero-filled, exit codes', async (t) => {
+  t.timeout(300_000);
   const dir = await tempDir(t, 'blocksafe-tui-');
   // 1 MiB blocks keep the images small while a restore still has enough blocks to stop half-way.
   const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '1M' });
@@ -116,15 +147,20 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and re
     blocks: ['random', 'zero', 'text', { dup: 0 }, 'random', 'random', 'text', 'random', 'random', 'zero', 'random', 'text'],
     tail: { bytes: 123_457, kind: 'random' },
   });
-  const v1Image = await makeImage(path.join(dir, 'root-v1.img'), layout('night-1'));
+  const v1Layout = layout('night-1');
+  const v1Image = await makeImage(path.join(dir, 'root-v1.img'), v1Layout);
   const v2Image = await makeImage(path.join(dir, 'root-v2.img'), layout('night-2'));
   const homeImage = await makeImage(path.join(dir, 'home.img'), { blockSize: MiB, seed: 'home', blocks: ['text', 'random', 'random'] });
-  // Backups of different volumes may run at the same time; the two of root one after the other.
-  const [v1, home] = await Promise.all([backupJson(repo, v1Image.path, 'root', ['--tag', 'keep']), backupJson(repo, homeImage.path, 'home')]);
+  const v1 = await backupJson(repo, v1Image.path, 'root', ['--tag', 'keep']);
   const v2 = await backupJson(repo, v2Image.path, 'root');
-  // The target is written at 2 MiB/s, so a restore of 12 MiB lasts long enough (~4 s) to be stopped half-way.
+  // The objects home adds (all its blocks are its own): one of them is damaged later.
+  const before = new Set(await listObjects(repo.dir));
+  const home = await backupJson(repo, homeImage.path, 'home');
+  const homeObjects = (await listObjects(repo.dir)).filter((o) => !before.has(o));
+  t.is(homeObjects.length, 3, 'precondition: home has three objects of its own');
+  // The target is written at 1 MiB/s, so a restore of 12 MiB lasts long enough (~12 s) to be stopped past half-way.
   const config = path.join(dir, 'ui.conf');
-  await fs.writeFile(config, '[pipeline]\nwrite_limit = 2M\n');
+  await fs.writeFile(config, '[pipeline]\nwrite_limit = 1M\n');
 
   await fs.rm(ARTIFACTS, { recursive: true, force: true });
   const tm = new Tmux(t, cleanEnv());
@@ -148,7 +184,9 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and re
   t.regex(s, /== root \(2 versions\)/);
   t.true(s.indexOf('== home') < s.indexOf('== root'));
   t.true(s.indexOf(v2.id) < s.indexOf(v1.id), 'newest first');
-  t.regex(s, new RegExp(`${v1.id} \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d [+-]\\d\\d:\\d\\d .*valid\\s+keep`));
+  t.regex(s, /date \(UTC[+-]\d\d:\d\d\)/);
+  t.regex(s, new RegExp(`${v1.id} \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d(:\\d\\d)? .*valid\\s+keep`));
+  t.regex(s, new RegExp(`${v2.id} .*valid \\(newest valid\\)`));
   t.regex(s, /q quit/);
   t.regex(s, /\? help/);
   for (const line of s.split('\n')) t.true(line.length <= 100);
@@ -166,10 +204,12 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and re
   s = await tm.waitFor(/Restoring .*ETA/s);
   await tm.shot('restore-started');
   s = await tm.waitFor('DONE: the restore finished and every block was verified.');
+  t.regex(s, /5 Result/);
   await tm.shot('restore-done');
   t.is(await sha256File(target1), homeImage.sha256, 'the restored file equals the backed-up image');
 
-  // Stop a restore half-way with Esc, then resume it: the result is still exact.
+  // Stop a restore past half-way with Esc; the Check step then offers to resume at the same figure, and the
+  // resumed restore writes only what was missing. The result is exact.
   await tm.keys('Enter');
   await tm.waitFor('3 versions of');
   const target2 = path.join(dir, 'restored-root.img');
@@ -178,19 +218,33 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and re
   await tm.keys('Enter');
   await tm.waitFor('Press Enter to start the restore');
   await tm.keys('Enter');
-  await tm.waitFor(/Restoring .*\d+\.\d %/s);
+  await tm.waitFor(/Restoring .* (5\d|6\d|7\d|8\d)\.\d %/s);
   await tm.shot('restore-progress');
   await tm.keys('Escape');
   await tm.waitFor('Stop the restore?');
   await tm.keys('y');
-  s = await tm.waitFor('STOPPED at');
+  s = await tm.waitFor(/STOPPED at .*\./);
   await tm.shot('restore-stopped');
-  t.notRegex(s, /STOPPED at 100\.0 %/);
+  const stopped = /STOPPED at (\d+\.\d) % \((\d+) of (\d+) blocks\)/.exec(s);
+  t.truthy(stopped, s);
+  t.true(Number(stopped![1]) >= 50 && Number(stopped![1]) < 100, `stopped past half-way: ${stopped![1]} %`);
+  t.regex(s, /4 Restore STOPPED/);
+  t.notRegex(s, /4 Restore ok/);
+  await tm.keys('Enter');
+  await tm.waitFor('3 versions of');
+  await openRestore(tm, v1.id);
+  await tm.type(target2);
+  await tm.keys('Enter');
+  s = await tm.waitFor('An interrupted restore of this version to this target exists', DEADLINE_MS);
+  s = await tm.screen(true);
+  t.regex(s, new RegExp(`it resumes at ${stopped![1]} % \\(${stopped![2]} of ${stopped![3]} blocks\\)`), 'the Check step shows the STOPPED figure');
+  await tm.shot('resume-offered');
   await tm.keys('r');
   s = await tm.waitFor(/DONE: the restore finished|FINISHED WITH DAMAGE|did not finish/);
   t.regex(s, /DONE/);
   await tm.shot('restore-resumed-done');
   t.is(await sha256File(target2), v1Image.sha256, 'the stopped and resumed restore is exact');
+  const resumedBytes = bytesFrom(v1Layout, v1Image.size, Number(stopped![2]));
 
   // Restore another version over the existing file: only after typing its name.
   await tm.keys('Enter');
@@ -210,66 +264,89 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and re
   await tm.waitFor('DONE: the restore finished');
   t.is(await sha256File(target2), homeImage.sha256, 'the file is now exactly the other version');
 
-  // A block device from the list (a loop device over a file), where this machine allows it.
   if (loopDevicesWork()) {
-    const backing = path.join(dir, 'disk.img');
-    await fs.writeFile(backing, Buffer.alloc(0));
-    await fs.truncate(backing, 8 * MiB);
-    const dev = await attachLoop(t, backing);
+    // The backing file of a mounted loop device, and the device: refused on the Target step, untouched.
+    const img = path.join(dir, 'mounted.img');
+    await fs.writeFile(img, Buffer.alloc(0));
+    await fs.truncate(img, 16 * MiB);
+    await runCmd('mkfs.ext4', ['-q', '-F', img]);
+    const mdev = await attachLoop(t, img);
+    const mnt = path.join(dir, 'mnt');
+    await fs.mkdir(mnt);
+    await runCmd('mount', [mdev, mnt]);
+    t.teardown(() => runStatus('umount', [mnt]));
+    const imgHash = await sha256File(img);
     await tm.keys('Enter');
+    await tm.waitFor('3 versions of');
+    await openRestore(tm, home.id);
+    await tm.type(img);
+    await tm.keys('Enter');
+    s = await tm.waitFor(`it backs loop device ${mdev} (mounted on ${mnt})`);
+    await tm.shot('refused-mounted-loop-file');
+    t.regex(s, /\[2 Target\]/);
+    await tm.keys('C-u');
+    await tm.type(mdev);
+    await tm.keys('Enter');
+    s = await tm.waitFor(`${mdev} cannot be used: mounted on ${mnt}`);
+    t.regex(s, /\[2 Target\]/);
+    await tm.keys('C-u', 'Escape');
+    t.is(await sha256File(img), imgHash, 'the mounted image is untouched');
+
+    // A block device from the list (a loop device over a file).
+    const backing = path.join(dir, 'disk.img');
+    await fs.writeFile(backing, Buffer.alloc(8 * MiB, 0xab)); // holds other data: not all zeros
+    const dev = await attachLoop(t, backing);
     await tm.waitFor('3 versions of');
     await openRestore(tm, home.id);
     await tm.keys('Tab');
     s = await tm.waitFor(dev);
     await tm.shot('device-list');
     t.regex(s, new RegExp(`${dev}\\s+8\\.00 MiB\\s+loop of .*yes \\(will be overwritten\\)`));
-    // Walk to our device and choose it.
-    for (let i = 0; i < 40 && !new RegExp(`> ${dev}\\b`).test(await tm.screen()); i++) await tm.keys('Down');
+    t.regex(s, new RegExp(`${mdev} .*NO: mounted on ${mnt}`));
+    await tm.keyUntil('Down', new RegExp(`> ${dev}\\b`));
     await tm.keys('Enter');
     s = await tm.waitFor('type its name');
     t.regex(s, /ALL DATA on \/dev\/loop\d+ is lost/);
-    await tm.type(path.basename(dev));
+    await tm.type(dev); // the whole path is accepted as well as the name
     await tm.keys('Enter');
     await tm.waitFor('DONE: the restore finished');
     t.is(await sha256File(dev, { start: 0, length: homeImage.size }), homeImage.sha256);
-  }
 
-  // Bookkeeping and scrub from the list, on the real engine: protect, tag, scrub one version.
-  await tm.keys('Enter');
-  await tm.waitFor('3 versions of');
-  await tm.keys('/');
-  await tm.type(v2.id);
-  await tm.keys('Enter');
-  await tm.waitFor('1 shown');
-  await tm.keys('p');
-  s = await tm.waitFor(`Version ${v2.id} is now protected`);
-  t.regex(s, new RegExp(`> ${v2.id} .*valid protected`));
-  await tm.keys('x');
-  await tm.waitFor(`Error: Version ${v2.id} is protected`);
-  await tm.keys('p');
-  await tm.waitFor(`Version ${v2.id} is no longer protected`);
-  await tm.keys('t');
-  await tm.waitFor('Tags now: none');
-  await tm.type('offsite');
-  await tm.keys('Enter');
-  await tm.waitFor('Tags now: offsite');
-  await tm.keys('Escape');
-  s = await tm.waitFor(`Tags of ${v2.id}: added offsite.`);
-  t.regex(s, new RegExp(`> ${v2.id} .*valid\\s+offsite`));
-  await tm.keys('s');
-  await tm.waitFor('Scrub: re-read stored blocks');
-  await tm.keys('Enter');
-  s = await tm.waitFor(/DONE: all \d+ blocks checked are intact|DAMAGE FOUND/);
-  await tm.shot('scrub-done');
-  t.regex(s, /DONE: all \d+ blocks checked are intact/);
-  await tm.keys('Enter');
-  await tm.waitFor('Scrub verified');
-  await tm.keys('Escape'); // clear the filter
+    // A damaged block of home, restored over the device that holds other data: the damaged range is
+    // written as zeros (never left holding old data), the rest is exact, and the UI ends with exit code 3.
+    await fs.writeFile(backing, Buffer.alloc(8 * MiB, 0xab));
+    const victim = path.join(repo.dir, homeObjects[1]!);
+    const st = await fs.stat(victim);
+    await flipBit(victim, Math.floor(st.size / 2));
+    await tm.keys('Enter');
+    await tm.waitFor('3 versions of');
+    await openRestore(tm, home.id);
+    await tm.keys('Tab');
+    await tm.waitFor(dev);
+    await tm.keyUntil('Down', new RegExp(`> ${dev}\\b`));
+    await tm.keys('Enter');
+    await tm.waitFor('type its name');
+    await tm.type(path.basename(dev));
+    await tm.keys('Enter');
+    s = await tm.waitFor('FINISHED WITH DAMAGE');
+    await tm.shot('restore-damaged-device');
+    t.regex(s, /4 Restore DAMAGED/);
+    const dmg = /DAMAGED offset (\d+) /.exec(s);
+    t.truthy(dmg, s);
+    const off = Number(dmg![1]);
+    t.true((await readRange(dev, off, MiB)).every((b) => b === 0), 'the damaged range reads as zeros, not the old 0xab');
+    for (let i = 0; i * MiB < homeImage.size; i++) {
+      if (i * MiB === off) continue;
+      t.is(await sha256File(dev, { start: i * MiB, length: MiB }), await sha256File(homeImage.path, { start: i * MiB, length: MiB }), `block ${i} restored`);
+    }
+  } else if (process.env.CI === 'true') t.fail('loop devices are needed in CI');
 
   // Resize to 80x24: everything still fits.
+  await tm.keys('Enter');
   await tm.waitFor('3 versions of');
   await tm.run('resize-window', '-t', 'ui', '-x', '80', '-y', '24');
-  await sleep(400);
+  s = await tm.waitFor(/q quit\s*$/m);
+  await tm.waitFor((await tm.screen()).includes('── details') ? '── details' : 'versions of');
   s = await tm.shot('versions-80x24');
   for (const line of s.split('\n')) t.true(line.length <= 80, `line wider than 80 columns: ${line}`);
   t.regex(s, /q quit/);
@@ -281,17 +358,137 @@ run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop and re
   await tm.keys('Escape');
   await tm.waitFor('3 versions of');
   await tm.keys('q');
-  await tm.waitFor('EXIT=0');
+  const damaged = loopDevicesWork();
+  await tm.waitFor(damaged ? 'EXIT=3' : 'EXIT=0');
   s = await tm.screen(true);
   await tm.shot('after-quit');
   t.false(s.includes('Filter:'), 'the UI is gone from the terminal');
   t.regex(s, new RegExp(`Restored version ${home.id} .* every block verified`));
-  t.regex(s, new RegExp(`Restored version ${v1.id} .* every block verified`));
+  t.regex(s, new RegExp(`Restored version ${v1.id} .* every block verified; ${resumedBytes} bytes written by this run`), 'the resume wrote only the blocks after the checkpoint');
   t.regex(s, /STOPPED at/);
+});
 
-  // What the UI changed is what the CLI sees.
+run('blocksafe ui in tmux: bookkeeping and scrub from the list (protect, tag, scrub), as the CLI then sees them', async (t) => {
+  t.timeout(120_000);
+  const dir = await tempDir(t, 'blocksafe-tui-books-');
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '1M' });
+  const image = await makeImage(path.join(dir, 'a.img'), { blockSize: MiB, seed: 'books', blocks: ['text', 'random'] });
+  const v = await backupJson(repo, image.path, 'a');
+  const tm = new Tmux(t, cleanEnv());
+  await tm.start(`cd ${ROOT} && ${COMMAND} ui ${repo.args.join(' ')}; echo "EXIT=$?"`, 100, 30);
+  await tm.waitFor('1 version of 1 volume');
+  await tm.keys('p');
+  let s = await tm.waitFor(`Version ${v.id} is now protected`);
+  t.regex(s, new RegExp(`> ${v.id} .*valid protected`));
+  await tm.keys('x');
+  await tm.waitFor(`Error: Version ${v.id} is protected`);
+  await tm.keys('p');
+  await tm.waitFor(`Version ${v.id} is no longer protected`);
+  await tm.keys('t');
+  await tm.waitFor('Tags now: b_daily, b_weekly, b_monthly'); // set by the first backup
+  await tm.type('offsite');
+  await tm.keys('Enter');
+  await tm.waitFor('Tags now: b_daily, b_weekly, b_monthly, offsite');
+  await tm.keys('Escape');
+  await tm.waitFor(`Tags of ${v.id}: added offsite.`);
+  await tm.keys('s');
+  await tm.waitFor('Scrub: re-read stored blocks');
+  await tm.keys('Enter');
+  s = await tm.waitFor(/DONE: all \d+ blocks checked are intact|DAMAGE FOUND/);
+  t.regex(s, /DONE: all \d+ blocks checked are intact/);
+  await tm.keys('Enter');
+  await tm.waitFor('Scrub verified');
+  await tm.keys('F10');
+  await tm.waitFor('EXIT=0');
   const after = await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env });
-  const v2After = after.find((v) => v.id === v2.id)!;
-  t.deepEqual(v2After.tags, ['offsite']);
-  t.false(v2After.protected);
+  t.deepEqual(after.find((x) => x.id === v.id)!.tags, ['b_daily', 'b_weekly', 'b_monthly', 'offsite']);
+  t.false(after.find((x) => x.id === v.id)!.protected);
+});
+
+run('blocksafe ui in tmux: the terminal killed mid-restore stops it at its checkpoint (no crash, lock released, resumable)', async (t) => {
+  t.timeout(180_000);
+  const dir = await tempDir(t, 'blocksafe-tui-kill-');
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '1M' });
+  const image = await makeImage(path.join(dir, 'a.img'), { blockSize: MiB, seed: 'kill', blocks: ['random', 'random', 'text', 'random', 'random', 'random', 'text', 'random', 'random', 'random'] });
+  const v = await backupJson(repo, image.path, 'a');
+  const config = path.join(dir, 'ui.conf');
+  await fs.writeFile(config, '[pipeline]\nwrite_limit = 1M\n');
+  const target = path.join(dir, 'restored.img');
+  const status = path.join(dir, 'status');
+  const tm = new Tmux(t, cleanEnv());
+  // The shell around the UI outlives the window (it ignores SIGHUP) to record how the UI ended; the UI
+  // itself installs its own SIGHUP handler.
+  await tm.start(`sh -c 'trap "" HUP; cd ${ROOT} && ${COMMAND} ui ${repo.args.join(' ')} --config ${config} 2>${dir}/stderr; echo $? > ${status}'`, 100, 30);
+  await tm.waitFor('1 version of 1 volume');
+  await tm.keys('Enter');
+  await tm.waitFor('Where should it be restored to?');
+  await tm.type(target);
+  await tm.keys('Enter');
+  await tm.waitFor('Press Enter to start the restore');
+  await tm.keys('Enter');
+  await tm.waitFor(/Restoring .* ([2-9]\d)\.\d %/s);
+  await tm.run('kill-window', '-t', 'ui');
+  const end = Date.now() + DEADLINE_MS;
+  let code = '';
+  while (!(code = (await fs.readFile(status, 'utf8').catch(() => '')).trim()) && Date.now() < end) await poll();
+  t.is(code, '1', `the UI exits 1 (a restore was left stopped), not by a signal (139 = segfault); stderr: ${await fs.readFile(path.join(dir, 'stderr'), 'utf8').catch(() => '')}`);
+  // The lock is released and the restore state kept: --resume continues from the checkpoint.
+  const r = await runJson<{ bytes_written: number }>(['restore', ...repo.args, '--resume', v.id, target], { env: repo.env });
+  t.true(r.bytes_written > 0 && r.bytes_written < image.size, `resumed, not restarted: ${r.bytes_written} of ${image.size} bytes written`);
+  t.is(await sha256File(target), image.sha256);
+
+  // Idle (nothing running): the window killed, the UI ends cleanly with 0.
+  const idleStatus = path.join(dir, 'idle-status');
+  const ti = new Tmux(t, cleanEnv());
+  await ti.start(`sh -c 'trap "" HUP; cd ${ROOT} && ${COMMAND} ui ${repo.args.join(' ')} 2>${dir}/idle-stderr; echo $? > ${idleStatus}'`, 100, 30);
+  await ti.waitFor('1 version of 1 volume');
+  await ti.run('kill-window', '-t', 'ui');
+  const idleEnd = Date.now() + DEADLINE_MS;
+  while (!(code = (await fs.readFile(idleStatus, 'utf8').catch(() => '')).trim()) && Date.now() < idleEnd) await poll();
+  t.is(code, '0', `idle UI after its terminal vanished; stderr: ${await fs.readFile(path.join(dir, 'idle-stderr'), 'utf8').catch(() => '')}`);
+});
+
+run('blocksafe ui in tmux: a repository that does not open exits 1; a long list keeps the selected row visible with a two-line error', async (t) => {
+  t.timeout(180_000);
+  const dir = await tempDir(t, 'blocksafe-tui-list-');
+  const tm = new Tmux(t, cleanEnv());
+  await tm.start(`cd ${ROOT} && ${COMMAND} ui --repo ${dir}/nothing-here; echo "EXIT=$?"`, 100, 30);
+  await tm.waitFor(/Error: .*nothing-here/);
+  await tm.keys('q');
+  await tm.waitFor('EXIT=1');
+  await tm.run('kill-server').catch(() => undefined);
+
+  // 27 versions of three volumes; the oldest of the last volume is protected and selected last.
+  const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '1M' });
+  const image = await makeImage(path.join(dir, 'a.img'), { blockSize: MiB, seed: 'list', blocks: ['text'] });
+  const ids: Record<string, string[]> = { alpha: [], beta: [], gamma: [] };
+  await Promise.all(
+    Object.keys(ids).map(async (name) => {
+      for (let i = 0; i < 9; i++) ids[name]!.push((await backupJson(repo, image.path, name)).id);
+    }),
+  );
+  const last = ids.gamma![0]!;
+  await runJson(['protect', ...repo.args, last], { env: repo.env });
+  for (const [columns, rows] of [
+    [100, 30],
+    [80, 24],
+  ] as const) {
+    const tl = new Tmux(t, cleanEnv());
+    await tl.start(`cd ${ROOT} && ${COMMAND} ui ${repo.args.join(' ')}; echo "EXIT=$?"`, columns, rows);
+    await tl.waitFor('27 versions of 3 volumes');
+    await tl.keys('G');
+    let s = await tl.waitFor(new RegExp(`^> ${last} `, 'm'));
+    await tl.keys('x');
+    s = await tl.waitFor(`Error: Version ${last} is protected`);
+    await tl.shot(`long-list-error-${columns}x${rows}`);
+    const ls = s.split('\n');
+    t.true(ls.some((l) => l.startsWith(`> ${last} `)), `the selected row is visible at ${columns}x${rows}:\n${s}`);
+    t.regex(s, /== gamma/, 'its group header too');
+    for (const l of ls) t.true(l.length <= columns);
+    await tl.keys('k', 'k');
+    s = await tl.waitFor(new RegExp(`^> ${ids.gamma![2]} `, 'm'));
+    await tl.keys('q');
+    await tl.waitFor('EXIT=0');
+    await tl.run('kill-server').catch(() => undefined);
+  }
 });

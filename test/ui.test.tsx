@@ -7,9 +7,9 @@ import React from 'react';
 import test from 'ava';
 import { cleanup } from 'ink-testing-library';
 import { App } from '../ui/App.js';
-import type { Backend } from '../ui/backend.js';
-import { groupLines, matchesFilter } from '../ui/VersionList.js';
-import { fakeBackend, fakeVersion, KEY, press, renderAt, sleep, VERSIONS, waitForFrame, type FakeOptions, type Rendered } from './uiFake.js';
+import { withoutCliHints, type Backend } from '../ui/backend.js';
+import { dateStyle, groupLines, listWindow, matchesFilter } from '../ui/VersionList.js';
+import { fakeBackend, fakeVersion, KEY, press, renderAt, VERSIONS, waitForFrame, waitUnmounted, type FakeOptions, type Rendered } from './uiFake.js';
 
 void React; // the test files are compiled with the classic JSX runtime
 
@@ -24,13 +24,6 @@ async function start(opts: FakeOptions = {}, columns = 80, rows = 24): Promise<{
   const r = await renderAt(<App connect={async () => backend} location="/media/usb/blocksafe" onLog={(l) => logs.push(l)} />, columns, rows);
   await waitForFrame(r, / versions? of /);
   return { r, backend, logs };
-}
-
-/** Ink removes its input listener when the app exits. */
-/** True once the app has exited (it stops reading its input); false after 2 s. */
-async function waitUnmounted(r: Rendered): Promise<boolean> {
-  for (let i = 0; i < 200 && r.stdin.listenerCount('readable') > 0; i++) await sleep(10);
-  return r.stdin.listenerCount('readable') === 0;
 }
 
 function lines(frame: string): string[] {
@@ -59,11 +52,14 @@ test.serial('the list shows groups, local dates with offset, sizes and status WO
   t.true(frame.indexOf('== home') < frame.indexOf('== root'));
   t.true(frame.indexOf('root0003') < frame.indexOf('root0002') && frame.indexOf('root0002') < frame.indexOf('root0001'));
   const row = (id: string) => ls.find((l) => l.includes(id) && !l.includes('Version'))!;
-  t.regex(row('root0003'), /\d{4}-\d\d-\d\d \d\d:\d\d [+-]\d\d:\d\d/);
-  t.regex(row('root0003'), /20\.0 GiB\s+valid\s+b_daily/);
+  // Every version has the same UTC offset: it is said once, in the header; rows show local date and time.
+  t.regex(frame, /date \(UTC[+-]\d\d:\d\d\)/);
+  t.regex(row('root0003'), /root0003 \d{4}-\d\d-\d\d \d\d:\d\d\s/);
+  t.regex(row('root0003'), /20\.0 GiB\s+valid \(newest valid\)\s+b_daily/);
+  t.notRegex(row('root0001'), /newest valid/);
   t.regex(row('root0002'), /INVALID/);
   t.regex(row('root0001'), /valid protected/);
-  t.regex(row('home0002'), /incomplete INVALID|incomplete valid/);
+  t.regex(row('home0002'), /\bincomplete\s*$/); // not "incomplete valid": it cannot be restored
   // The first version is selected (a marker, not only colour) and detailed below.
   t.regex(row('home0002'), /^> home0002/);
   t.regex(frame, /Version home0002 · home/);
@@ -217,7 +213,7 @@ test.serial('an interrupted restore of the same version is offered for resume', 
   await waitForFrame(r, '/dev/sdb');
   await press(r, KEY.enter);
   const frame = await waitForFrame(r, 'An interrupted restore of this version to this target exists');
-  t.regex(frame, /1024 of 5120 blocks \(20\.0 %\)/);
+  t.regex(frame, /it resumes at 20\.0 % \(1024 of 5120 blocks\)/);
   t.regex(frame, /r resume/);
   await press(r, 'r');
   await waitForFrame(r, 'DONE');
@@ -240,24 +236,28 @@ test.serial('starting over instead of resuming needs the typed name', async (t) 
 });
 
 test.serial('Esc stops a running restore after confirmation; the result offers resume', async (t) => {
-  const { r, backend, logs } = await start({ stepMs: 40 });
+  const { r, backend, logs } = await start({ stepMs: 2, hold: true });
   await press(r, KEY.down, KEY.enter);
   await waitForFrame(r, 'Where should it be restored to?');
   r.stdin.write('/work/x.img\r');
   await waitForFrame(r, 'Press Enter to start');
   await press(r, KEY.enter);
-  await waitForFrame(r, /Restoring home0001/);
+  await waitForFrame(r, /Restoring home0001[\s\S]*50\.0 %/);
   await press(r, KEY.esc);
   await waitForFrame(r, 'Stop the restore?');
   await press(r, 'n');
-  await sleep(60);
+  await waitForFrame(r, 'Esc or ctrl-c stops safely');
   t.false(r.lastFrame()!.includes('Stop the restore?'));
   await press(r, KEY.esc);
   await waitForFrame(r, 'Stop the restore?');
   await press(r, 'y');
   let frame = await waitForFrame(r, 'STOPPED at');
+  // The figure is the checkpoint (where a resume continues), and the step bar does not say "ok".
+  t.regex(frame, /STOPPED at 50\.0 % \(256 of 512 blocks\)/);
+  t.regex(frame, /4 Restore STOPPED/);
+  t.notRegex(frame, /Restore ok/);
   t.regex(frame, /r resume/);
-  t.regex(logs.join('\n'), /STOPPED .* blocksafe restore --resume home0001 \/work\/x\.img/);
+  t.regex(logs.join('\n'), /STOPPED at 50\.0 % .* blocksafe restore --resume home0001 \/work\/x\.img/);
   await press(r, 'r');
   frame = await waitForFrame(r, 'DONE');
   t.deepEqual(
@@ -271,7 +271,7 @@ test.serial('Esc stops a running restore after confirmation; the result offers r
 });
 
 test.serial('ctrl-c during a restore stops it (no quit in the middle of a write)', async (t) => {
-  const { r } = await start({ stepMs: 40 });
+  const { r } = await start({ stepMs: 2, hold: true });
   await press(r, KEY.down, KEY.enter);
   await waitForFrame(r, 'Where should it be restored to?');
   r.stdin.write('/work/y.img\r');
@@ -371,7 +371,7 @@ test.serial('p protects and unprotects; t adds and removes tags (when the engine
   await waitForFrame(r, 'Tags now: offsite');
   await press(r, KEY.esc);
   frame = await waitForFrame(r, 'Tags of root0003: added offsite; removed b_daily.');
-  t.regex(frame, /root0003 .*valid\s+offsite/);
+  t.regex(frame, /root0003 .*valid \(newest valid\)\s+offsite/);
   r.unmount();
 });
 
@@ -391,9 +391,9 @@ test.serial('scrub and remove keys exist only when the engine provides them', as
   const without = await start();
   t.false(without.r.lastFrame()!.includes('s scrub'));
   t.false(without.r.lastFrame()!.includes('x remove'));
-  await press(without.r, 's', 'x');
-  await sleep(50);
-  t.true(without.r.lastFrame()!.includes('versions of'));
+  await press(without.r, 's', 'x', KEY.down);
+  // The next key is handled on the same list: s and x did nothing.
+  t.true((await waitForFrame(without.r, /^> home0001/m)).includes('versions of'));
   without.r.unmount();
 
   const withBoth = await start({ withScrub: true, withRemove: true });
@@ -475,4 +475,239 @@ test.serial('a bug in a screen is caught: one error line, q still quits', async 
   t.false(/\n\s+at .*:\d+:\d+/.test(frame));
   await press(r, 'q');
   t.true(await waitUnmounted(r), 'the app exited');
+});
+
+/** 27 versions of one volume (as in the report: 27 versions at 100×30), the 20th protected. */
+function manyVersions(): ReturnType<typeof fakeVersion>[] {
+  return Array.from({ length: 27 }, (_, i) => {
+    const day = String(27 - i).padStart(2, '0');
+    return fakeVersion(`data00${String(27 - i).padStart(2, '0')}`, 'data', `2026-11-${day}T02:00:00.000Z`, { protected: i === 19, size: 2 * GiB });
+  });
+}
+
+for (const [columns, rows] of [
+  [100, 30],
+  [80, 24],
+] as const) {
+  test.serial(`a long list at ${columns}x${rows} keeps the selected row visible when a two-line error appears`, async (t) => {
+    const { r } = await start({ versions: manyVersions(), withRemove: true }, columns, rows);
+    for (let i = 0; i < 19; i++) await press(r, 'j');
+    let frame = await waitForFrame(r, /^> data0008/m);
+    t.regex(frame, /↓ \d+ more below/);
+    t.regex(frame, /== data \(27 versions\)\s+\(continued\)/, 'the group header stays in view when scrolled');
+    await press(r, 'x');
+    frame = await waitForFrame(r, 'Error: Version data0008 is protected');
+    const ls = lines(frame);
+    t.true(ls.length <= rows - 1, `at most ${rows - 1} lines, got ${ls.length}`);
+    t.true(ls.some((l) => /^> data0008 /.test(l)), 'the selected row is still shown');
+    t.true(ls.filter((l) => l.startsWith('Error:') || l.startsWith('unprotect')).length >= 1);
+    // No row of the list went blank: the rows between the first and the last shown version are all versions.
+    const first = ls.findIndex((l) => /^[ >] data00\d\d /.test(l));
+    const last = ls.map((l) => /^[ >] data00\d\d /.test(l)).lastIndexOf(true);
+    for (let i = first; i <= last; i++) t.regex(ls[i]!, /^[ >] data00\d\d /);
+    // And moving on still shows the selection.
+    await press(r, 'G');
+    frame = await waitForFrame(r, /^> data0001/m);
+    t.regex(frame, /end of the list/);
+    await press(r, 'g');
+    await waitForFrame(r, /^> data0027/m);
+    r.unmount();
+  });
+}
+
+test('listWindow: the selection is never under the sticky header nor below the window', (t) => {
+  const versions = manyVersions();
+  const ls = groupLines(versions, '');
+  let offset = 0;
+  for (const sel of [1, 5, 20, 27, 3, 1, 14, 2]) {
+    const w = listWindow(ls, sel, 10, offset);
+    offset = w.offset;
+    t.true(sel >= w.offset + (w.sticky ? 1 : 0), `sel ${sel} below the sticky header at ${w.offset}`);
+    t.true(sel < w.offset + w.content, `sel ${sel} inside the window ${w.offset}+${w.content}`);
+    t.is(w.content, 9, 'one row is kept for "more below"');
+  }
+});
+
+test.serial('the status filter matches words exactly: valid is not INVALID; incomplete is not valid', (t) => {
+  const invalid = VERSIONS[1]!;
+  const incomplete = VERSIONS[3]!;
+  t.false(matchesFilter(invalid, 'valid'));
+  t.true(matchesFilter(invalid, 'invalid'));
+  t.true(matchesFilter(VERSIONS[0]!, 'valid'));
+  t.false(matchesFilter(incomplete, 'valid'));
+  t.true(matchesFilter(incomplete, 'incomplete'));
+});
+
+test.serial('F1 opens the help, j/k move, F10 quits; Esc and a key in one read are both handled', async (t) => {
+  const { r } = await start();
+  await press(r, 'j', 'j');
+  await waitForFrame(r, /^> root0003/m);
+  await press(r, 'k');
+  await waitForFrame(r, /^> home0001/m);
+  await press(r, '\u001BOP'); // F1
+  await waitForFrame(r, 'blocksafe · help');
+  await press(r, KEY.esc);
+  await waitForFrame(r, 'versions of');
+  // In the device list, Esc and "j" arriving together (a slow link): Esc leaves the wizard, j moves on the list.
+  await press(r, KEY.enter, KEY.tab);
+  await waitForFrame(r, /> \/dev\/sdb/);
+  r.stdin.write('\u001Bj');
+  const frame = await waitForFrame(r, /^> root0003/m);
+  t.false(frame.includes('Where should it be restored to?'));
+  await press(r, '\u001B[21~'); // F10
+  t.true(await waitUnmounted(r), 'F10 quit');
+});
+
+test.serial('below 80x24 the UI says the terminal is too small and takes no keys but q', async (t) => {
+  const { backend } = { backend: fakeBackend() };
+  const r = await renderAt(<App connect={async () => backend} location="/media/usb/blocksafe" />, 70, 20);
+  const frame = await waitForFrame(r, 'The terminal is 70×20; blocksafe ui needs at least 80×24.');
+  for (const l of lines(frame)) t.true(l.length <= 70);
+  await press(r, KEY.enter); // would open the restore wizard on a big terminal
+  Object.defineProperty(r.stdout, 'columns', { value: 80, configurable: true });
+  Object.defineProperty(r.stdout, 'rows', { value: 24, configurable: true });
+  r.stdout.emit('resize');
+  t.notRegex(await waitForFrame(r, 'versions of'), /Where should it be restored/);
+  Object.defineProperty(r.stdout, 'columns', { value: 60, configurable: true });
+  r.stdout.emit('resize');
+  await waitForFrame(r, 'The terminal is 60×24');
+  await press(r, 'q');
+  t.true(await waitUnmounted(r), 'q quits');
+});
+
+test.serial('a device can be confirmed by its path too (/dev/sdb for sdb); Home/End move in the device list', async (t) => {
+  const { r, backend } = await start({ stepMs: 2 });
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, /> \/dev\/sdb/);
+  await press(r, 'G');
+  await waitForFrame(r, /> \/dev\/sdd/);
+  await press(r, 'g');
+  await waitForFrame(r, /> \/dev\/sda/);
+  await press(r, 'j', KEY.enter);
+  await waitForFrame(r, 'type its name');
+  r.stdin.write('/dev/sdb\r');
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: true, resume: false }]);
+  r.unmount();
+});
+
+test.serial('adding a tag the version has already is an error, not a second "added"', async (t) => {
+  const { r } = await start({ withLifecycle: true });
+  await press(r, KEY.down, KEY.down, 't'); // root0003, tagged b_daily
+  await waitForFrame(r, 'Tags now: b_daily');
+  r.stdin.write('b_daily\r');
+  await waitForFrame(r, 'Error: Version root0003 has the tag "b_daily" already; nothing was changed.');
+  await press(r, KEY.esc);
+  const frame = await waitForFrame(r, 'versions of');
+  t.notRegex(frame, /Tags of root0003: added/);
+  r.unmount();
+});
+
+test.serial('the Check step says what is on the device; DONE gives the next steps and the same command for scripts', async (t) => {
+  const { r } = await start({ stepMs: 2 }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.enter, KEY.tab);
+  await waitForFrame(r, /> \/dev\/sdb/);
+  await press(r, KEY.enter);
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /Holds\s+an ext4 filesystem labelled "old-root" \(what is lost\)/);
+  r.stdin.write('sdb\r');
+  frame = await waitForFrame(r, 'DONE');
+  t.regex(frame, /Next: fsck -n \/dev\/sdb checks a filesystem without changing it; mount -o ro \/dev\/sdb/);
+  t.regex(frame, /The same from a script: blocksafe restore --repo \/media\/usb\/blocksafe --force root0003 \/dev\/sdb/);
+  r.unmount();
+});
+
+test.serial('a notice is gone after the next key; engine hints for the command line are not shown in the UI', async (t) => {
+  t.is(withoutCliHints('Target /x exists and is not empty (5 GiB); nothing was written. Use --force to overwrite it.'), 'Target /x exists and is not empty (5 GiB); nothing was written.');
+  t.is(withoutCliHints('Version abc is incomplete; resume or repeat the backup.'), 'Version abc is incomplete; resume or repeat the backup.');
+  const { r } = await start({ withLifecycle: true });
+  await press(r, KEY.down, KEY.down, 'p');
+  await waitForFrame(r, 'Version root0003 is now protected');
+  await press(r, KEY.down);
+  const frame = await waitForFrame(r, /^> root0002/m);
+  t.false(frame.includes('is now protected'), 'the notice went with the next key');
+  r.unmount();
+});
+
+test.serial('an INVALID version: damaged blocks are zeros by default, Tab chooses another version to fill them from', async (t) => {
+  const { r, backend } = await start({ stepMs: 2 }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.down, KEY.enter); // root0002, INVALID
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('/work/r2.img\r');
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /Damaged blocks: written as zeros\. Tab: fill them from another version\./);
+  await press(r, KEY.tab);
+  frame = await waitForFrame(r, /Damaged blocks: taken from version root0003 \(root, .*\) where it has them\s+intact, else zeros\./);
+  await press(r, KEY.enter);
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/work/r2.img', force: false, resume: false, fillFrom: 'root0003' }]);
+  r.unmount();
+});
+
+test.serial('dates: seconds where versions share a minute, not elsewhere', async (t) => {
+  const a = fakeVersion('aaaa0001', 'a', '2026-11-27T02:00:05.000Z');
+  const b = fakeVersion('aaaa0002', 'a', '2026-11-27T02:00:41.000Z');
+  const c = fakeVersion('aaaa0003', 'a', '2026-11-27T03:10:00.000Z');
+  const style = dateStyle([a, b, c]);
+  t.is(style.withSeconds.size, 1, 'one shared minute');
+  const { r } = await start({ versions: [a, b, c] });
+  const frame = r.lastFrame()!;
+  t.regex(frame, /aaaa0001 \d{4}-\d\d-\d\d \d\d:\d\d:05 /);
+  t.regex(frame, /aaaa0002 \d{4}-\d\d-\d\d \d\d:\d\d:41 /);
+  t.regex(frame, /aaaa0003 \d{4}-\d\d-\d\d \d\d:\d\d {4}/);
+  r.unmount();
+});
+
+test.serial('remove: the minimum age refuses before the id is asked; removing the only version of a volume is warned about', async (t) => {
+  const { r, backend } = await start({ withRemove: true, tooYoung: ['root0003'] });
+  await press(r, KEY.down, KEY.down, 'x'); // root0003, too young
+  let frame = await waitForFrame(r, 'Error: Version root0003 is only 1.0 days old (minimum age for removal: 7 days).');
+  t.false(frame.includes('type its id'), 'no id is asked for a removal that would be refused');
+  await press(r, KEY.esc);
+  await waitForFrame(r, 'versions of');
+  t.deepEqual(backend.removed, []);
+  // home0001 is not the only one of home (home0002 exists): no warning; a volume with one version: a warning.
+  const single = await start({ withRemove: true, versions: [fakeVersion('solo0001', 'solo', '2026-11-20T02:00:00.000Z')] });
+  await press(single.r, 'x');
+  frame = await waitForFrame(single.r, 'Remove this version from the repository?');
+  t.regex(frame, /This is the ONLY version of solo: after removing it, solo cannot be restored at\s+all\./);
+  single.r.unmount();
+  r.unmount();
+  t.is(withoutCliHints('Version v is only 0.2 days old (minimum age for removal: 7 days); use --force to remove it anyway. Nothing was removed.'), 'Version v is only 0.2 days old (minimum age for removal: 7 days). Nothing was removed.');
+});
+
+test.serial('a repository that does not open: r lets another path be typed, and the UI opens it', async (t) => {
+  const backend = fakeBackend();
+  const tried: string[] = [];
+  const failing = async (): Promise<Backend> => {
+    throw Object.assign(new Error('No blocksafe repository at /media/usbb (no blocksafe.json).'), { exitCode: 1 });
+  };
+  const fatal: boolean[] = [];
+  const r = await renderAt(
+    <App
+      connect={failing}
+      location="/media/usbb"
+      onFatal={(f) => fatal.push(f)}
+      relocate={(input) => {
+        tried.push(input);
+        return { location: input, connect: async () => backend };
+      }}
+    />,
+  );
+  await waitForFrame(r, 'Error: No blocksafe repository at /media/usbb');
+  await press(r, 'r');
+  await waitForFrame(r, 'Type the path of the repository');
+  r.stdin.write('/media/usb/blocksafe\r');
+  const frame = await waitForFrame(r, 'versions of');
+  t.regex(frame, /blocksafe · \/media\/usb\/blocksafe/);
+  t.deepEqual(tried, ['/media/usb/blocksafe']);
+  t.deepEqual(fatal, [true, false], 'the exit code is no longer that of a failed opening');
+  r.unmount();
+});
+
+test.serial('the list says how much of an INVALID version is damaged', async (t) => {
+  const { r } = await start({}, 100, 30);
+  const frame = await waitForFrame(r, /root0002 .*INVALID \(2 blocks of 5120 damaged\)/);
+  t.notRegex(frame, /root0003 .*damaged/);
+  r.unmount();
 });

@@ -74,12 +74,16 @@ export interface FakeOptions {
   interrupted?: Record<string, { version: string; blocks_done: number }>;
   /** Milliseconds per simulated block of progress (restore runs 20 steps). */
   stepMs?: number;
+  /** The restore waits at step 10 (50 %) until it is stopped: a test stops it there, whatever the machine's speed. */
+  hold?: boolean;
   /** Make restore fail with this message. */
   restoreError?: string;
   damaged?: RestoreOutcome['damaged'];
   withScrub?: boolean;
   withRemove?: boolean;
   withLifecycle?: boolean;
+  /** Versions the repository's minimum age keeps from being removed. */
+  tooYoung?: string[];
 }
 
 export interface FakeBackend extends Backend {
@@ -118,7 +122,7 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
       const dev = (o.devices ?? DEVICES).find((d) => d.path === abs);
       if (dev) {
         const refusal = dev.mountpoints.length ? `mounted on ${dev.mountpoints.join(', ')}` : dev.size < v.size ? 'too small' : null;
-        return { ...base, kind: 'block', name: dev.name, size: dev.size, overwrites: true, description: dev.model, refusal: refusal && `${abs} cannot be used: ${refusal}.` };
+        return { ...base, kind: 'block', name: dev.name, size: dev.size, overwrites: true, description: dev.model, refusal: refusal && `${abs} cannot be used: ${refusal}.`, contents: 'an ext4 filesystem labelled "old-root"' };
       }
       if (abs.endsWith('/')) return { ...base, kind: 'directory', refusal: `${abs} is a folder; add a file name.` };
       if (abs in files) return { ...base, kind: 'file', size: files[abs]!, overwrites: files[abs]! > 0, description: 'an existing file' };
@@ -128,8 +132,11 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
       restores.push({ version: v.id, req });
       return new Promise<RestoreOutcome>((resolve, reject) => {
         let step = req.resume ? 10 : 0;
+        const blocks = Math.ceil(v.size / v.block_size);
         const tick = () => {
-          if (signal.aborted) return reject(new CancelledError());
+          // Stopped: the checkpoint is the last step done, as the engine reports it.
+          if (signal.aborted) return reject(new CancelledError(Math.floor((blocks * step) / 20)));
+          if (o.hold && !req.resume && step === 10) return void signal.addEventListener('abort', tick, { once: true });
           if (o.restoreError && step === 5) return reject(Object.assign(new Error(o.restoreError), { exitCode: 1 }));
           step++;
           onProgress({ phase: 'restore', doneBytes: (v.size * step) / 20, totalBytes: v.size, damaged: o.damaged && step > 10 ? o.damaged.length : 0 });
@@ -160,9 +167,18 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
   if (o.withRemove) {
     b.remove = async (v) => {
       if (v.protected) throw Object.assign(new Error(`Version ${v.id} is protected.`), { exitCode: 1 });
+      if (o.tooYoung?.includes(v.id)) throw Object.assign(new Error(`Version ${v.id} is only 1.0 days old.`), { exitCode: 1 });
       removed.push(v.id);
       versions = versions.filter((x) => x.id !== v.id);
     };
+  }
+  if (o.withRemove) {
+    b.removalRefusal = (v) =>
+      v.protected
+        ? `Version ${v.id} is protected.`
+        : o.tooYoung?.includes(v.id)
+          ? `Version ${v.id} is only 1.0 days old (minimum age for removal: 7 days). Nothing was removed.`
+          : null;
   }
   if (o.withLifecycle) {
     const update = (id: string, fn: (v: VersionRecord) => VersionRecord) => {
@@ -178,7 +194,15 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
   return b;
 }
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/**
+ * Lets the event loop run until Ink and React have handled what was written: React's scheduler and the key
+ * bus (ui/hooks.ts) each advance by setImmediate, so a few hops are enough, whatever the machine's load.
+ */
+export async function settle(hops = 6): Promise<void> {
+  for (let i = 0; i < hops; i++) await new Promise<void>((r) => setImmediate(r));
+}
 
 export type Rendered = ReturnType<typeof render>;
 
@@ -188,12 +212,12 @@ export async function renderAt(tree: ReactElement, columns = 80, rows = 24): Pro
   Object.defineProperty(r.stdout, 'columns', { value: columns, configurable: true });
   Object.defineProperty(r.stdout, 'rows', { value: rows, configurable: true });
   r.stdout.emit('resize');
-  await sleep(20);
+  await settle();
   return r;
 }
 
-/** Waits until the last frame contains `text` (or matches it); fails with the frame after `ms`. */
-export async function waitForFrame(r: Rendered, text: string | RegExp, ms = 3000): Promise<string> {
+/** Polls until the last frame contains `text` (or matches it); fails with the frame after `ms` (a generous bound). */
+export async function waitForFrame(r: Rendered, text: string | RegExp, ms = 20_000): Promise<string> {
   const end = Date.now() + ms;
   for (;;) {
     const frame = r.lastFrame() ?? '';
@@ -203,12 +227,19 @@ export async function waitForFrame(r: Rendered, text: string | RegExp, ms = 3000
   }
 }
 
-/** Types keys one event at a time, letting Ink render between them. */
+/** Types keys one event at a time, letting Ink and React handle each before the next. */
 export async function press(r: Rendered, ...keys: string[]): Promise<void> {
   for (const k of keys) {
     r.stdin.write(k);
-    await sleep(15);
+    await settle();
   }
+}
+
+/** Polls until the app has exited (Ink stops reading its input); false after a generous bound. */
+export async function waitUnmounted(r: Rendered, ms = 20_000): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (r.stdin.listenerCount('readable') > 0 && Date.now() < end) await sleep(10);
+  return r.stdin.listenerCount('readable') === 0;
 }
 
 export const KEY = {

@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { Box, Text, render, useApp } from 'ink';
 import { Component, useCallback, useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
-import type { GlobalOptions } from '../src/cli/context.js';
+import type { GlobalOptions } from '../src/engine/session.js';
 import { errorText, type Backend, type Connect, type VersionRecord } from './backend.js';
 import { Frame, TextInput } from './components.js';
 import { HelpScreen } from './HelpScreen.js';
@@ -28,9 +28,14 @@ export interface AppProps {
   /** Opens the repository (asking for a passphrase through the callback when one is needed). */
   connect: Connect;
   location: string;
+  /** Another repository path typed after this one did not open (a typo at 3 a.m.); throws on a bad one. */
+  relocate?: (input: string) => { location: string; connect: Connect };
   /** Called once the app has decided to end (after any running operation stopped). */
   onLog?: (line: string) => void;
   onIntegrityProblem?: () => void;
+  /** A restore was left stopped or failed (true), or finished since (false); the repository did not open (fatal). */
+  onUnfinished?: (target: string, unfinished: boolean) => void;
+  onFatal?: (fatal: boolean) => void;
   /** 'quit' events (SIGTERM, SIGHUP) stop a running operation and end the app. */
   events?: EventEmitter;
 }
@@ -59,7 +64,11 @@ class Guard extends Component<{ children: ReactNode; onError: (e: unknown) => vo
   }
 }
 
-type Gate = { kind: 'opening' } | { kind: 'passphrase'; error: string | null; unlocking: boolean } | { kind: 'fatal'; error: string } | { kind: 'ready'; backend: Backend };
+type Gate =
+  | { kind: 'opening' }
+  | { kind: 'passphrase'; error: string | null; unlocking: boolean }
+  | { kind: 'fatal'; error: string; retyping: boolean }
+  | { kind: 'ready'; backend: Backend };
 
 function UnlockScreen({ location, error, unlocking, onSubmit }: { location: string; error: string | null; unlocking: boolean; onSubmit: (p: string) => void }) {
   const [pass, setPass] = useState('');
@@ -68,7 +77,7 @@ function UnlockScreen({ location, error, unlocking, onSubmit }: { location: stri
       title={`blocksafe · ${location}`}
       keys={[
         ['Enter', 'unlock'],
-        ['ctrl-c', 'quit'],
+        ['Esc', 'quit'],
       ]}
       error={error}
     >
@@ -95,10 +104,10 @@ function UnlockScreen({ location, error, unlocking, onSubmit }: { location: stri
   );
 }
 
-function Message({ location, text, error }: { location: string; text?: string; error?: string }) {
+function Message({ location, text, error, retype }: { location: string; text?: string; error?: string; retype?: boolean }) {
   return (
-    <Frame title={`blocksafe · ${location}`} keys={[['q', 'quit']]} error={error}>
-      <Text>{text ?? (error ? 'The repository could not be opened. Check the path (--repo) and try again.' : '')}</Text>
+    <Frame title={`blocksafe · ${location}`} keys={retype && error ? [['r', 'another path'], ['q', 'quit']] : [['q', 'quit']]} error={error}>
+      <Text wrap="wrap">{text ?? (error ? `The repository could not be opened (the reason is below). ${retype ? 'Press r to type another path, or q to quit.' : 'Press q to quit.'}` : '')}</Text>
     </Frame>
   );
 }
@@ -113,7 +122,10 @@ export function App(props: AppProps) {
   );
 }
 
-function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppProps) {
+function Screens({ connect: firstConnect, location: firstLocation, relocate, onLog, onIntegrityProblem, onUnfinished, onFatal, events }: AppProps) {
+  const [repoTarget, setRepoTarget] = useState({ location: firstLocation, connect: firstConnect });
+  const { location, connect } = repoTarget;
+  const [newPath, setNewPath] = useState('');
   const { exit } = useApp();
   const size = useTerminalSize();
   const [gate, setGate] = useState<Gate>({ kind: 'opening' });
@@ -144,12 +156,16 @@ function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppPr
       connect(ask).then(
         (backend) => {
           if (!alive) return void backend.close();
+          onFatal?.(false);
           setGate({ kind: 'ready', backend });
         },
         (err) => {
           if (!alive) return;
           if (asked) attempt(errorText(err));
-          else setGate({ kind: 'fatal', error: errorText(err) });
+          else {
+            onFatal?.(true);
+            setGate({ kind: 'fatal', error: errorText(err), retyping: false });
+          }
         },
       );
     };
@@ -194,13 +210,28 @@ function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppPr
     };
   }, [events, quit]);
 
-  // ctrl-c: stop a running operation, else quit. Always listening, whatever the screen.
+  const tooSmall = size.columns < MIN_COLUMNS || size.rows < MIN_ROWS;
+  // ctrl-c: stop a running operation, else quit. F10 quits (stopping first), F1 opens the help. Always
+  // listening, whatever the screen.
   useKeys((input, key) => {
     if (key.ctrl && input === 'c') {
       if (job.current) return job.current.stop();
       return finish();
     }
+    if (key.f10) return quit();
+    if (key.f1 && gate.kind === 'ready' && !tooSmall) return setHelp(true);
+    if (tooSmall && input === 'q') return quit();
+    if (gate.kind === 'fatal' && gate.retyping) {
+      if (key.escape) return setGate({ ...gate, retyping: false });
+      return; // the text input takes the path, Enter included
+    }
     if ((gate.kind === 'fatal' || crashed) && input === 'q') return quit();
+    if (gate.kind === 'fatal' && relocate && input === 'r') {
+      setNewPath('');
+      return setGate({ ...gate, retyping: true });
+    }
+    // Esc at the passphrase prompt leaves (nothing is open yet).
+    if (gate.kind === 'passphrase' && !gate.unlocking && key.escape) return finish();
   });
 
   const backend = gate.kind === 'ready' ? gate.backend : null;
@@ -210,27 +241,30 @@ function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppPr
         ? {
             backend,
             size,
-            active: !help,
+            // A terminal too small to show a screen takes no keys for it (nothing is done unseen).
+            active: !help && !tooSmall,
             quit,
             openHelp: () => setHelp(true),
             setJob,
             log: (line) => onLog?.(line),
             noteIntegrityProblem: () => onIntegrityProblem?.(),
+            noteUnfinished: (target, unfinished) => onUnfinished?.(target, unfinished),
           }
         : null,
-    [backend, size, help, quit, setJob, onLog, onIntegrityProblem],
+    [backend, size, help, tooSmall, quit, setJob, onLog, onIntegrityProblem, onUnfinished],
   );
 
   // Screens before the repository is open share a minimal session (size only).
   const bare: Session = {
     backend: null as unknown as Backend,
     size,
-    active: true,
+    active: !tooSmall,
     quit: finish,
     openHelp: () => undefined,
     setJob: () => undefined,
     log: () => undefined,
     noteIntegrityProblem: () => undefined,
+    noteUnfinished: () => undefined,
   };
 
   const back = (notice: string | null, selected?: string | null) =>
@@ -250,8 +284,36 @@ function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppPr
       <SessionContext.Provider value={bare}>
         {gate.kind === 'passphrase' ? (
           <UnlockScreen location={location} error={gate.error} unlocking={gate.unlocking} onSubmit={(p) => passphraseWaiter.current?.(p)} />
+        ) : gate.kind === 'fatal' && gate.retyping ? (
+          <Frame
+            title={`blocksafe · ${location}`}
+            keys={[
+              ['Enter', 'open this repository'],
+              ['Esc', 'back'],
+            ]}
+            error={gate.error}
+          >
+            <Text>Type the path of the repository (a directory, or s3://bucket/prefix) and press Enter:</Text>
+            <Text>
+              {'> '}
+              <TextInput
+                value={newPath}
+                onChange={setNewPath}
+                active
+                onSubmit={(text) => {
+                  if (!relocate || !text.trim()) return;
+                  try {
+                    setRepoTarget(relocate(text.trim()));
+                    setGate({ kind: 'opening' });
+                  } catch (err) {
+                    setGate({ kind: 'fatal', error: errorText(err), retyping: true });
+                  }
+                }}
+              />
+            </Text>
+          </Frame>
         ) : gate.kind === 'fatal' ? (
-          <Message location={location} error={gate.error} />
+          <Message location={location} error={gate.error} retype={!!relocate} />
         ) : (
           <Message location={location} text={`Opening ${location}…`} />
         )}
@@ -277,6 +339,17 @@ function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppPr
       </SessionContext.Provider>
     );
   }
+  if (tooSmall) {
+    // The screens stay mounted (a running restore goes on) but are not drawn: they would be cut.
+    content = (
+      <Box flexDirection="column">
+        <Box display="none">{content}</Box>
+        <Text wrap="wrap">
+          {`The terminal is ${size.columns}×${size.rows}; blocksafe ui needs at least ${MIN_COLUMNS}×${MIN_ROWS}. Enlarge the window (q quits${job.current ? ' after stopping the running restore' : ''}).`}
+        </Text>
+      </Box>
+    );
+  }
   return (
     <Guard
       onError={() => {
@@ -289,12 +362,20 @@ function Screens({ connect, location, onLog, onIntegrityProblem, events }: AppPr
   );
 }
 
+const MIN_COLUMNS = 80;
+const MIN_ROWS = 24;
+
 const ALT_SCREEN_ON = '\x1b[?1049h\x1b[2J\x1b[H';
 const ALT_SCREEN_OFF = '\x1b[?25h\x1b[?1049l';
 
 /**
- * Runs the UI on the terminal until the user quits. Returns the exit code: 0, or 3 when a restore or scrub
- * found damage. What was done is printed after the terminal is restored, so it stays on record.
+ * Runs the UI on the terminal until the user quits. Returns the exit code: 3 when a restore or scrub found
+ * damage, 1 when the repository did not open or a restore was left stopped or failed, else 0. What was done
+ * is printed after the terminal is restored, so it stays on record.
+ *
+ * A terminal that goes away (a closed window, a dropped SSH link: SIGHUP, end of input, EIO on a write)
+ * stops a running restore like the Stop key does, with its checkpoint, and the UI ends cleanly: nothing is
+ * written to the dead terminal any more and no error escapes.
  */
 export async function runUi(opts: GlobalOptions): Promise<number> {
   const { UsageError } = await import('../src/errors.js');
@@ -304,25 +385,51 @@ export async function runUi(opts: GlobalOptions): Promise<number> {
   const { engineConnect } = await import('./engineBackend.js');
   const { location, connect } = engineConnect(opts);
   let backend: Backend | null = null;
-  const trackedConnect: Connect = async (ask) => (backend = await connect(ask));
+  const track =
+    (c: Connect): Connect =>
+    async (ask) =>
+      (backend = await c(ask));
+  const trackedConnect = track(connect);
+  const relocate = (input: string) => {
+    const next = engineConnect({ ...opts, repo: input });
+    return { location: next.location, connect: track(next.connect) };
+  };
   const lines: string[] = [];
   let integrity = false;
+  let fatal = false;
+  const unfinished = new Set<string>();
   const events = new EventEmitter();
   const out = process.stdout;
+  let terminalGone = false;
   let restored = false;
   const restoreTerminal = () => {
-    if (restored) return;
+    if (restored || terminalGone) return;
     restored = true;
     out.write(ALT_SCREEN_OFF);
   };
   const onSignal = () => events.emit('quit');
+  const onHangup = () => {
+    if (!terminalGone) {
+      terminalGone = true;
+      lines.push('blocksafe ui: the terminal went away; a running restore was stopped at its checkpoint.');
+    }
+    events.emit('quit');
+  };
+  // Write errors on a vanished terminal (EIO, EPIPE) and its end of input mean the same as SIGHUP.
+  const onStreamError = () => onHangup();
   const onExit = () => restoreTerminal();
   process.on('SIGTERM', onSignal);
-  process.on('SIGHUP', onSignal);
   process.on('SIGINT', onSignal);
+  process.on('SIGHUP', onHangup);
   process.on('exit', onExit);
+  out.on('error', onStreamError);
+  process.stderr.on('error', onStreamError);
+  process.stdin.on('error', onStreamError);
+  process.stdin.on('end', onHangup);
   // Clear the screen on resize so a shrinking window leaves no stale lines behind.
-  const onResize = () => out.write('\x1b[2J\x1b[H');
+  const onResize = () => {
+    if (!terminalGone) out.write('\x1b[2J\x1b[H');
+  };
   out.on('resize', onResize);
   out.write(ALT_SCREEN_ON);
   try {
@@ -334,6 +441,14 @@ export async function runUi(opts: GlobalOptions): Promise<number> {
         onIntegrityProblem={() => {
           integrity = true;
         }}
+        onUnfinished={(target, yes) => {
+          if (yes) unfinished.add(target);
+          else unfinished.delete(target);
+        }}
+        onFatal={(f) => {
+          fatal = f;
+        }}
+        relocate={relocate}
         events={events}
       />,
       { exitOnCtrlC: false, patchConsole: true },
@@ -343,12 +458,15 @@ export async function runUi(opts: GlobalOptions): Promise<number> {
     out.off('resize', onResize);
     restoreTerminal();
     process.off('SIGTERM', onSignal);
-    process.off('SIGHUP', onSignal);
     process.off('SIGINT', onSignal);
+    process.off('SIGHUP', onHangup);
     process.off('exit', onExit);
+    process.stdin.off('end', onHangup);
     await (backend as Backend | null)?.close().catch(() => undefined);
   }
-  for (const l of lines) process.stderr.write(l + '\n');
-  if (lines.length === 0) process.stderr.write('blocksafe ui: nothing was changed.\n');
-  return integrity ? 3 : 0;
+  if (!terminalGone) {
+    for (const l of lines) process.stderr.write(l + '\n');
+    if (lines.length === 0) process.stderr.write('blocksafe ui: nothing was changed.\n');
+  }
+  return integrity ? 3 : fatal || unfinished.size > 0 ? 1 : 0;
 }

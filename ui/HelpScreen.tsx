@@ -11,7 +11,8 @@ export function helpSections(caps: { scrub: boolean; remove: boolean; protect: b
     [
       'Everywhere',
       [
-        ['?', 'this help (not while typing text)'],
+        ['? F1', 'this help (? not while typing text)'],
+        ['F10', 'quit (a running restore is stopped safely first)'],
         ['q', 'quit (not while typing text; asks first while a restore runs)'],
         ['ctrl-c', 'quit; while a restore or scrub runs: stop it safely'],
         ['Esc', 'back / cancel'],
@@ -20,7 +21,7 @@ export function helpSections(caps: { scrub: boolean; remove: boolean; protect: b
     [
       'Versions',
       [
-        ['↑ ↓ PgUp PgDn Home End', 'select a version'],
+        ['↑ ↓ j k PgUp PgDn Home End g G', 'select a version'],
         ['Enter', 'restore the selected version'],
         ['/', 'filter: type words (name, id, tag, date, "invalid"); Enter keeps it, Esc clears'],
         ...(caps.scrub
@@ -38,7 +39,7 @@ export function helpSections(caps: { scrub: boolean; remove: boolean; protect: b
     [
       'Restore',
       [
-        ['Tab', 'switch between typing a file path and choosing a block device'],
+        ['Tab', 'switch between typing a file path and choosing a block device; on the check step of an INVALID version: fill damaged blocks from another version'],
         ['Enter', 'check the path / choose the device, then start'],
         ['r', 'rescan devices; on the check step or after a stop: resume'],
         ['o', 'start an interrupted restore over'],

@@ -10,11 +10,15 @@ export function RemoveScreen({ version, onExit }: { version: VersionRecord; onEx
   const { backend, active, log } = useSession();
   const [typed, setTyped] = useState('');
   const [busy, setBusy] = useState(false);
-  const [error, setError] = useState<string | null>(null);
+  // Refused before anything is typed (protected, too young): the rule of the repository, said at once.
+  const [refusal] = useState(() => backend.removalRefusal?.(version) ?? null);
+  const [error, setError] = useState<string | null>(refusal);
+  const others = backend.listVersions().filter((x) => x.name === version.name && x.id !== version.id);
 
   const confirm = (typed: string) => {
     const remove = backend.remove;
     if (!remove || busy) return;
+    if (refusal) return setError(refusal);
     if (typed.trim() !== version.id) {
       return setError(typed ? `You typed "${typed}", not "${version.id}"; nothing was removed.` : `Type ${version.id} and press Enter to remove it, or Esc to keep it.`);
     }
@@ -44,11 +48,18 @@ export function RemoveScreen({ version, onExit }: { version: VersionRecord; onEx
     <Frame
       title="blocksafe · remove a version"
       right={backend.summary.location}
-      keys={[
-        ['Enter', 'remove after typing the id'],
-        ['Esc', 'keep it, go back'],
-        ['ctrl-c', 'quit'],
-      ]}
+      keys={
+        refusal
+          ? [
+              ['Esc', 'go back'],
+              ['ctrl-c', 'quit'],
+            ]
+          : [
+              ['Enter', 'remove after typing the id'],
+              ['Esc', 'keep it, go back'],
+              ['ctrl-c', 'quit'],
+            ]
+      }
       error={error}
     >
       <Box flexDirection="column">
@@ -63,14 +74,25 @@ export function RemoveScreen({ version, onExit }: { version: VersionRecord; onEx
         </Text>
         <Text> </Text>
         <Text wrap="wrap">It can no longer be restored afterwards. Blocks other versions share stay; the rest is freed by the next cleanup.</Text>
+        {others.length === 0 ? (
+          <Text color="red" bold wrap="wrap">
+            {`This is the ONLY version of ${version.name}: after removing it, ${version.name} cannot be restored at all.`}
+          </Text>
+        ) : null}
         <Text> </Text>
-        <Text>
-          To remove it, type its id <Text bold inverse>{` ${version.id} `}</Text> and press Enter:
-        </Text>
-        <Text>
-          {'> '}
-          <TextInput value={typed} onChange={setTyped} onSubmit={confirm} active={active && !busy} />
-        </Text>
+        {refusal ? (
+          <Text wrap="wrap">It cannot be removed now (see the error below); press Esc to go back.</Text>
+        ) : (
+          <Box flexDirection="column">
+            <Text>
+              To remove it, type its id <Text bold inverse>{` ${version.id} `}</Text> and press Enter:
+            </Text>
+            <Text>
+              {'> '}
+              <TextInput value={typed} onChange={setTyped} onSubmit={confirm} active={active && !busy} />
+            </Text>
+          </Box>
+        )}
         {busy ? <Text color="cyan">Removing…</Text> : null}
       </Box>
     </Frame>

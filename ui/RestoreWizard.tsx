@@ -4,7 +4,7 @@
  * interrupted restore exists) → progress (stoppable, resumable) → result.
  */
 import { Box, Text } from 'ink';
-import { useEffect, useRef, useState, type ReactNode } from 'react';
+import { useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
 import { CancelledError, errorText, type BlockDevice, type RestoreOutcome, type TargetInfo, type VersionRecord } from './backend.js';
 import { Frame, ProgressPanel, StepBar, TextInput, type KeyHint } from './components.js';
 import { deviceRefusal } from './devices.js';
@@ -18,11 +18,16 @@ type Phase =
   | { p: 'checking' }
   | { p: 'summary'; target: TargetInfo; startOver: boolean }
   | { p: 'running'; target: TargetInfo; resume: boolean; confirmStop: boolean; stopping: boolean }
-  | { p: 'result'; target: TargetInfo; outcome?: RestoreOutcome; cancelled?: boolean; error?: string; durationMs: number; last: ProgressView };
+  | { p: 'result'; target: TargetInfo; outcome?: RestoreOutcome; cancelled?: boolean; error?: string; durationMs: number; last: ProgressView; stoppedAt: string };
 
 /** A stopped restore, or one that failed after writing something, can continue where it stopped. */
 function resumable(phase: Extract<Phase, { p: 'result' }>): boolean {
   return !!phase.cancelled || (!!phase.error && phase.last.progress !== null);
+}
+
+/** "81.3 % (13 of 16 blocks)": where a stopped restore continues. */
+function resumePoint(done: number, blocks: number): string {
+  return `${percent(done, blocks)} (${done} of ${blocks} block${blocks === 1 ? '' : 's'})`;
 }
 
 function versionLine(v: VersionRecord): string {
@@ -97,9 +102,17 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
           {effect}
         </Text>
       </Box>
+      {target.contents ? (
+        <Box>
+          <Box width={9} flexShrink={0}>
+            <Text dimColor>Holds</Text>
+          </Box>
+          <Text wrap="wrap">{`${target.contents} (what is lost)`}</Text>
+        </Box>
+      ) : null}
       {!v.valid ? (
         <Text color="red" wrap="wrap">
-          This version is INVALID: some of its blocks are damaged. They are reported and left unwritten; everything else is restored.
+          This version is INVALID: some of its blocks are damaged. They are reported and read as zeros on the target (never old data); everything else is restored.
         </Text>
       ) : null}
       {target.warning ? (
@@ -112,8 +125,23 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
   );
 }
 
+/** What to do after a restore: look at the result without changing it; the same restore from a script. */
+function NextSteps({ target, command }: { target: TargetInfo; command: string | null }) {
+  const look =
+    target.kind === 'block'
+      ? `Next: fsck -n ${target.path} checks a filesystem without changing it; mount -o ro ${target.path} /mnt shows its files read-only.`
+      : `Next: losetup --find --show --read-only --partscan ${target.path} attaches the image read-only; then fsck -n or mount -o ro the device it prints.`;
+  return (
+    <Box flexDirection="column" marginTop={1}>
+      <Text wrap="wrap">{look}</Text>
+      {command ? <Text wrap="wrap" dimColor>{`The same from a script: ${command}`}</Text> : null}
+    </Box>
+  );
+}
+
 export function RestoreWizard({ version, onExit }: { version: VersionRecord; onExit: (notice: string | null) => void }) {
-  const { backend, size, active, quit, openHelp, setJob, log, noteIntegrityProblem } = useSession();
+  const { backend, size, active, quit, openHelp, setJob, log, noteIntegrityProblem, noteUnfinished } = useSession();
+  const blocks = Math.ceil(version.size / version.block_size);
   const [phase, setPhase] = useState<Phase>({ p: 'target' });
   const [mode, setMode] = useState<'path' | 'device'>('path');
   const [pathText, setPathText] = useState('');
@@ -124,6 +152,20 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const { view, listener, reset, snapshot } = useProgress();
   const ctl = useRef<AbortController | null>(null);
   const startedAt = useRef(0);
+  const forced = useRef(false);
+  // An INVALID version: its damaged blocks may be taken from another version (Tab on the Check step).
+  const [fillFrom, setFillFrom] = useState<VersionRecord | null>(null);
+  const fillCandidates = useMemo(() => {
+    if (version.valid) return [];
+    try {
+      return backend
+        .listVersions()
+        .filter((x) => x.id !== version.id && x.complete && x.block_size === version.block_size)
+        .sort((a, b) => Number(b.name === version.name) - Number(a.name === version.name) || Number(b.valid) - Number(a.valid) || b.date.localeCompare(a.date));
+    } catch {
+      return [];
+    }
+  }, [backend, version]);
 
   const loadDevices = () => {
     try {
@@ -169,7 +211,8 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
 
   /** The typed-name confirmation: the only way to get force = true. */
   const submitTyped = (target: TargetInfo, text: string) => {
-    if (text.trim() === target.name) return start(target, { force: true, resume: false });
+    // The name, or the whole path (/dev/loop0 for loop0) as people often type it.
+    if (text.trim() === target.name || text.trim() === target.path) return start(target, { force: true, resume: false });
     setError(
       text
         ? `You typed "${text}", not "${target.name}": nothing was written. Type ${target.name} exactly.`
@@ -182,6 +225,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
     reset();
     const controller = new AbortController();
     ctl.current = controller;
+    forced.current = opts.force;
     startedAt.current = Date.now();
     setPhase({ p: 'running', target, resume: opts.resume, confirmStop: false, stopping: false });
     setJob({
@@ -191,28 +235,37 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
       },
     });
     const what = `version ${version.id} (${version.name}, ${longDate(version.date)}) to ${target.path}`;
-    backend.restore(version, { target: target.path, force: opts.force, resume: opts.resume }, listener, controller.signal).then(
+    const req = { target: target.path, force: opts.force, resume: opts.resume, ...(fillFrom ? { fillFrom: fillFrom.id } : {}) };
+    backend.restore(version, req, listener, controller.signal).then(
       (outcome) => {
         setJob(null);
+        noteUnfinished(target.path, false);
         const durationMs = Date.now() - startedAt.current;
         if (outcome.damaged.length) {
           noteIntegrityProblem();
-          log(`Restored ${what} with ${outcome.damaged.length} DAMAGED range(s), left unwritten:`);
+          log(`Restored ${what} with ${outcome.damaged.length} DAMAGED range(s), which read as zeros:`);
           for (const d of outcome.damaged) log(`  offset ${d.offset} length ${d.length}: ${d.reason}`);
-        } else log(`Restored ${what}: ${formatBytes(version.size)}, every block verified.`);
-        setPhase({ p: 'result', target, outcome, durationMs, last: snapshot() });
+        } else log(`Restored ${what}: ${formatBytes(version.size)}, every block verified; ${outcome.bytesWritten} bytes written by this run.`);
+        setPhase({ p: 'result', target, outcome, durationMs, last: snapshot(), stoppedAt: '' });
       },
       (err) => {
         setJob(null);
+        noteUnfinished(target.path, true);
         const durationMs = Date.now() - startedAt.current;
         const last = snapshot();
-        const pct = last.progress ? percent(last.progress.doneBytes, last.progress.totalBytes) : '0 %';
+        // Where a resume continues is the engine's checkpoint; the Check step shows the same figure.
+        const stoppedAt =
+          err instanceof CancelledError && err.blocksDone !== undefined
+            ? resumePoint(err.blocksDone, blocks)
+            : last.progress
+              ? percent(last.progress.doneBytes, last.progress.totalBytes)
+              : '0.0 %';
         if (err instanceof CancelledError) {
-          log(`Restore of ${what} STOPPED at ${pct}; the target is incomplete. Resume: blocksafe ui, or blocksafe restore --resume ${version.id} ${target.path}`);
-          setPhase({ p: 'result', target, cancelled: true, durationMs, last });
+          log(`Restore of ${what} STOPPED at ${stoppedAt}; the target is incomplete. Resume: blocksafe ui, or blocksafe restore --resume ${version.id} ${target.path}`);
+          setPhase({ p: 'result', target, cancelled: true, durationMs, last, stoppedAt });
         } else {
           log(`Restore of ${what} FAILED: ${errorText(err)}`);
-          setPhase({ p: 'result', target, error: errorText(err), durationMs, last });
+          setPhase({ p: 'result', target, error: errorText(err), durationMs, last, stoppedAt });
         }
       },
     );
@@ -229,8 +282,14 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           }
           if (mode === 'path') return; // the text input takes the rest, Enter included
           const list = devices ?? [];
-          if (key.upArrow) return setDevIndex((i) => Math.max(0, i - 1));
-          if (key.downArrow) return setDevIndex((i) => Math.min(Math.max(0, list.length - 1), i + 1));
+          const last = Math.max(0, list.length - 1);
+          const page = Math.max(1, bodyHeight - 9);
+          if (key.upArrow || input === 'k') return setDevIndex((i) => Math.max(0, i - 1));
+          if (key.downArrow || input === 'j') return setDevIndex((i) => Math.min(last, i + 1));
+          if (key.pageUp) return setDevIndex((i) => Math.max(0, i - page));
+          if (key.pageDown) return setDevIndex((i) => Math.min(last, i + page));
+          if (key.home || input === 'g') return setDevIndex(0);
+          if (key.end || input === 'G') return setDevIndex(last);
           if (input === 'r') {
             setError(null);
             return loadDevices();
@@ -251,6 +310,11 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
         case 'summary': {
           const { target } = phase;
           const sameInterrupted = target.interrupted?.version === version.id;
+          if (key.tab && fillCandidates.length) {
+            // none → first candidate → … → none
+            const i = fillFrom ? fillCandidates.findIndex((x) => x.id === fillFrom.id) : -1;
+            return setFillFrom(i + 1 < fillCandidates.length ? fillCandidates[i + 1]! : null);
+          }
           if (key.escape) {
             setError(null);
             return setPhase({ p: 'target' });
@@ -312,6 +376,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const width = size.columns;
   const bodyHeight = Math.max(5, size.rows - 4);
   let step = 1;
+  let verdict: string | undefined;
   let keys: KeyHint[] = [];
   let body: ReactNode;
 
@@ -366,7 +431,6 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
       const { target } = phase;
       const sameInterrupted = target.interrupted?.version === version.id;
       const needTyped = target.overwrites || !!target.interrupted;
-      const blocks = Math.ceil(version.size / version.block_size);
       if (sameInterrupted && !phase.startOver) {
         keys = [
           ['r', 'resume (recommended)'],
@@ -393,11 +457,19 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
         <Box flexDirection="column">
           <Text bold>Check before restoring</Text>
           <Summary v={version} target={target} />
+          {!version.valid ? (
+            <Text wrap="wrap">
+              {fillFrom
+                ? `Damaged blocks: taken from version ${fillFrom.id} (${fillFrom.name}, ${longDate(fillFrom.date)}) where it has them intact, else zeros.`
+                : 'Damaged blocks: written as zeros.'}
+              {fillCandidates.length ? <Text dimColor>{' Tab: fill them from another version.'}</Text> : null}
+            </Text>
+          ) : null}
           <Text> </Text>
           {target.interrupted ? (
             <Text color="yellow" wrap="wrap">
               {sameInterrupted
-                ? `An interrupted restore of this version to this target exists: it stopped after ${target.interrupted.blocks_done} of ${blocks} blocks (${percent(target.interrupted.blocks_done, blocks)}), started ${longDate(target.interrupted.started)}.`
+                ? `An interrupted restore of this version to this target exists (started ${longDate(target.interrupted.started)}): it resumes at ${resumePoint(target.interrupted.blocks_done, blocks)}.`
                 : `An interrupted restore of ANOTHER version (${target.interrupted.version}) to this target exists; starting this one abandons it.`}
             </Text>
           ) : null}
@@ -444,7 +516,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
             {phase.resume ? 'Resuming' : 'Restoring'} <Text bold>{version.id}</Text> ({version.name}, {longDate(version.date)}) to <Text bold>{phase.target.path}</Text>
           </Text>
           <Text> </Text>
-          <ProgressPanel view={view} width={width} damagedLabel="Damaged ranges so far" />
+          <ProgressPanel view={view} width={width} damagedLabel="Damaged ranges so far" preparing="verifying the block map before writing…" />
           <Text> </Text>
           {phase.stopping ? (
             <Text color="yellow">Stopping after the blocks in flight… (the restore can be resumed later)</Text>
@@ -463,9 +535,9 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
     }
     case 'result': {
       step = 4;
-      const { outcome, last } = phase;
+      const { outcome } = phase;
+      verdict = outcome ? (outcome.damaged.length ? 'DAMAGED' : 'ok') : phase.cancelled ? 'STOPPED' : 'FAILED';
       keys = [['Enter', 'back to the list'], ...(resumable(phase) ? ([['r', 'resume']] as KeyHint[]) : []), ['?', 'help'], ['q', 'quit']];
-      const pct = last.progress ? percent(last.progress.doneBytes, last.progress.totalBytes) : '0 %';
       body = (
         <Box flexDirection="column">
           {outcome && outcome.damaged.length === 0 ? (
@@ -476,26 +548,28 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
               <Text wrap="wrap">
                 Version {version.id} ({version.name}, {longDate(version.date)}, {formatBytes(version.size)}) is now on {phase.target.path}. Took {formatDuration(phase.durationMs)}.
               </Text>
+              <NextSteps target={phase.target} command={`blocksafe restore --repo ${backend.summary.location}${forced.current ? ' --force' : ''} ${version.id} ${phase.target.path}`} />
             </Box>
           ) : outcome ? (
             <Box flexDirection="column">
               <Text color="red" bold wrap="wrap">
-                FINISHED WITH DAMAGE: {outcome.damaged.length} range(s) could not be restored and were left unwritten.
+                FINISHED WITH DAMAGE: {outcome.damaged.length} range(s) could not be restored; they read as zeros.
               </Text>
               <Text wrap="wrap">Everything else of version {version.id} is on {phase.target.path}. An older or newer version may hold intact copies of these blocks.</Text>
-              {outcome.damaged.slice(0, Math.max(1, bodyHeight - 6)).map((d) => (
+              {outcome.damaged.slice(0, Math.max(1, bodyHeight - 8)).map((d) => (
                 <Text key={d.offset} color="red" wrap="truncate-end">
                   DAMAGED offset {d.offset} ({formatBytes(d.offset)}), {formatBytes(d.length)}: {d.reason}
                 </Text>
               ))}
-              {outcome.damaged.length > bodyHeight - 6 ? <Text dimColor>… and more (the full list is printed when you quit).</Text> : null}
+              {outcome.damaged.length > bodyHeight - 8 ? <Text dimColor>… and more (the full list is printed when you quit).</Text> : null}
+              <NextSteps target={phase.target} command={null} />
             </Box>
           ) : phase.cancelled ? (
             <Box flexDirection="column">
               <Text color="yellow" bold>
-                STOPPED at {pct}. The target is incomplete.
+                STOPPED at {phase.stoppedAt}. The target is incomplete.
               </Text>
-              <Text wrap="wrap">Press r to resume now, or later: choose the same version and target and the restore continues where it stopped.</Text>
+              <Text wrap="wrap">Press r to resume now, or later: choose the same version and target and the restore continues from {phase.stoppedAt}.</Text>
             </Box>
           ) : (
             <Box flexDirection="column">
@@ -516,7 +590,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
 
   return (
     <Frame title="blocksafe · restore" right={backend.summary.location} keys={keys} error={error}>
-      <StepBar steps={STEPS} current={step} />
+      <StepBar steps={STEPS} current={step} verdict={verdict} />
       <Text> </Text>
       {body}
     </Frame>

@@ -23,6 +23,7 @@ export function TagScreen({ version, onExit }: { version: VersionRecord; onExit:
     const op = remove ? backend.removeTag : backend.addTag;
     if (!op) return;
     if (remove && !tags.includes(tag)) return setError(`Version ${version.id} has no tag "${tag}".`);
+    if (!remove && tags.includes(tag)) return setError(`Version ${version.id} has the tag "${tag}" already; nothing was changed.`);
     setBusy(true);
     setError(null);
     op(version, tag).then(

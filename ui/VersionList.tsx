@@ -6,18 +6,48 @@ import { Box, Text } from 'ink';
 import { useEffect, useMemo, useRef, useState, type ReactNode } from 'react';
 import type { VersionRecord, VersionUsage } from './backend.js';
 import { errorText } from './backend.js';
-import { Frame, TextInput, type KeyHint } from './components.js';
-import { age, blocksOf, fit, fitRight, formatBytes, formatDuration, longDate, shortDate, statusColor, statusWords } from './format.js';
+import { Frame, frameBodyRows, TextInput, type KeyHint } from './components.js';
+import { age, blocksOf, fit, plural, fitRight, formatBytes, formatDuration, longDate, shortDate, statusColor, statusWords } from './format.js';
 import { useKeys, useSession } from './hooks.js';
 
-export type ListLine = { kind: 'group'; name: string; count: number; shown: number } | { kind: 'version'; v: VersionRecord };
+export type ListLine = { kind: 'group'; name: string; count: number; shown: number } | { kind: 'version'; v: VersionRecord; newestValid?: boolean };
 
-/** Every space-separated word of the filter must occur in the version's id, name, date, tags, snapshot or status. */
+/**
+ * How dates are shown in the list: the UTC offset once in the header when every version has the same one
+ * (else on each row), and seconds where several versions share a minute (else they look identical).
+ */
+export interface DateStyle {
+  offset: string | null;
+  withSeconds: Set<string>;
+}
+
+export function dateStyle(versions: VersionRecord[]): DateStyle {
+  const offsets = new Set(versions.map((v) => longDate(v.date).slice(20)));
+  const minutes = new Map<string, number>();
+  for (const v of versions) {
+    const m = longDate(v.date).slice(0, 16);
+    minutes.set(m, (minutes.get(m) ?? 0) + 1);
+  }
+  return { offset: offsets.size === 1 ? [...offsets][0]! : null, withSeconds: new Set([...minutes].filter(([, n]) => n > 1).map(([m]) => m)) };
+}
+
+function rowDate(iso: string, style: DateStyle): string {
+  const full = longDate(iso); // "2026-11-27 03:12:45 +01:00"
+  const minute = full.slice(0, 16);
+  const time = style.withSeconds.has(minute) ? full.slice(0, 19) : minute;
+  return style.offset ? time : `${time} ${full.slice(20)}`;
+}
+
+/**
+ * Every space-separated word of the filter must occur in the version's id, name, date, tags or snapshot, or
+ * be one of its status words exactly ("valid" does not match INVALID).
+ */
 export function matchesFilter(v: VersionRecord, filter: string): boolean {
   const words = filter.toLowerCase().split(/\s+/).filter(Boolean);
   if (words.length === 0) return true;
-  const hay = [v.id, v.name, v.snapshot_name, shortDate(v.date), ...v.tags, ...statusWords(v)].join(' ').toLowerCase();
-  return words.every((w) => hay.includes(w));
+  const hay = [v.id, v.name, v.snapshot_name, shortDate(v.date), ...v.tags].join(' ').toLowerCase();
+  const status = statusWords(v).map((w) => w.toLowerCase());
+  return words.every((w) => status.includes(w) || hay.includes(w));
 }
 
 /** Groups by volume name (names in alphabetical order), keeping the newest-first order inside each group. */
@@ -35,7 +65,9 @@ export function groupLines(versions: VersionRecord[], filter: string): ListLine[
     if (g.shown.length === 0) continue;
     g.shown.sort((a, b) => b.date.localeCompare(a.date) || a.id.localeCompare(b.id));
     lines.push({ kind: 'group', name, count: g.all, shown: g.shown.length });
-    for (const v of g.shown) lines.push({ kind: 'version', v });
+    // The version most people want on the restore day: the newest one that is complete and valid.
+    const newest = versions.filter((v) => v.name === name && v.complete && v.valid).sort((a, b) => b.date.localeCompare(a.date))[0];
+    for (const v of g.shown) lines.push({ kind: 'version', v, newestValid: v === newest });
   }
   return lines;
 }
@@ -47,20 +79,21 @@ interface Columns {
   stored: number;
 }
 
-function columnsFor(width: number): Columns {
-  return { date: 23, age: 7, size: 9, stored: width >= 100 ? 10 : 0 };
+function columnsFor(width: number, style: DateStyle): Columns {
+  const date = (style.withSeconds.size ? 19 : 16) + (style.offset ? 0 : 7);
+  return { date: Math.max(date, style.offset ? 20 : 17), age: 7, size: 9, stored: width >= 100 ? 10 : 0 };
 }
 
-function header(width: number): string {
-  const c = columnsFor(width);
-  let s = `  ${fit('id', 8)} ${fit('date (local time)', c.date)} ${fitRight('age', c.age)} ${fitRight('size', c.size)}`;
+function header(width: number, style: DateStyle): string {
+  const c = columnsFor(width, style);
+  let s = `  ${fit('id', 8)} ${fit(style.offset ? `date (UTC${style.offset})` : 'date (local time)', c.date)} ${fitRight('age', c.age)} ${fitRight('size', c.size)}`;
   if (c.stored) s += ` ${fitRight('new data', c.stored)}`;
   return s + '  status / tags';
 }
 
-function VersionRow({ v, selected, width }: { v: VersionRecord; selected: boolean; width: number }) {
-  const c = columnsFor(width);
-  let left = `${selected ? '>' : ' '} ${fit(v.id, 8)} ${fit(shortDate(v.date), c.date)} ${fitRight(age(v.date), c.age)} ${fitRight(formatBytes(v.size), c.size)}`;
+function VersionRow({ v, selected, width, style, newestValid, damaged }: { v: VersionRecord; selected: boolean; width: number; style: DateStyle; newestValid: boolean; damaged?: number }) {
+  const c = columnsFor(width, style);
+  let left = `${selected ? '>' : ' '} ${fit(v.id, 8)} ${fit(rowDate(v.date, style), c.date)} ${fitRight(age(v.date), c.age)} ${fitRight(formatBytes(v.size), c.size)}`;
   // "new data": what this backup added to the store (stored bytes), known without reading anything.
   if (c.stored) left += ` ${fitRight(v.complete ? formatBytes(v.stats.bytes_written) : '-', c.stored)}`;
   const words = statusWords(v);
@@ -75,44 +108,99 @@ function VersionRow({ v, selected, width }: { v: VersionRecord; selected: boolea
             {w}
           </Text>
         ))}
+        {newestValid ? <Text dimColor={!selected}> (newest valid)</Text> : null}
+        {damaged !== undefined && !v.valid ? <Text color="red">{` (${plural(damaged, 'block')} of ${blocksOf(v)} damaged)`}</Text> : null}
         {v.tags.length ? `  ${v.tags.join(',')}` : ''}
       </Text>
     </Box>
   );
 }
 
-/** The list itself: `height` lines, scrolled so the selected version is visible. */
-export function VersionList({ lines, selectedId, width, height }: { lines: ListLine[]; selectedId: string | null; width: number; height: number }) {
-  const offset = useRef(0);
+/**
+ * Which lines of the list are shown in `rows` rows so that the selected line is always one of them. When the
+ * list scrolls, the last row says how many versions are below, and a first row whose group header scrolled
+ * away shows that header instead (so the volume name stays in view).
+ */
+export function listWindow(lines: ListLine[], sel: number, rows: number, previousOffset: number): { offset: number; content: number; sticky: boolean; moreBelow: number } {
+  const scrolls = lines.length > rows;
+  const content = Math.max(1, scrolls ? rows - 1 : rows);
+  let offset = previousOffset;
+  // The selected line must not sit under a sticky header (row 0 when a version starts the window).
+  const firstShown = (o: number) => o + (o > 0 && lines[o]?.kind === 'version' && content > 1 ? 1 : 0);
+  if (sel < firstShown(offset)) offset = Math.max(0, sel - 1);
+  if (sel > offset + content - 1) offset = sel - content + 1;
+  offset = Math.max(0, Math.min(offset, Math.max(0, lines.length - content)));
+  if (sel < firstShown(offset)) offset = Math.max(0, sel - 1);
+  const sticky = offset > 0 && lines[offset]?.kind === 'version' && content > 1;
+  const moreBelow = lines.slice(offset + content).filter((l) => l.kind === 'version').length;
+  return { offset, content, sticky, moreBelow };
+}
+
+function GroupHeader({ name, count, shown, width, note }: { name: string; count: number; shown: number; width: number; note?: string }) {
+  return (
+    <Box width={width} height={1} overflow="hidden">
+      <Text bold color="blue" wrap="truncate-end">
+        {`== ${name} `}
+        <Text dimColor>({shown === count ? `${count} version${count === 1 ? '' : 's'}` : `${shown} of ${count} versions match`})</Text>
+        {note ? <Text dimColor>{note}</Text> : null}
+      </Text>
+    </Box>
+  );
+}
+
+/** The list itself: `height` lines, scrolled so the selected version is always visible. */
+export function VersionList({
+  lines,
+  selectedId,
+  width,
+  height,
+  style,
+  damage = new Map(),
+}: {
+  lines: ListLine[];
+  selectedId: string | null;
+  width: number;
+  height: number;
+  style: DateStyle;
+  /** Damaged blocks of INVALID versions, as far as counted. */
+  damage?: Map<string, number>;
+}) {
+  const offsetRef = useRef(0);
   const sel = Math.max(
     0,
     lines.findIndex((l) => l.kind === 'version' && l.v.id === selectedId),
   );
   const rows = Math.max(1, height);
-  // Keep the selection in view, showing its group header when it is the first of its group.
-  const top = sel > 0 && lines[sel - 1]?.kind === 'group' ? sel - 1 : sel;
-  if (top < offset.current) offset.current = top;
-  if (sel >= offset.current + rows) offset.current = sel - rows + 1;
-  offset.current = Math.max(0, Math.min(offset.current, Math.max(0, lines.length - rows)));
-  const visible = lines.slice(offset.current, offset.current + rows);
-  const more = lines.length - offset.current - visible.length;
+  const win = listWindow(lines, sel, rows, offsetRef.current);
+  offsetRef.current = win.offset;
+  const visible = lines.slice(win.offset, win.offset + win.content);
+  const groupOf = (i: number) => {
+    for (let j = i; j >= 0; j--) {
+      const l = lines[j];
+      if (l?.kind === 'group') return l;
+    }
+    return null;
+  };
   return (
     <Box flexDirection="column" width={width} height={rows} overflow="hidden">
-      {visible.map((l, i) =>
-        l.kind === 'group' ? (
-          <Box key={`g:${l.name}`} width={width} height={1} overflow="hidden">
-            <Text bold color="blue" wrap="truncate-end">
-              {`== ${l.name} `}
-              <Text dimColor>
-                ({l.shown === l.count ? `${l.count} version${l.count === 1 ? '' : 's'}` : `${l.shown} of ${l.count} versions match`})
-              </Text>
-              {i === rows - 1 && more > 0 ? <Text dimColor>{`  ↓ ${more} more`}</Text> : null}
-            </Text>
-          </Box>
+      {visible.map((l, i) => {
+        if (i === 0 && win.sticky) {
+          const g = groupOf(win.offset);
+          if (g) return <GroupHeader key={`sticky:${g.name}`} name={g.name} count={g.count} shown={g.shown} width={width} note="  (continued)" />;
+        }
+        return l.kind === 'group' ? (
+          <GroupHeader key={`g:${l.name}`} name={l.name} count={l.count} shown={l.shown} width={width} />
         ) : (
-          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} />
-        ),
-      )}
+          <VersionRow key={l.v.id} v={l.v} selected={l.v.id === selectedId} width={width} style={style} newestValid={!!l.newestValid} damaged={damage.get(l.v.id)} />
+        );
+      })}
+      {lines.length > rows ? (
+        <Box width={width} height={1} overflow="hidden">
+          <Text dimColor wrap="truncate-end">
+            {win.moreBelow > 0 ? `   ↓ ${win.moreBelow} more below` : '   (end of the list)'}
+          </Text>
+        </Box>
+      ) : null}
     </Box>
   );
 }
@@ -136,7 +224,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
       : usage.error
         ? `unknown (${usage.error})`
         : usage.usage
-          ? `${formatBytes(usage.usage.storedBytes)} in ${usage.usage.blocks} distinct blocks (shared ones included), ` +
+          ? `${formatBytes(usage.usage.storedBytes)} in ${plural(usage.usage.blocks, 'distinct block')} (shared ones included), ` +
             (usage.usage.damagedBlocks ? `${usage.usage.damagedBlocks} DAMAGED` : 'none damaged')
           : 'counting…';
   const rows: [string, ReactNode][] = [
@@ -146,7 +234,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
         <Text bold>{v.id}</Text> · {v.name} · {longDate(v.date)} ({age(v.date)} ago)
       </Text>,
     ],
-    ['Size', `${formatBytes(v.size)} = ${blocksOf(v)} blocks of ${formatBytes(v.block_size)}`],
+    ['Size', `${formatBytes(v.size)} = ${plural(blocksOf(v), 'block')} of ${formatBytes(v.block_size)}`],
     [
       'Status',
       <Text>
@@ -156,7 +244,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
             {w}
           </Text>
         ))}
-        {!v.complete ? ` (${v.blocks_done} of ${blocksOf(v)} blocks saved; cannot be restored)` : ''}
+        {!v.complete ? ` (${v.blocks_done} of ${plural(blocksOf(v), 'block')} saved; cannot be restored)` : ''}
         {` · expires ${v.expire ? longDate(v.expire) : 'never'} · tags ${v.tags.length ? v.tags.join(', ') : 'none'}`}
       </Text>,
     ],
@@ -210,9 +298,37 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   };
   const [usage, setUsage] = useState<UsageState>(null);
   const [localNotice, setLocalNotice] = useState<string | null>(null);
+  // A notice (what was just done) stays until the next key, so it never describes an older state.
+  const [noticeFresh, setNoticeFresh] = useState(true);
   const [busy, setBusy] = useState(false);
+  // The age column moves on by itself (a render every 30 s), not only when a key is pressed.
+  const [, setTick] = useState(0);
+  useEffect(() => {
+    const timer = setInterval(() => setTick((n) => n + 1), 30_000);
+    timer.unref?.();
+    return () => clearInterval(timer);
+  }, []);
 
   const lines = useMemo(() => groupLines(versions, filter), [versions, filter]);
+  const style = useMemo(() => dateStyle(versions), [versions]);
+  // How much of each INVALID version is damaged, counted in the background from their block maps (INVALID
+  // versions are few), so the list helps choose between them.
+  const [damage, setDamage] = useState<Map<string, number>>(new Map());
+  useEffect(() => {
+    const ctl = new AbortController();
+    void (async () => {
+      for (const v of versions.filter((x) => !x.valid && x.complete)) {
+        try {
+          const u = await backend.versionUsage(v, ctl.signal);
+          if (ctl.signal.aborted) return;
+          setDamage((m) => new Map(m).set(v.id, u.damagedBlocks));
+        } catch {
+          if (ctl.signal.aborted) return;
+        }
+      }
+    })();
+    return () => ctl.abort();
+  }, [backend, versions]);
   const shown = useMemo(() => lines.flatMap((l) => (l.kind === 'version' ? [l.v] : [])), [lines]);
   const selected = shown.find((v) => v.id === selectedId) ?? shown[0] ?? null;
 
@@ -246,16 +362,20 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
   };
 
   const wide = size.columns >= 120;
-  const bodyHeight = Math.max(5, size.rows - 4);
-  const detailHeight = wide ? bodyHeight - 2 : size.rows >= 30 ? 8 : 6;
-  const listWidth = wide ? size.columns - 48 : size.columns;
-  const shownNotice = localNotice ?? notice;
+  // The rows the frame really gives the body: a long error takes two or three lines (see Frame).
+  const bodyHeight = frameBodyRows(size, error);
+  const shownNotice = localNotice ?? (noticeFresh ? notice : null);
   const noticeLines = shownNotice ? 1 : 0;
-  const listHeight = Math.max(2, (wide ? bodyHeight - 2 : bodyHeight - 2 - detailHeight - 1) - noticeLines);
+  // Below the list: a separator and the details, which give way first when rows are short.
+  const detailHeight = wide ? bodyHeight - 2 : Math.max(2, Math.min(size.rows >= 30 ? 8 : 6, bodyHeight - noticeLines - 2 - 1 - 4));
+  const listWidth = wide ? size.columns - 48 : size.columns;
+  const listHeight = Math.max(1, (wide ? bodyHeight - 2 : bodyHeight - 2 - detailHeight - 1) - noticeLines);
   const page = Math.max(1, listHeight - 2);
 
   useKeys(
     (input, key) => {
+      setNoticeFresh(false);
+      setLocalNotice(null);
       if (filtering) {
         if (key.escape) {
           setFilter('');
@@ -265,12 +385,12 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
         else if (key.downArrow) move(1);
         return;
       }
-      if (key.upArrow) return move(-1);
-      if (key.downArrow) return move(1);
+      if (key.upArrow || input === 'k') return move(-1);
+      if (key.downArrow || input === 'j') return move(1);
       if (key.pageUp) return move(-page);
       if (key.pageDown) return move(page);
-      if (key.home) return move(-shown.length);
-      if (key.end) return move(shown.length);
+      if (key.home || input === 'g') return move(-shown.length);
+      if (key.end || input === 'G') return move(shown.length);
       if (key.escape) {
         setFilter('');
         setError(null);
@@ -367,7 +487,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
     ) : shown.length === 0 ? (
       <Text>No version matches "{filter}". Press Esc to clear the filter.</Text>
     ) : (
-      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} />
+      <VersionList lines={lines} selectedId={selected?.id ?? null} width={listWidth} height={listHeight} style={style} damage={damage} />
     );
 
   const list = (
@@ -375,7 +495,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
       {filterLine}
       <Box width={listWidth} height={1} overflow="hidden">
         <Text dimColor wrap="truncate-end">
-          {header(listWidth)}
+          {header(listWidth, style)}
         </Text>
       </Box>
       <Box height={listHeight} flexDirection="column">

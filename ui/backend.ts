@@ -32,6 +32,8 @@ export interface TargetInfo {
   interrupted: RestoreState | null;
   /** Extra words for the summary, e.g. the device model. */
   description: string;
+  /** What is on it now (a filesystem and its label, a partition table, zeros), when it will be overwritten. */
+  contents?: string | null;
 }
 
 export interface RestoreRequest {
@@ -40,6 +42,8 @@ export interface RestoreRequest {
   force: boolean;
   /** Continue the interrupted restore of the same version to the same target. */
   resume: boolean;
+  /** Id of a version whose intact blocks replace damaged ones at the same offsets (else zeros). */
+  fillFrom?: string;
 }
 
 export interface RestoreOutcome {
@@ -72,9 +76,12 @@ export interface RepositorySummary {
 
 /** Thrown (by the backend) when an operation stopped because the user cancelled it. */
 export class CancelledError extends Error {
-  constructor() {
+  /** For a stopped restore: the blocks on the target by its checkpoint, where a resume continues. */
+  readonly blocksDone: number | undefined;
+  constructor(blocksDone?: number) {
     super('Cancelled by the user.');
     this.name = 'CancelledError';
+    this.blocksDone = blocksDone;
   }
 }
 
@@ -91,6 +98,8 @@ export interface Backend {
   scrub?: (req: ScrubRequest, onProgress: (p: Progress) => void, signal: AbortSignal) => Promise<ScrubResult>;
   /** Present only when the engine can remove versions. Refuses protected versions. */
   remove?: (v: VersionRecord) => Promise<void>;
+  /** Why `remove` would refuse `v` (protected, younger than the minimum age), asked before the id is typed. */
+  removalRefusal?: (v: VersionRecord) => string | null;
   /** Present only when the engine has lifecycle operations. */
   setProtected?: (v: VersionRecord, on: boolean) => Promise<void>;
   addTag?: (v: VersionRecord, tag: string) => Promise<void>;
@@ -101,13 +110,30 @@ export interface Backend {
 /** Opens the repository; `askPassphrase` is called (maybe several times) only when one is needed. */
 export type Connect = (askPassphrase: () => Promise<string>) => Promise<Backend>;
 
+/**
+ * The engine's messages end with hints for the command line ("Use --force …", "… with --resume"); inside
+ * the UI those options do not exist (the UI asks, and offers resume itself), so such sentences are left out.
+ */
+export function withoutCliHints(message: string): string {
+  const sentences = message.split(/(?<=[.;])\s+/);
+  const kept: string[] = [];
+  for (const s of sentences) {
+    if (/(^|\s|\()--[a-z]/.test(s) || /\bblocksafe [a-z]+ /.test(s)) {
+      // "…; use --force …" dropped: the sentence before ends the thought.
+      if (kept.length) kept[kept.length - 1] = kept[kept.length - 1]!.replace(/;$/, '.');
+    } else kept.push(s);
+  }
+  if (kept.length === 0 || kept.length === sentences.length) return message;
+  return kept.join(' ');
+}
+
 /** One line for the UI: the message of a blocksafe error, never a stack trace. */
 export function errorText(err: unknown): string {
   if (err instanceof Error) {
     // BlocksafeError messages are written for users; anything else gets a hint where to look.
     const isBlocksafe = 'exitCode' in err;
     const first = err.message.split('\n')[0] ?? '';
-    return isBlocksafe ? first : `Unexpected problem: ${first} (the CLI command with --debug shows details).`;
+    return isBlocksafe ? withoutCliHints(first) : `Unexpected problem: ${first} (the CLI command with --debug shows details).`;
   }
   return String(err);
 }

@@ -56,6 +56,11 @@ export function ErrorLine({ error, width }: { error: string | null | undefined; 
   );
 }
 
+/** Rows of a Frame's body at this terminal size with this error (the screens lay themselves out in it). */
+export function frameBodyRows(size: { columns: number; rows: number }, error: string | null | undefined): number {
+  return Math.max(8, size.rows - 1) - 2 - errorRows(error, size.columns);
+}
+
 /**
  * A whole screen: title line, body (cut to fit), the error line, and the key help. The body gets the rest;
  * one line stays free at the bottom so Ink never has to repaint the whole terminal.
@@ -74,7 +79,7 @@ export function Frame({ title, right, keys, error, children }: { title: string; 
           {rightText ? `${rightText} ` : ''}
         </Text>
       </Box>
-      <Box flexDirection="column" width={width} height={height - 2 - errorRows(error, width)} overflow="hidden">
+      <Box flexDirection="column" width={width} height={frameBodyRows(size, error)} overflow="hidden">
         {children}
       </Box>
       <ErrorLine error={error} width={width} />
@@ -135,8 +140,12 @@ export function TextInput({
   );
 }
 
-/** "[1 Version] › 2 Target › …": the current step in brackets and bold, so it shows without colour. */
-export function StepBar({ steps, current }: { steps: string[]; current: number }) {
+/**
+ * "[1 Version] › 2 Target › …": the current step in brackets and bold, so it shows without colour. Steps
+ * before it are "ok", except the one just before the current when `verdict` says otherwise (a restore
+ * that stopped or failed is not "Restore ok").
+ */
+export function StepBar({ steps, current, verdict }: { steps: string[]; current: number; verdict?: string }) {
   return (
     <Text wrap="truncate-end">
       {steps.map((s, i) => (
@@ -147,8 +156,8 @@ export function StepBar({ steps, current }: { steps: string[]; current: number }
               [{i + 1} {s}]
             </Text>
           ) : i < current ? (
-            <Text>
-              {i + 1} {s} ok
+            <Text color={i === current - 1 && verdict && verdict !== 'ok' ? 'red' : undefined} bold={i === current - 1 && !!verdict && verdict !== 'ok'}>
+              {i + 1} {s} {i === current - 1 && verdict ? verdict : 'ok'}
             </Text>
           ) : (
             <Text dimColor>
@@ -162,7 +171,7 @@ export function StepBar({ steps, current }: { steps: string[]; current: number }
 }
 
 /** Bar, bytes, throughput, ETA, elapsed time and damage count of a running operation. */
-export function ProgressPanel({ view, width, damagedLabel }: { view: ProgressView; width: number; damagedLabel: string }) {
+export function ProgressPanel({ view, width, damagedLabel, preparing = 'starting…' }: { view: ProgressView; width: number; damagedLabel: string; preparing?: string }) {
   const p = view.progress;
   const done = p?.doneBytes ?? 0;
   const total = p?.totalBytes ?? 0;
@@ -170,7 +179,7 @@ export function ProgressPanel({ view, width, damagedLabel }: { view: ProgressVie
   return (
     <Box flexDirection="column">
       <Text>
-        {p ? bar(done, total, barWidth) : bar(0, 1, barWidth)} {p ? percent(done, total) : 'starting…'}
+        {p ? bar(done, total, barWidth) : bar(0, 1, barWidth)} {p ? percent(done, total) : preparing}
       </Text>
       <Text wrap="truncate-end">
         {formatBytes(done)} of {p ? formatBytes(total) : '?'}

@@ -2,23 +2,27 @@
  * The real data layer of the terminal UI: the same engine functions the CLI commands call
  * (listVersions, restore, scrub, removeVersion), with the repository opened once for the session.
  */
+import { realpathSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { config, openRepositoryAt, pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/cli/context.js';
 import { BlockPipeline } from '../src/engine/blockPipeline.js';
-import { blockDeviceSize, mountsOf } from '../src/engine/device.js';
+import { blockDeviceSize, deviceNumber, mountsOf } from '../src/engine/device.js';
 import type { Progress } from '../src/engine/progress.js';
 import { addTags, assertOldEnough, removeTags, setProtected as protectVersion } from '../src/engine/lifecycle.js';
+import { describeHolder, LockNames } from '../src/engine/locks.js';
 import { assertRemovable, removeVersion } from '../src/engine/remove.js';
 import type { Repository, SecretSource } from '../src/engine/repository.js';
 import { restore as runRestore } from '../src/engine/restore.js';
 import { scrub as runScrub } from '../src/engine/scrub.js';
+import { config, openRepositoryAt, pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/engine/session.js';
+import { targetUsers } from '../src/engine/targetInUse.js';
 import { listVersions } from '../src/engine/versions.js';
-import { describeSystemError, UsageError } from '../src/errors.js';
+import { describeSystemError, KeyError, StoppedError, UsageError } from '../src/errors.js';
 import type { VersionRecord } from '../src/index/records.js';
 import {
   CancelledError,
+  errorText,
   type Backend,
   type Connect,
   type RepositorySummary,
@@ -28,6 +32,7 @@ import {
   type TargetInfo,
   type VersionUsage,
 } from './backend.js';
+import { describeContents } from './contents.js';
 import { deviceRefusal, listBlockDevices, type BlockDevice } from './devices.js';
 import { confirmName, formatBytes } from './format.js';
 
@@ -38,16 +43,9 @@ export function absoluteTarget(input: string): string {
   return path.resolve(t);
 }
 
-function devno(rdev: number): string {
-  const major = Math.floor(rdev / 256) & 0xfff;
-  const minor = (rdev & 0xff) | ((Math.floor(rdev / 2 ** 20) & 0xfff) << 8);
-  return `${major}:${minor}`;
-}
-
 /**
- * Wraps a progress listener so that a cancelled operation stops: the engine calls the listener after each
- * block is written and checkpointed, so throwing there stops after the blocks in flight, leaving the restore
- * state in the index for a later resume.
+ * Wraps a progress listener so that a cancelled scrub stops (it only reads: nothing to checkpoint). A restore
+ * takes the signal itself and checkpoints when it stops.
  */
 function cancellable(onProgress: (p: Progress) => void, signal: AbortSignal): (p: Progress) => void {
   return (p) => {
@@ -121,6 +119,13 @@ class EngineBackend implements Backend {
     } catch {
       // a new file: the engine keys its restore state by the resolved path as well
     }
+    // A restore state whose target lock is held live is a restore running right now (another window, a
+    // script), not an interrupted one: it is neither resumed nor overwritten from here.
+    const running = this.repo.locks.liveLocks((r) => r === LockNames.target(real));
+    if (running[0]) {
+      info.refusal = `${abs} is being restored right now by ${describeHolder(running[0])}; wait for it to finish or stop it there.`;
+      return info;
+    }
     info.interrupted = this.repo.index.getRestoreState(real) ?? null;
     let st;
     try {
@@ -160,11 +165,22 @@ class EngineBackend implements Backend {
       info.refusal = `${abs} is a folder; add a file name, e.g. ${path.join(abs, `${v.name}.img`)}`;
       return info;
     }
+    // Something using the target (a mounted loop device's backing file, a held or mounted disk, swap, a
+    // running VM) is refused here already; the engine checks again when the restore starts.
+    if (st.isFile() || st.isBlockDevice()) {
+      const users = await targetUsers(st);
+      if (users.length) {
+        info.kind = st.isFile() ? 'file' : 'block';
+        info.refusal = `${abs} cannot be used: ${users.join('; ')}. Nothing was written.`;
+        return info;
+      }
+    }
     if (st.isFile()) {
       info.kind = 'file';
       info.size = st.size;
       info.overwrites = st.size > 0;
       info.description = st.size > 0 ? `an existing file of ${formatBytes(st.size)}` : 'an existing empty file';
+      if (st.size > 0) info.contents = await describeContents(abs, st.size);
       return info;
     }
     if (st.isBlockDevice()) {
@@ -177,7 +193,7 @@ class EngineBackend implements Backend {
         return info;
       }
       info.mountpoints = mountsOf(st.rdev);
-      const dev = listBlockDevices().find((d) => d.devno === devno(st.rdev));
+      const dev = listBlockDevices().find((d) => d.devno === deviceNumber(st.rdev));
       if (dev) {
         info.name = dev.name;
         info.description = [dev.model, `block device ${dev.name}`].filter(Boolean).join(', ');
@@ -188,6 +204,7 @@ class EngineBackend implements Backend {
         else if (info.size < v.size) info.refusal = `too small (${formatBytes(info.size)} < ${formatBytes(v.size)})`;
       }
       if (info.refusal) info.refusal = `${abs} cannot be used: ${info.refusal}.`;
+      else info.contents = await describeContents(abs, info.size);
       return info;
     }
     info.refusal = `${abs} is neither a regular file nor a block device.`;
@@ -205,15 +222,31 @@ class EngineBackend implements Backend {
         target: req.target,
         force: req.force,
         resume: req.resume,
+        fillFrom: req.fillFrom ? this.repo.index.getVersion(req.fillFrom) ?? undefined : undefined,
         sparse: false,
         queueDepth: this.settings.queueDepth,
         writeThrottle: this.settings.writeThrottle,
-        onProgress: cancellable(onProgress, signal),
+        onProgress,
+        signal,
       });
       return { bytesWritten: r.bytesWritten, damaged: r.damaged };
+    } catch (err) {
+      if (err instanceof StoppedError) throw new CancelledError(this.checkpointOf(req.target));
+      throw err;
     } finally {
       await pipeline.close();
     }
+  }
+
+  /** Blocks of the interrupted restore to `target` that are on disk (its checkpoint): where a resume starts. */
+  private checkpointOf(target: string): number | undefined {
+    let real = target;
+    try {
+      real = realpathSync(target);
+    } catch {
+      // gone meanwhile: the state is keyed by the path then
+    }
+    return this.repo.index.getRestoreState(real)?.blocks_done;
   }
 
   scrub = async (req: ScrubRequest, onProgress: (p: Progress) => void, signal: AbortSignal) => {
@@ -228,6 +261,17 @@ class EngineBackend implements Backend {
       });
     } finally {
       await pipeline.close();
+    }
+  };
+
+  removalRefusal = (v: VersionRecord): string | null => {
+    try {
+      const current = this.repo.index.getVersion(v.id) ?? v;
+      assertRemovable(current);
+      assertOldEnough(current, this.minAgeDays, false);
+      return null;
+    } catch (err) {
+      return errorText(err);
     }
   };
 
@@ -262,8 +306,17 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
   const location = /^[a-z0-9]+:\/\//i.test(given) ? given : path.resolve(given);
   const settings = pipelineSettings(opts);
   const minAgeDays = config(opts).config.lifecycle.min_age_days;
-  const askInUi = !opts.keyFile && !opts.passphraseFile && process.env.BLOCKSAFE_PASSPHRASE === undefined;
+  let askInUi = !opts.keyFile && !opts.passphraseFile && process.env.BLOCKSAFE_PASSPHRASE === undefined;
   const connect: Connect = async (askPassphrase) => {
+    // A wrong passphrase in BLOCKSAFE_PASSPHRASE is not the end of the restore day: ask for it instead.
+    if (!askInUi && !opts.keyFile && !opts.passphraseFile) {
+      try {
+        return new EngineBackend(await openRepositoryAt(opts, location, secretSource(opts), true), settings, location, minAgeDays);
+      } catch (err) {
+        if (!(err instanceof KeyError)) throw err;
+        askInUi = true;
+      }
+    }
     const secret: SecretSource = askInUi
       ? async () => {
           const pass = await askPassphrase();

@@ -37,8 +37,10 @@ export type StatusWord = 'valid' | 'INVALID' | 'incomplete' | 'protected';
 /** Status as words (never colour alone): incomplete first, then valid/INVALID, then protected. */
 export function statusWords(v: VersionRecord): StatusWord[] {
   const out: StatusWord[] = [];
+  // An incomplete version is not "valid" whatever its blocks are: it cannot be restored.
   if (!v.complete) out.push('incomplete');
-  out.push(v.valid ? 'valid' : 'INVALID');
+  if (!v.valid) out.push('INVALID');
+  else if (v.complete) out.push('valid');
   if (v.protected) out.push('protected');
   return out;
 }
@@ -54,6 +56,11 @@ export function statusColor(w: StatusWord): string | undefined {
     default:
       return 'green';
   }
+}
+
+/** "1 block", "16 blocks". */
+export function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
 }
 
 export function blocksOf(v: VersionRecord): number {

@@ -1,5 +1,5 @@
 /** Hooks shared by the screens: terminal size, throttled progress, the session context. */
-import { useInput, useStdout, type Key } from 'ink';
+import { useInput, useStdin, useStdout, type Key as InkKey } from 'ink';
 import { createContext, useCallback, useContext, useEffect, useLayoutEffect, useRef, useState } from 'react';
 import type { Backend, Progress } from './backend.js';
 
@@ -42,6 +42,8 @@ export interface Session {
   log(line: string): void;
   /** Damage was found (restore or scrub): the UI exits with code 3. */
   noteIntegrityProblem(): void;
+  /** A restore to `target` was left stopped or failed (true), or has finished since (false): exit code 1. */
+  noteUnfinished(target: string, unfinished: boolean): void;
 }
 
 export const SessionContext = createContext<Session | null>(null);
@@ -84,10 +86,16 @@ export function useProgress(): { view: ProgressView; listener: (p: Progress) => 
     const timer = setInterval(() => setView(compute()), 250);
     return () => clearInterval(timer);
   }, [compute]);
-  const listener = useCallback((p: Progress) => {
-    if (!first.current) first.current = { t: Date.now(), bytes: p.doneBytes };
-    latest.current = p;
-  }, []);
+  const listener = useCallback(
+    (p: Progress) => {
+      const isFirst = !first.current;
+      if (isFirst) first.current = { t: Date.now(), bytes: p.doneBytes };
+      latest.current = p;
+      // The first figure (0 %, or where a resume starts) is shown at once, not at the next tick.
+      if (isFirst) setView(compute());
+    },
+    [compute],
+  );
   const reset = useCallback(() => {
     latest.current = null;
     first.current = null;
@@ -130,7 +138,21 @@ function controlKey(c: string): [string, Key] {
   return ['', { ...NO_KEY }];
 }
 
+/** Ink's key, plus the function keys people know from htop and mc (F1 help, F10 quit). */
+export interface Key extends InkKey {
+  f1?: boolean;
+  f10?: boolean;
+}
+
 type KeyListener = (input: string, key: Key) => void;
+
+/** Ink reports function keys with an empty input and no flag: they are recognised from the raw sequence. */
+const FUNCTION_KEYS: Record<string, Partial<Key>> = {
+  '\x1bOP': { f1: true },
+  '\x1b[11~': { f1: true },
+  '\x1b[[A': { f1: true },
+  '\x1b[21~': { f10: true },
+};
 
 /**
  * Routes keys from the one Ink input subscription to the components listening right now, one key at a time.
@@ -173,7 +195,18 @@ export function useKeyRoot(): KeyBus {
   const bus = useRef<KeyBus | null>(null);
   bus.current ??= new KeyBus();
   const b = bus.current;
-  useInput(useCallback((input: string, key: Key) => dispatchKeys(input, key, (i, k) => b.push(i, k)), [b]));
+  useInput(useCallback((input: string, key: InkKey) => dispatchKeys(input, key, (i, k) => b.push(i, k)), [b]));
+  const { internal_eventEmitter: raw } = useStdin();
+  useEffect(() => {
+    const onRaw = (data: string) => {
+      const fn = FUNCTION_KEYS[data];
+      if (fn) b.push('', { ...NO_KEY, ...fn });
+    };
+    raw?.on('input', onRaw);
+    return () => {
+      raw?.off('input', onRaw);
+    };
+  }, [raw, b]);
   return b;
 }
 
@@ -195,7 +228,19 @@ export function useKeys(handler: (input: string, key: Key) => void, options: { i
 }
 
 function dispatchKeys(input: string, key: Key, handler: (input: string, key: Key) => void): void {
+  // Esc and the next key in one read (a slow SSH link) arrive as "meta + key": that is Esc, then the key.
+  const nav = key.upArrow || key.downArrow || key.leftArrow || key.rightArrow || key.pageUp || key.pageDown || key.home || key.end || key.return || key.tab || key.backspace || key.delete;
+  if (key.meta && !key.escape && !key.ctrl && !nav && input.length > 0) {
+    handler('', { ...NO_KEY, escape: true, meta: true });
+    return dispatchKeys(input, { ...NO_KEY, shift: key.shift }, handler);
+  }
   {
+    // Several plain keys in one read ("kk", "/abc" typed fast or over a slow link) are several keys: each is
+    // handled on its own, so a "/" that opens the filter is not swallowed with the text after it.
+    if (!key.ctrl && !key.meta && input.length > 1 && !/[\u0000-\u001f\u007f]/.test(input)) {
+      for (const c of Array.from(input)) handler(c, { ...key, shift: /[A-Z]/.test(c) });
+      return;
+    }
     if (key.ctrl || key.meta || input.length === 0 || !/[\u0000-\u001f\u007f]/.test(input)) return handler(input, key);
     if (input.length === 1) {
       const [i, k] = controlKey(input);
@@ -205,7 +250,7 @@ function dispatchKeys(input: string, key: Key, handler: (input: string, key: Key
       if (/^[\u0000-\u001f\u007f]$/.test(part)) {
         const [i, k] = controlKey(part);
         handler(i, k);
-      } else handler(part, { ...NO_KEY });
+      } else for (const c of Array.from(part)) handler(c, { ...NO_KEY, shift: /[A-Z]/.test(c) });
     }
   }
 }

@@ -1,7 +1,7 @@
 import { constants as fsc } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import { describeSystemError, IntegrityError, NotFoundError, RefusedError, UsageError } from '../errors.js';
+import { describeSystemError, IntegrityError, NotFoundError, RefusedError, StoppedError, UsageError } from '../errors.js';
 import { CHUNK_BLOCKS } from '../index/blockmap.js';
 import type { VersionRecord } from '../index/records.js';
 import { formatBytes } from '../util/size.js';
@@ -12,6 +12,7 @@ import { blockDeviceSize, mountsOf, readFully, writeFully } from './device.js';
 import type { ProgressListener } from './progress.js';
 import type { Repository } from './repository.js';
 import { pausePoint } from '../util/pause.js';
+import { assertTargetNotInUse } from './targetInUse.js';
 
 export interface RestoreOptions {
   target: string;
@@ -23,6 +24,10 @@ export interface RestoreOptions {
   sparse: boolean;
   queueDepth: number;
   onProgress?: ProgressListener;
+  /** Stops the restore after the blocks in flight, with a checkpoint (StoppedError): SIGINT, the UI's Stop. */
+  signal?: AbortSignal;
+  /** A damaged block is taken from this version where it has an intact block at the same offset (else zeros). */
+  fillFrom?: VersionRecord;
 }
 
 export interface DamagedRange {
@@ -65,6 +70,7 @@ async function prepareTarget(version: VersionRecord, target: string, force: bool
     return { fh, kind: 'file', zeroed: true };
   }
   if (st.isDirectory()) throw new UsageError(`Target ${target} is a directory; give a file path or a block device.`);
+  await assertTargetNotInUse(target, st);
   if (st.isFile()) {
     if (st.size > 0 && !force) {
       throw new RefusedError(`Target ${target} exists and is not empty (${formatBytes(st.size)}); nothing was written. Use --force to overwrite it.`);
@@ -127,9 +133,14 @@ export async function restore(repo: Repository, pipeline: BlockPipeline, version
   if (!version.complete) {
     throw new RefusedError(`Version ${version.id} is incomplete (its backup was interrupted); resume or repeat the backup, or pick another version.`);
   }
+  const fill = opts.fillFrom;
+  if (fill && (!fill.complete || fill.block_size !== version.block_size || fill.id === version.id)) {
+    throw new UsageError(`Version ${fill.id} cannot fill damaged ranges of ${version.id}: it must be another complete version with the same block size (${formatBytes(version.block_size)}).`);
+  }
   const targetKey = await canonicalTarget(opts.target);
+  const run = () => withLock(repo.locks, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey));
   return withLock(repo.locks, LockNames.target(targetKey), 'exclusive', `Restore target ${opts.target}`, () =>
-    withLock(repo.locks, LockNames.version(version.id), 'shared', `Version ${version.id}`, () => runRestore(repo, pipeline, version, opts, targetKey)),
+    fill ? withLock(repo.locks, LockNames.version(fill.id), 'shared', `Version ${fill.id}`, run) : run(),
   );
 }
 
@@ -155,6 +166,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
     ({ fh, zeroed } = await prepareTarget(version, opts.target, opts.force));
     state = { target: targetKey, version: version.id, blocks_done: 0, damaged: [], zeroed, sparse: opts.sparse, started: new Date().toISOString() };
     await repo.index.putRestoreState(state);
+    await pausePoint('restore.started');
   }
   const bs = version.block_size;
   const blocks = Math.ceil(version.size / bs);
@@ -163,8 +175,24 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
   // Damage found before an interruption is still damage: a resumed restore reports it too.
   const damaged: DamagedRange[] = state.damaged.map((d) => ({ ...d }));
   const cursor = repo.index.mapCursor(version.id, blocks);
+  const fillBlocks = opts.fillFrom ? Math.ceil(opts.fillFrom.size / bs) : 0;
+  const fillCursor = opts.fillFrom ? repo.index.mapCursor(opts.fillFrom.id, fillBlocks) : null;
+  /** The other version's block at `i` when it covers `length` bytes there and is intact; null otherwise. */
+  const fillBlock = async (i: number, length: number): Promise<Buffer | null> => {
+    if (!fillCursor || !opts.fillFrom || i * bs + length > opts.fillFrom.size) return null;
+    const c = fillCursor.get(i);
+    if (!c) return Buffer.alloc(length); // a zero block there
+    try {
+      return await pipeline.load(c, length);
+    } catch (err) {
+      if (err instanceof IntegrityError) return null;
+      throw err;
+    }
+  };
   const writeThrottle = opts.writeThrottle ?? UNLIMITED;
   let bytesWritten = 0;
+  // Blocks before this one are written (in order): what a checkpoint on stop or failure may record.
+  let doneInOrder = state.blocks_done;
   let sinceCheckpoint = 0;
   let lastCheckpoint = Date.now();
   const checkpoint = async (done: number) => {
@@ -176,24 +204,30 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
     lastCheckpoint = Date.now();
     await pausePoint('restore.checkpoint');
   };
-  const put = async (i: number, data: Buffer) => {
+  /** Writes block i; false when a stop was asked for while it waited for the write throttle. */
+  const put = async (i: number, data: Buffer): Promise<boolean> => {
     await writeThrottle.take(data.length);
+    if (opts.signal?.aborted) return false;
     try {
       await writeFully(fh, data, i * bs);
     } catch (err) {
       throw describeSystemError(err, `Writing target ${opts.target} at offset ${i * bs}`);
     }
     bytesWritten += data.length;
+    return true;
   };
+  // A resumed restore starts where its checkpoint is: say so at once rather than at the first block.
+  opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, state.blocks_done * bs), totalBytes: version.size, damaged: damaged.length });
   try {
-    await orderedWindow<{ error?: string }>(
+    await orderedWindow<{ error?: string; stopped?: boolean }>(
       blocks,
       opts.queueDepth,
       async (i) => {
+        if (opts.signal?.aborted) return { stopped: true };
         const length = Math.min(bs, version.size - i * bs);
         const checksum = cursor.get(i);
         if (!checksum) {
-          if (!skipSparse) await put(i, zero.subarray(0, length));
+          if (!skipSparse && !(await put(i, zero.subarray(0, length)))) return { stopped: true };
           return {};
         }
         // The block is read into an arena slot, opened there and written to the target from there.
@@ -203,16 +237,25 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
           try {
             at = await pipeline.loadInto(checksum, length, slot);
           } catch (err) {
-            if (err instanceof IntegrityError) return { error: err.message };
-            throw err;
+            if (!(err instanceof IntegrityError)) throw err;
+            const other = await fillBlock(i, length);
+            if (other) {
+              if (!(await put(i, other))) return { stopped: true };
+              return { error: `${err.message} (filled from version ${opts.fillFrom!.id})` };
+            }
+            // A device (or a resumed file) still holds older data under a damaged block: zeros instead, so a
+            // restored target never silently mixes two versions. A fresh or truncated file reads as zeros already.
+            if (!zeroed && !(await put(i, zero.subarray(0, length)))) return { stopped: true };
+            return { error: err.message };
           }
-          await put(i, pipeline.arena.view(slot).subarray(at, at + length));
+          if (!(await put(i, pipeline.arena.view(slot).subarray(at, at + length)))) return { stopped: true };
         } finally {
           pipeline.arena.give(slot);
         }
         return {};
       },
       async (i, out) => {
+        if (out.stopped) throw new StoppedError(`The restore of version ${version.id} to ${opts.target} was stopped at ${stoppedAt(i, blocks)}; continue it with --resume.`);
         if (out.error) {
           const offset = i * bs;
           const length = Math.min(bs, version.size - offset);
@@ -220,6 +263,7 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
           if (last && last.offset + last.length === offset && last.reason === out.error) last.length += length;
           else damaged.push({ offset, length, reason: out.error });
         }
+        doneInOrder = i + 1;
         if (++sinceCheckpoint >= CHECKPOINT_EVERY_BLOCKS || Date.now() - lastCheckpoint >= CHECKPOINT_EVERY_MS) await checkpoint(i + 1);
         opts.onProgress?.({ phase: 'restore', doneBytes: Math.min(version.size, (i + 1) * bs), totalBytes: version.size, damaged: damaged.length });
       },
@@ -227,11 +271,21 @@ async function runRestore(repo: Repository, pipeline: BlockPipeline, version: Ve
       0, // slot-based: nothing per block for the garbage collector
     );
     await fh.sync();
+  } catch (err) {
+    // Stopped, or failed (no space, a lost device, a lock): what was written in order stays written, so a
+    // resume continues from there instead of from the last periodic checkpoint.
+    if (doneInOrder > state.blocks_done) await checkpoint(doneInOrder).catch(() => undefined);
+    throw err;
   } finally {
     await fh.close();
   }
   await repo.index.removeRestoreState(targetKey);
   return { version, target: opts.target, bytesWritten, damaged };
+}
+
+/** "81.3 % (13 of 16 blocks)". */
+function stoppedAt(done: number, blocks: number): string {
+  return `${((100 * done) / Math.max(1, blocks)).toFixed(1)} % (${done} of ${blocks} block${blocks === 1 ? '' : 's'})`;
 }
 
 /** The target's identity for locks and resume state: its real path (symlinks like /dev/disk/by-id resolved). */
@@ -251,6 +305,7 @@ async function reopenTarget(version: VersionRecord, target: string): Promise<fs.
   } catch (err) {
     throw describeSystemError(err, `Target ${target}`);
   }
+  await assertTargetNotInUse(target, st);
   if (st.isBlockDevice()) {
     const mounts = mountsOf(st.rdev);
     if (mounts.length > 0) throw new RefusedError(`Target ${target} is mounted on ${mounts.join(', ')}; unmount it first.`);

@@ -24,7 +24,8 @@ export function register(program: Command): void {
     .argument('<source>', 'file, block device, file:// URI, lvm://VG/LV (snapshotted for the backup), or rbd://POOL/IMAGE[@SNAP] (Ceph RBD)')
     .argument('<name>', 'volume name the version belongs to')
     .option('-s, --snapshot-name <name>', 'free-form snapshot name stored with the version')
-    .option('-t, --tag <tag...>', 'tags for the new version')
+    // One value per --tag (repeat it for several): a variadic option would swallow SOURCE and NAME.
+    .option('-t, --tag <tag>', 'a tag for the new version (repeat for several)', (value: string, previous: string[] = []) => [...previous, value])
     .option('--from <version>', 'base version (default: the newest complete version of NAME)')
     .option('--hints <file>', 'rbd-diff style JSON of changed extents since --from: only those are read')
     .option('--resume', 'continue the interrupted backup of NAME')

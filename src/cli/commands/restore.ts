@@ -11,6 +11,7 @@ interface RestoreOptions extends GlobalOptions {
   force?: boolean;
   sparse?: boolean;
   resume?: boolean;
+  fillFrom?: string;
 }
 
 export function register(program: Command): void {
@@ -22,12 +23,28 @@ export function register(program: Command): void {
     .option('-f, --force', 'overwrite an existing, non-empty target')
     .option('--sparse', 'do not write all-zero blocks (the target already reads as zeros, e.g. a fresh thin volume)')
     .option('--resume', 'continue an interrupted restore of this version to this target')
+    .option('--fill-from <version>', 'take damaged blocks from this version where it has them intact (else they read as zeros)')
     .option('--json', 'print the result as JSON')
     .action(async (ref: string, target: string, _opts: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<RestoreOptions>();
       const progress = progressReporter(!opts.json);
+      // ctrl-c, a closed terminal or a shutdown stop the restore after the blocks in flight, with a checkpoint
+      // (so --resume continues from there); a second signal ends the process at once.
+      const stop = new AbortController();
+      const signals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+      const onSignal = (sig: NodeJS.Signals) => {
+        if (stop.signal.aborted) {
+          for (const s of signals) process.off(s, onSignal);
+          process.kill(process.pid, sig);
+          return;
+        }
+        stop.abort();
+      };
+      for (const s of signals) process.on(s, onSignal);
       const result = await withPipeline(opts, (repo, pipeline, s) => {
         const options = {
+          signal: stop.signal,
+          fillFrom: opts.fillFrom ? repo.index.resolveVersion(opts.fillFrom) : undefined,
           target,
           force: !!opts.force,
           sparse: !!opts.sparse,
@@ -38,6 +55,8 @@ export function register(program: Command): void {
         };
         const version = repo.index.resolveVersion(ref);
         return target.startsWith('rbd://') ? restoreToRbd(repo, pipeline, rbdClient(opts), version, options) : restore(repo, pipeline, version, options);
+      }).finally(() => {
+        for (const s of signals) process.off(s, onSignal);
       });
       progress.done();
       if (opts.json) {
@@ -45,7 +64,7 @@ export function register(program: Command): void {
       } else if (result.damaged.length === 0) {
         process.stderr.write(`Restored version ${result.version.id} (${formatBytes(result.version.size)}) to ${target}; every block verified.\n`);
       } else {
-        process.stderr.write(`Restored version ${result.version.id} to ${target} with ${result.damaged.length} DAMAGED range(s), left unwritten:\n`);
+        process.stderr.write(`Restored version ${result.version.id} to ${target} with ${result.damaged.length} DAMAGED range(s), which read as zeros:\n`);
         for (const d of result.damaged) process.stderr.write(`  offset ${d.offset} length ${d.length}: ${d.reason}\n`);
       }
       if (result.damaged.length > 0) process.exitCode = ExitCode.integrity;

@@ -5,6 +5,8 @@ export function register(program: Command): void {
   program
     .command('ui')
     .description('interactive terminal UI: browse versions, restore (with typed confirmation), scrub')
+    // `blocksafe ui --help` must say how to name the repository (--repo, --config …).
+    .configureHelp({ showGlobalOptions: true })
     .action(async (_o: unknown, cmd: Command) => {
       const opts = cmd.optsWithGlobals<GlobalOptions>();
       // Ink does not repaint when it believes it runs in CI; on a real terminal it must.
