@@ -139,7 +139,7 @@ test('ls --json lists versions with the documented fields; dates carry the UTC o
   const img = await makeImage(path.join(dir, 'small.img'), { blocks: [], tail: { bytes: 100_000, kind: 'text' }, seed: 'ls' });
   const repo = await initKeyFileRepo(path.join(dir, 'repo'));
   const before = Date.now();
-  const v1 = await backupJson(repo, img.path, 'vol1', ['-s', 'nightly-1', '-t', 'keep', 'b_daily']);
+  const v1 = await backupJson(repo, img.path, 'vol1', ['-s', 'nightly-1', '-t', 'keep', '-t', 'b_daily']);
   const v2 = await backupJson(repo, img.path, 'vol2');
   const after = Date.now();
 
