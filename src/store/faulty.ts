@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlocksafeError, describeSystemError, NotFoundError, UsageError } from '../errors.js';
 import { checkObjectName, type BlobStore, type ObjectInfo } from './blobstore.js';
-import { DirectoryStore } from './directory.js';
+import { DirectoryStore, fsyncedBeforeRename } from './directory.js';
 
 /**
  * TEST-ONLY fault injection for the torture harness (test/torture*, docs/TORTURE.md).
@@ -18,10 +18,10 @@ import { DirectoryStore } from './directory.js';
  *
  * Power-loss model (DirectoryStore only; see recoverPowerLoss): every mutating call is written first to an
  * fsynced journal, with hard links keeping the bytes a rename or unlink would lose. DirectoryStore's rules:
- * - put of a NEW object: written to tmp/ without fsync, renamed into place; file and directory are fsynced
- *   only by a later sync(). Until then both its directory entry and its data may be lost.
- * - put REPLACING an object: data fsynced before the rename; the rename itself needs the directory fsync of
- *   sync(). Until then the old object may come back.
+ * - put of a NEW block object: written to tmp/ without fsync, renamed into place; file and directory are
+ *   fsynced only by a later sync(). Until then both its directory entry and its data may be lost.
+ * - put REPLACING an object, or of any object outside data/ (fsyncedBeforeRename): data fsynced before the
+ *   rename; the rename itself needs the directory fsync of sync(). Until then the old state may come back.
  * - delete: unlink; durable after the directory fsync of sync(). Until then the object may come back.
  * - new directories: their entry in the parent is fsynced by sync().
  * recoverPowerLoss then rolls back what the kernel could have lost: metadata operations are kept as an
@@ -78,7 +78,7 @@ export function injectFaultsFromEnv<T extends BlobStore>(store: T, env: NodeJS.P
 
 /** What the journal holds, one JSON object per line. */
 type JournalEntry =
-  | { t: 'put'; seq: number; inst: string; file: string; existed: boolean; backup?: string; dirs: string[] }
+  | { t: 'put'; seq: number; inst: string; file: string; existed: boolean; backup?: string; dirs: string[]; dataSynced: boolean }
   | { t: 'del'; seq: number; inst: string; file: string; backup: string }
   | { t: 'done'; seq: number }
   | { t: 'sync-begin'; seq: number; inst: string }
@@ -188,7 +188,9 @@ class FaultInjector {
       const existed = fs.existsSync(file);
       const backup = existed ? this.journal.keep(file) : undefined;
       const seq = this.journal.next();
-      this.journal.write({ t: 'put', seq, inst: this.journal.inst, file, existed: backup !== undefined, backup, dirs });
+      // the store's own rule says whether the bytes are durable at the rename (only the entry is pending)
+      const dataSynced = fsyncedBeforeRename(name, existed);
+      this.journal.write({ t: 'put', seq, inst: this.journal.inst, file, existed: backup !== undefined, backup, dirs, dataSynced });
       await orig.put(name, data);
       this.journal.write({ t: 'done', seq });
     };
@@ -344,7 +346,7 @@ export function recoverPowerLoss(journalFile: string, choice: RecoveryChoice): R
   // Kept new objects whose data no fsync covered: the directory entry survived, the bytes maybe not.
   const survivors = [...ops.filter(metaDurable), ...pending.slice(0, keep)];
   for (const o of survivors) {
-    if (o.t !== 'put' || o.existed || dataSynced.has(o.seq) || !done.has(o.seq)) continue;
+    if (o.t !== 'put' || o.existed || o.dataSynced || dataSynced.has(o.seq) || !done.has(o.seq)) continue;
     if (choice.random() >= choice.tear) continue;
     const st = fs.statSync(o.file, { throwIfNoEntry: false });
     if (!st || st.size === 0) continue;

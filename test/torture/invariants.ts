@@ -7,7 +7,7 @@
  *    harness damaged, when restore must say so (exit 3) instead.
  * 4. `scrub --all` reports exactly the damaged blocks the harness injected.
  * 5. After `cleanup --grace 0`, `check` is clean: no referenced object missing, no unknown object.
- * 6. `index rebuild` from the store alone gives the same versions, tags, protection and expiry.
+ * 6. `index rebuild` from the store alone gives the same complete versions, tags, protection and expiry.
  * 7. Versions copied to the second repository restore identically there.
  * Each broken invariant is one line naming the seed, the step and what broke.
  */
@@ -73,8 +73,10 @@ export async function checkInvariants(w: World): Promise<void> {
     if (prev) await fs.rm(prev, { recursive: true, force: true });
     const after = await w.ls();
     if (before && after) {
-      const a = describe(before);
-      const b = describe(after);
+      // incomplete versions live only in the index (their manifest is written when they complete): a
+      // rebuild from the store cannot know them, by design (docs/FORMAT.md)
+      const a = describe(before.filter((v) => v.complete));
+      const b = describe(after.filter((v) => v.complete));
       if (a !== b) w.violation(`index rebuild changed the versions: before ${a} after ${b}`);
     }
   }

@@ -292,7 +292,9 @@ function judge(w: World, op: Op, r: CliResult, fault: Fault | undefined): void {
     return;
   }
   if (r.code === 0) return;
-  const lines = r.stderr.trim().split('\n').filter((l) => !l.startsWith('blocksafe: note:') && !l.startsWith('blocksafe: warning:'));
+  const lines = r.stderr.trim().split('\n').filter((l) => l && !l.startsWith('blocksafe: note:') && !l.startsWith('blocksafe: warning:'));
+  // exit 3 from restore/scrub/check: the damage is in the --json report on stdout, stderr may be empty
+  if (r.code === 3 && lines.length === 0 && r.stdout.includes('"damaged"')) return;
   if (r.stderr.includes('\n    at ') || lines.length !== 1 || !lines[0]!.startsWith('blocksafe: ')) w.violation(`${op} failed without one clear error line: ${JSON.stringify(r.stderr.slice(0, 300))}`);
   if (![1, 3, 4].includes(r.code ?? -1)) w.violation(`${op} exit code ${r.code}`);
   if (!fault && !(r.code === 3 && (op === 'restore' || op === 'scrub'))) w.violation(`${op} failed with no fault injected (exit ${r.code}): ${lines[0]}`);
