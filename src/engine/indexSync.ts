@@ -76,15 +76,19 @@ export async function syncIndex(repo: Repository, onProgress?: ProgressListener)
   // Versions the store no longer has.
   const known = new Map<string, VersionRecord>();
   for (const v of index.allVersions()) known.set(v.id, v);
+  const writing = new Set(repo.locks.liveLocks((r) => r.startsWith('version:')).map((l) => l.resource.slice('version:'.length)));
   for (const v of known.values()) {
-    if (!v.complete || manifests.has(v.id)) continue;
+    // An incomplete version has no manifest; one that `rm` marked and then died on (nobody holds it) is
+    // finished here, else it would linger as "incomplete" and block every resume of its name (found by the
+    // torture harness, seed 1052).
+    const rmInterrupted = !v.complete && v.removing === true && !writing.has(v.id);
+    if (!rmInterrupted && (!v.complete || manifests.has(v.id))) continue;
     await index.removeVersion(v.id);
     known.delete(v.id);
     if (!v.removing) report.vanished.push({ id: v.id, name: v.name, date: v.date });
   }
 
   // Manifests the index does not know (or knows only as interrupted while nobody is writing it).
-  const writing = new Set(repo.locks.liveLocks((r) => r.startsWith('version:')).map((l) => l.resource.slice('version:'.length)));
   const toImport = [...manifests.keys()].filter((id) => {
     const v = known.get(id);
     return !v || (!v.complete && !writing.has(id));
