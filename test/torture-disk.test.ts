@@ -45,7 +45,7 @@ async function setup(t: ExecutionContext): Promise<{ dir: string; key: string; a
   const key = path.join(dir, 'key');
   await fs.writeFile(key, prngBytes('fulldisk', 'key', 64), { mode: 0o600 });
   const config = path.join(dir, 'blocksafe.conf');
-  await fs.writeFile(config, '[pipeline]\nthreads = 1\n');
+  await fs.writeFile(config, `[pipeline]\nthreads = 1\n[s3]\nstate_dir = ${path.join(dir, 'state')}\n`);
   return { dir, key, args: (repo) => ['--repo', repo, '--key-file', key, '--config', config] };
 }
 

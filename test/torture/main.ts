@@ -42,7 +42,7 @@ async function work(server: CommandServer | undefined): Promise<void> {
       r = { seed: s, steps: 0, commands: 0, faults: 0, crashes: 0, violations: [`seed ${s}: harness error: ${(err as Error).stack}`], transcript: '' };
     }
     results.push(r);
-    if (r.violations.length) {
+    if (r.violations.length || process.env.TORTURE_VERBOSE) {
       process.stdout.write(`${r.violations.join('\n')}\n  replay: bash bench/torture.sh --schedules 1 --seed ${s}${bin ? ` --bin ${bin}` : ''}\n${r.transcript}\n`);
     } else await fs.rm(dir, { recursive: true, force: true });
   }

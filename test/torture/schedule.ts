@@ -66,13 +66,12 @@ export interface ScheduleOptions {
   /** Another blocksafe's bin/blocksafe.js (the old code). */
   bin?: string;
   thorough?: boolean;
-  template?: { repo: string; key: string };
   server?: CommandServer;
 }
 
 export async function runSchedule(seed: number, dir: string, opts: ScheduleOptions = {}): Promise<ScheduleResult> {
   const w = new World(seed, dir, opts.bin, opts.thorough ?? true, opts.server);
-  await w.setup(opts.template);
+  await w.setup();
   const nSteps = opts.steps ?? w.rng.int(4, 6);
   for (let i = 0; i < nSteps; i++) {
     const op = w.mustExist.size === 0 && i < 2 ? 'backup' : w.rng.weighted(OPS);
@@ -87,7 +86,7 @@ export async function runSchedule(seed: number, dir: string, opts: ScheduleOptio
     faults: w.faults(),
     crashes: w.crashes,
     violations: w.violations,
-    transcript: w.steps.map((s) => `  ${s.n}. ${s.what}${s.fault ? ` [fault ${s.fault.op}#${s.fault.nth} ${s.fault.kind}${s.fault.prefix ? ` ${s.fault.prefix}` : ''}]` : ''}${s.result ? ` → ${s.result}` : ''}`).join('\n'),
+    transcript: w.steps.map((s) => `  ${s.n}. ${s.what}${[s.fault, s.extra].map((f) => (f ? ` [fault ${f.op}#${f.nth} ${f.kind}${f.prefix ? ` ${f.prefix}` : ''}]` : '')).join('')}${s.result ? ` → ${s.result}` : ''}`).join('\n'),
   };
 }
 
@@ -109,7 +108,11 @@ async function step(w: World, op: Op): Promise<void> {
   const versions = await currentVersions(w);
   const complete = versions.filter((v) => v.complete && w.sources.has(v.snapshot_name));
   let fault = chooseFault(w, op);
-  const rec = { n: w.steps.length + 1, what: op as string, fault };
+  // commands that read many blocks also meet a damaged read now and then (transient: the object is fine)
+  let extra: Fault | undefined;
+  if (READERS.has(op) && w.rng.chance(0.6) && !(fault?.op === 'get')) extra = { op: 'get', nth: w.rng.int(1, 8), kind: w.rng.pick(['bitflip', 'short', 'truncate'] as const) };
+  const rec: StepRecordLike = { n: w.steps.length + 1, what: op as string, fault, extra };
+  const faults = () => [rec.fault, rec.extra].filter((f): f is Fault => f !== undefined);
   w.steps.push(rec);
   const indexCopy = path.join(w.dir, 'index-before');
   const crashy = fault?.kind === 'powerloss';
@@ -127,11 +130,11 @@ async function step(w: World, op: Op): Promise<void> {
         const base = w.rng.pick(bases);
         const { src, hints } = await w.newSource(w.sources.get(base.snapshot_name));
         rec.what = `incremental ${name} from ${base.id} (${src.id})`;
-        r = await w.cli(['backup', src.file, name, '-s', src.id, '--from', base.id, '--hints', hints!, '--json'], fault);
+        r = await w.cli(['backup', src.file, name, '-s', src.id, '--from', base.id, '--hints', hints!, '--json'], faults());
       } else {
         const { src } = await w.newSource();
         rec.what = `backup ${name} (${src.id}, ${src.size} bytes)`;
-        r = await w.cli(['backup', src.file, name, '-s', src.id, '--json'], fault);
+        r = await w.cli(['backup', src.file, name, '-s', src.id, '--json'], faults());
       }
       if (r.code === 0) {
         const v = JSON.parse(r.stdout) as LsVersion;
@@ -144,12 +147,12 @@ async function step(w: World, op: Op): Promise<void> {
       const inc = versions.find((v) => !v.complete && w.sources.has(v.snapshot_name));
       if (!inc) {
         rec.what = 'resume (nothing to resume)';
-        rec.fault = fault = undefined;
+        rec.fault = fault = rec.extra = undefined;
         return;
       }
       const src = w.sources.get(inc.snapshot_name)!;
       rec.what = `resume ${inc.name} ${inc.id}`;
-      r = await w.cli(['backup', src.file, inc.name, '--resume', '-s', src.id, '--json'], fault);
+      r = await w.cli(['backup', src.file, inc.name, '--resume', '-s', src.id, '--json'], faults());
       if (r.code === 0) {
         const v = JSON.parse(r.stdout) as LsVersion;
         w.mustExist.set(v.id, `resume at step ${rec.n}`);
@@ -162,7 +165,7 @@ async function step(w: World, op: Op): Promise<void> {
       const v = w.rng.pick(complete);
       rec.what = `restore ${v.id}`;
       const target = path.join(w.dir, 'target.img');
-      r = await w.cli(['restore', v.id, target, '--json', '--force'], fault);
+      r = await w.cli(['restore', v.id, target, '--json', '--force'], faults());
       if (r.code === 0 && existsSync(target)) {
         const src = w.sources.get(v.snapshot_name)!;
         const { sha256Of } = await import('./world.js');
@@ -176,7 +179,7 @@ async function step(w: World, op: Op): Promise<void> {
       if (!cand.length) return skip(rec);
       const v = w.rng.pick(cand);
       rec.what = `rm ${v.id}`;
-      r = await w.cli(['rm', v.id, '--json'], fault);
+      r = await w.cli(['rm', v.id, '--json'], faults());
       w.mustExist.delete(v.id);
       if (r.code === 0) {
         w.removed.add(v.id);
@@ -188,7 +191,7 @@ async function step(w: World, op: Op): Promise<void> {
       const name = w.rng.pick(['a', 'b']);
       rec.what = `prune --keep-last 1 --name ${name}`;
       for (const v of versions) if (v.name === name && !v.protected) w.mustExist.delete(v.id); // any of them may go
-      r = await w.cli(['prune', '--keep-last', '1', '--name', name, '--json'], fault);
+      r = await w.cli(['prune', '--keep-last', '1', '--name', name, '--json'], faults());
       if (r.code === 0) {
         const gone = (JSON.parse(r.stdout) as { removed: string[] }).removed;
         for (const id of gone) w.removed.add(id);
@@ -200,14 +203,14 @@ async function step(w: World, op: Op): Promise<void> {
     case 'cleanup-grace': {
       const args = op === 'cleanup' ? ['cleanup', '--grace', '0', '--json'] : ['cleanup', '--json'];
       rec.what = args.join(' ');
-      r = await w.cli(args, fault);
+      r = await w.cli(args, faults());
       break;
     }
     case 'scrub':
-      r = await w.cli(['scrub', '--all', '--json'], fault);
+      r = await w.cli(['scrub', '--all', '--json'], faults());
       break;
     case 'rekey':
-      r = await w.cli(['rekey', '--json'], fault);
+      r = await w.cli(['rekey', '--json'], faults());
       break;
     case 'copy': {
       if (!complete.length) return skip(rec);
@@ -220,13 +223,13 @@ async function step(w: World, op: Op): Promise<void> {
       rec.what = `copy ${v.id}`;
       // half the faults hit the destination, half the source
       const toDest = w.rng.chance(0.5);
-      r = toDest ? await copyWithFaultOnDest(w, v.id, fault) : await w.cli(['copy', v.id, '--to', w.repo2, '--to-key-file', w.key, '--json'], fault);
+      r = toDest ? await copyWithFaultOnDest(w, v.id, fault) : await w.cli(['copy', v.id, '--to', w.repo2, '--to-key-file', w.key, '--json'], faults());
       if (r.code === 0) w.copied.add(v.id);
       break;
     }
     case 'rebuild': {
       rec.what = 'index rebuild';
-      r = await w.cli(['index', 'rebuild', '--json'], fault);
+      r = await w.cli(['index', 'rebuild', '--json'], faults());
       if (r.code === 0) {
         const prev = (JSON.parse(r.stdout) as { previous_index?: string | null }).previous_index;
         if (prev) await fs.rm(prev, { recursive: true, force: true });
@@ -246,10 +249,12 @@ async function step(w: World, op: Op): Promise<void> {
   if (!r) return;
   rec.result = outcome(r);
   if (r.code !== 0) w.known = undefined; // a failed or killed command may have left anything: ask again
-  judge(w, op, r, rec.fault);
+  judge(w, op, r, rec.fault ?? rec.extra);
   if (r.signal === 'SIGKILL') {
     w.crashes++;
-    rec.result += `; ${w.powerCut()}`;
+    // a plain kill -9 keeps the page cache (what was not yet durable stays pending for a later power cut);
+    // a power loss loses it
+    rec.result += w.rng.chance(0.25) ? '; kill -9 only' : `; ${w.powerCut()}`;
     // The LMDB index is outside the model: sometimes it is lost, sometimes an older copy comes back.
     const fate = w.rng.weighted([['kept', 2], ['lost', 1], ['stale', 1]] as const);
     if (fate !== 'kept') {
@@ -267,9 +272,19 @@ async function step(w: World, op: Op): Promise<void> {
   }
 }
 
-function skip(rec: { what: string; fault?: Fault }): void {
+interface StepRecordLike {
+  n: number;
+  what: string;
+  fault?: Fault;
+  extra?: Fault;
+  result?: string;
+}
+
+const READERS = new Set<Op>(['restore', 'scrub', 'rekey', 'incremental', 'copy']);
+
+function skip(rec: StepRecordLike): void {
   rec.what += ' (nothing to do)';
-  rec.fault = undefined;
+  rec.fault = rec.extra = undefined;
 }
 
 /** copy with the fault in the destination store. */
@@ -306,25 +321,29 @@ async function currentVersions(w: World): Promise<LsVersion[]> {
   return w.known;
 }
 
-/** Flips one bit of a random stored block on disk (persistent damage scrub must find). */
+/**
+ * Flips one bit of a block a complete version uses (persistent damage scrub must find). Only such blocks:
+ * an unreferenced leftover (a crashed backup's, young enough for cleanup to keep) is no version's concern.
+ */
 async function damage(w: World): Promise<void> {
-  // only referenced blocks: scrub checks what versions use, and cleanup would delete an unreferenced one
-  await w.cli(['cleanup', '--grace', '0']);
-  const dataDir = path.join(w.repo, 'data');
-  const files: string[] = [];
-  for (const d of await fs.readdir(dataDir).catch(() => [] as string[])) for (const f of await fs.readdir(path.join(dataDir, d))) files.push(path.join(dataDir, d, f));
-  w.steps.push({ n: w.steps.length + 1, what: 'damage' });
-  if (!files.length) return;
-  files.sort();
-  const file = w.rng.pick(files);
+  w.steps.push({ n: w.steps.length + 1, what: 'damage (no complete version)' });
+  const versions = (await w.ls())?.filter((v) => v.complete) ?? [];
+  if (!versions.length) return;
+  const v = w.rng.pick(versions);
+  const exp = await w.cli(['export', v.id, '-']);
+  if (exp.code !== 0) return w.violation(`export ${v.id} failed (exit ${exp.code}): ${exp.stderr.trim()}`);
+  const blocks = (JSON.parse(exp.stdout) as { blocks: (string | null)[] }).blocks.filter((b): b is string => b !== null);
+  if (!blocks.length) return;
+  const checksum = w.rng.pick([...new Set(blocks)].sort());
+  const file = path.join(w.repo, 'data', checksum.slice(0, 2), checksum);
   const buf = await fs.readFile(file);
   if (buf.length === 0) return;
   const bit = w.rng.int(0, buf.length * 8 - 1);
   buf[bit >> 3]! ^= 1 << (bit & 7);
   await fs.writeFile(file, buf);
-  w.damaged.add(path.basename(file));
+  w.damaged.add(checksum);
   w.harnessFaults++;
-  w.steps[w.steps.length - 1]!.what = `damage: flipped bit ${bit} of ${path.basename(file).slice(0, 8)}`;
+  w.steps[w.steps.length - 1]!.what = `damage: flipped bit ${bit} of ${checksum.slice(0, 8)} (used by ${v.id})`;
 }
 
 export type { Source };

@@ -37,6 +37,7 @@ export interface StepRecord {
   n: number;
   what: string;
   fault?: Fault;
+  extra?: Fault;
   result?: string;
 }
 
@@ -49,6 +50,8 @@ export class World {
   readonly faultLog: string;
   readonly config: string;
   repo2Ready = false;
+  /** False: every command in a process of its own (TORTURE_SPAWN_ALL=1), as a check on the in-process server. */
+  inProcess = process.env.TORTURE_SPAWN_ALL !== '1';
   /** The version list as last seen (kept up to date from command output; undefined: ask `ls`). */
   known: LsVersion[] | undefined;
   readonly sources = new Map<string, Source>();
@@ -86,15 +89,12 @@ export class World {
     this.config = path.join(dir, 'blocksafe.conf');
   }
 
-  /** A new repository, or a copy of `template` (an empty repository made once per run, with its key). */
-  async setup(template?: { repo: string; key: string }): Promise<void> {
+  /** A new repository (its own id: trust records of different schedules must never meet). */
+  async setup(): Promise<void> {
     // One worker thread: the order of store operations, and so "the Nth put", repeats from run to run.
-    await fs.writeFile(this.config, '[pipeline]\nthreads = 1\nqueue_depth = 2\n');
-    if (template) {
-      await fs.copyFile(template.key, this.key);
-      await fs.cp(template.repo, this.repo, { recursive: true });
-      return;
-    }
+    // Trust records (src/engine/trust.ts) away from the machine's, shared by the run (the in-process server
+    // reads its configuration once): each schedule's repository has its own id, so they never meet.
+    await fs.writeFile(this.config, `[pipeline]\nthreads = 1\nqueue_depth = 2\n[s3]\nstate_dir = ${path.join(path.dirname(this.dir), 'state')}\n`);
     await fs.writeFile(this.key, this.rng.bytes(64), { mode: 0o600 });
     const r = await this.cli(['init', '--block-size', '64K']);
     if (r.code !== 0) throw new Error(`init failed: ${r.stderr}`);
@@ -105,15 +105,18 @@ export class World {
   }
 
   /** Runs the CLI on the main repository (or `repo`); `fault` is injected into that store only. */
-  async cli(argv: string[], fault?: Fault, repo = this.repo, extraEnv: Record<string, string> = {}): Promise<CliResult> {
-    const spec: FaultSpec = { faults: fault ? [fault] : [], root: repo, journal: this.journal, log: this.faultLog };
+  async cli(argv: string[], fault?: Fault | Fault[], repo = this.repo, extraEnv: Record<string, string> = {}): Promise<CliResult> {
+    const faults = fault === undefined ? [] : Array.isArray(fault) ? fault : [fault];
+    const spec: FaultSpec = { faults, root: repo, journal: this.journal, log: this.faultLog };
     const env: Record<string, string> = { [FAULT_ENV]: JSON.stringify(spec), [FAULT_GUARD_ENV]: FAULT_GUARD, ...extraEnv };
     this.commands++;
     const [cmd, ...rest] = argv;
     const sub = cmd === 'index' || cmd === 'tag' ? [cmd, rest.shift()!] : [cmd!];
     const t0 = Date.now();
     const full = [...sub, ...this.args(repo), ...rest];
-    const r = !fault && this.server && !extraEnv[FAULT_ENV] ? await this.server.run(full, env) : this.bin ? await runWith(this.bin, full, env) : await runCli(full, { env });
+    // A power loss must kill a process of its own; everything else can run in the long-lived one
+    const ownProcess = faults.some((f) => f.kind === 'powerloss') || (extraEnv[FAULT_ENV] ?? '').includes('powerloss') || this.inProcess === false;
+    const r = this.server && !ownProcess ? await this.server.run(full, env) : this.bin ? await runWith(this.bin, full, env) : await runCli(full, { env });
     const k = sub.join(' ');
     const p = World.profile.get(k) ?? [0, 0];
     World.profile.set(k, [p[0] + 1, p[1] + Date.now() - t0]);
