@@ -77,7 +77,7 @@ export async function runSchedule(seed: number, dir: string, opts: ScheduleOptio
     const op = w.mustExist.size === 0 && i < 2 ? 'backup' : w.rng.weighted(OPS);
     await step(w, op);
   }
-  if (w.rng.chance(0.25)) await damage(w);
+  if (w.rng.chance(0.4)) await damage(w);
   await checkInvariants(w);
   return {
     seed,
@@ -91,7 +91,7 @@ export async function runSchedule(seed: number, dir: string, opts: ScheduleOptio
 }
 
 function chooseFault(w: World, op: Op): Fault | undefined {
-  if (!w.rng.chance(0.85)) return undefined;
+  if (!w.rng.chance(0.95)) return undefined;
   const [site, maxNth] = w.rng.pick(FAULT_SITES[op]);
   const reads = site === 'get';
   const kind: FaultKind = w.rng.weighted<FaultKind>(
@@ -110,7 +110,7 @@ async function step(w: World, op: Op): Promise<void> {
   let fault = chooseFault(w, op);
   // commands that read many blocks also meet a damaged read now and then (transient: the object is fine)
   let extra: Fault | undefined;
-  if (READERS.has(op) && w.rng.chance(0.6) && !(fault?.op === 'get')) extra = { op: 'get', nth: w.rng.int(1, 8), kind: w.rng.pick(['bitflip', 'short', 'truncate'] as const) };
+  if (READERS.has(op) && w.rng.chance(0.8) && !(fault?.op === 'get')) extra = { op: 'get', nth: w.rng.int(1, 8), kind: w.rng.pick(['bitflip', 'short', 'truncate'] as const) };
   const rec: StepRecordLike = { n: w.steps.length + 1, what: op as string, fault, extra };
   const faults = () => [rec.fault, rec.extra].filter((f): f is Fault => f !== undefined);
   w.steps.push(rec);
