@@ -7,7 +7,8 @@
  *    harness damaged, when restore must say so (exit 3) instead.
  * 4. `scrub --all` reports exactly the damaged blocks the harness injected.
  * 5. After `cleanup --grace 0`, `check` is clean: no referenced object missing, no unknown object.
- * 6. `index rebuild` from the store alone gives the same complete versions, tags, protection and expiry.
+ * 6. `index rebuild` from the store alone finds every block and manifest whole and gives the same complete
+ *    versions, tags, protection and expiry.
  * 7. Versions copied to the second repository restore identically there.
  * Each broken invariant is one line naming the seed, the step and what broke.
  */
@@ -69,8 +70,11 @@ export async function checkInvariants(w: World): Promise<void> {
   const rebuild = await w.cli(['index', 'rebuild', '--json']);
   if (rebuild.code !== 0) w.violation(`index rebuild failed (exit ${rebuild.code}): ${rebuild.stderr.trim()}`);
   else {
-    const prev = (JSON.parse(rebuild.stdout) as { previous_index?: string | null }).previous_index;
-    if (prev) await fs.rm(prev, { recursive: true, force: true });
+    const rb = JSON.parse(rebuild.stdout) as { previous_index?: string | null; missing_blocks?: number; damaged_manifests?: unknown[] };
+    if (rb.previous_index) await fs.rm(rb.previous_index, { recursive: true, force: true });
+    // the store alone must be whole: every block a manifest names is there, every manifest reads
+    if (rb.missing_blocks) w.violation(`index rebuild: ${rb.missing_blocks} blocks named by manifests are missing from the store`);
+    if (rb.damaged_manifests?.length) w.violation(`index rebuild: damaged manifests ${JSON.stringify(rb.damaged_manifests).slice(0, 200)}`);
     const after = await w.ls();
     if (before && after) {
       // incomplete versions live only in the index (their manifest is written when they complete): a
