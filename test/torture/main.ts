@@ -39,7 +39,7 @@ async function work(server: CommandServer | undefined): Promise<void> {
     try {
       r = await runSchedule(s, dir, { bin, server, thorough: !process.argv.includes('--quick') });
     } catch (err) {
-      r = { seed: s, steps: 0, commands: 0, faults: 0, crashes: 0, violations: [`seed ${s}: harness error: ${(err as Error).stack}`], transcript: '' };
+      r = { seed: s, steps: 0, commands: 0, faults: 0, mix: {}, crashes: 0, violations: [`seed ${s}: harness error: ${(err as Error).stack}`], transcript: '' };
     }
     results.push(r);
     if (r.violations.length || process.env.TORTURE_VERBOSE) {
@@ -51,6 +51,13 @@ await Promise.all(Array.from({ length: parallel }, worker));
 const sum = (f: (r: ScheduleResult) => number) => results.reduce((a, r) => a + f(r), 0);
 const violations = sum((r) => r.violations.length);
 const secs = ((Date.now() - started) / 1000).toFixed(1);
+const mix: Record<string, number> = {};
+for (const r of results) for (const [k, n] of Object.entries(r.mix)) mix[k] = (mix[k] ?? 0) + n;
+const byKind: Record<string, number> = {};
+for (const [k, n] of Object.entries(mix)) byKind[k.split(':')[1]!] = (byKind[k.split(':')[1]!] ?? 0) + n;
+process.stdout.write(`fault mix: ${Object.entries(byKind).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ${n}`).join(', ')}; by site: ${Object.entries(mix).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
+const { KNOWN } = await import('./known.js');
+process.stdout.write(`known bugs not fixed: ${KNOWN.map((k) => k.id).join(', ') || 'none'} (test/torture/known.ts)\n`);
 process.stdout.write(`details: seeds ${seed}..${seed + schedules - 1}, ${sum((r) => r.steps)} steps, ${sum((r) => r.commands)} commands, ${sum((r) => r.crashes)} power losses, ${results.filter((r) => r.violations.length).length} failing schedules, ${secs} s\n`);
 if (process.env.TORTURE_PROFILE) {
   const { World } = await import('./world.js');

@@ -18,6 +18,8 @@ export interface ScheduleResult {
   steps: number;
   commands: number;
   faults: number;
+  /** Faults by "op:kind". */
+  mix: Record<string, number>;
   crashes: number;
   violations: string[];
   /** The schedule as run, one step a line (printed with a failure, to replay with the seed). */
@@ -84,6 +86,7 @@ export async function runSchedule(seed: number, dir: string, opts: ScheduleOptio
     steps: w.steps.length,
     commands: w.commands,
     faults: w.faults(),
+    mix: w.faultMix(),
     crashes: w.crashes,
     violations: w.violations,
     transcript: w.steps.map((s) => `  ${s.n}. ${s.what}${[s.fault, s.extra].map((f) => (f ? ` [fault ${f.op}#${f.nth} ${f.kind}${f.prefix ? ` ${f.prefix}` : ''}]` : '')).join('')}${s.result ? ` → ${s.result}` : ''}`).join('\n'),

@@ -132,6 +132,20 @@ export class World {
     return readFileSync(this.faultLog, 'utf8').split('\n').filter(Boolean).length;
   }
 
+  /** Faults that took effect, by kind (the wrapper's log, plus the harness's on-disk damage). */
+  faultMix(): Record<string, number> {
+    const mix: Record<string, number> = {};
+    if (existsSync(this.faultLog)) {
+      for (const line of readFileSync(this.faultLog, 'utf8').split('\n').filter(Boolean)) {
+        const f = JSON.parse(line) as Fault;
+        const k = `${f.op}:${f.kind}`;
+        mix[k] = (mix[k] ?? 0) + 1;
+      }
+    }
+    if (this.harnessFaults) mix['disk:bitflip'] = this.harnessFaults;
+    return mix;
+  }
+
   faults(): number {
     return this.loggedFaults() + this.harnessFaults;
   }
