@@ -190,9 +190,11 @@ export function blockChecksumOf(name: string): Buffer | null {
 }
 
 async function syncAttributes(repo: Repository, report: SyncReport): Promise<void> {
+  const inStore = new Set<string>();
   for await (const e of repo.store.list(ObjectNames.attributesPrefix)) {
     const id = e.name.slice(ObjectNames.attributesPrefix.length);
     if (!isVersionId(id)) continue;
+    inStore.add(id);
     const v = repo.index.getVersion(id);
     if (!v || v.attributes_mtime === e.mtime || report.rolled_back.includes(id)) continue;
     const attrs = await readAttributes(repo, id).catch((err: unknown) => {
@@ -212,6 +214,14 @@ async function syncAttributes(repo: Repository, report: SyncReport): Promise<voi
       if (attrs.generation > mine) Object.assign(x, { tags: attrs.tags, protected: attrs.protected, expire: attrs.expire, valid: attrs.valid, attributes_generation: attrs.generation });
       x.attributes_mtime = e.mtime;
     });
+  }
+  // A first attributes write that never reached the store (killed or failed after the index took the new
+  // generation; writeAttributes clears attributes_mtime until the store has it): write it now, or an index
+  // rebuild would forget a protection (found by the torture harness, seed 30011).
+  if (!repo.writable) return;
+  for (const v of repo.index.allVersions()) {
+    if (inStore.has(v.id) || !v.complete || v.removing || !v.attributes_generation || v.attributes_mtime !== undefined) continue;
+    await writeAttributes(repo, v);
   }
 }
 
