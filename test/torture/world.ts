@@ -205,7 +205,10 @@ export class World {
   powerCut(): string {
     const cut = this.rng.chance(0.4) ? 0 : this.rng.next();
     const r = recoverPowerLoss(this.journal, { cut, tear: 0.5, random: () => this.rng.next() });
-    return `power cut: ${r.undone} undone, ${r.kept} kept, ${r.torn.length} torn`;
+    // the second repository (copy's destination) is on the same machine: its pending writes go too
+    const r2 = recoverPowerLoss(`${this.journal}-2`, { cut, tear: 0.5, random: () => this.rng.next() });
+    this.server?.restart();
+    return `power cut: ${r.undone + r2.undone} undone, ${r.kept + r2.kept} kept, ${r.torn.length + r2.torn.length} torn`;
   }
 }
 
