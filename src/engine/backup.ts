@@ -56,7 +56,7 @@ export function newestComplete(repo: Repository, name: string, exceptId?: string
 export function newestIncomplete(repo: Repository, name: string): VersionRecord | null {
   let best: VersionRecord | null = null;
   for (const v of repo.index.allVersions()) {
-    if (v.name === name && !v.complete && (!best || v.date > best.date)) best = v;
+    if (v.name === name && !v.complete && !v.removing && (!best || v.date > best.date)) best = v;
   }
   return best;
 }

@@ -85,8 +85,13 @@ export async function syncIndex(repo: Repository, onProgress?: ProgressListener)
   const known = new Map<string, VersionRecord>();
   for (const v of index.allVersions()) known.set(v.id, v);
   const gone: [string, null][] = [];
+  const writing = new Set(repo.locks.liveLocks((r) => r.startsWith('version:')).map((l) => l.resource.slice('version:'.length)));
   for (const v of known.values()) {
-    if (!v.complete || manifests.has(v.id)) continue;
+    // An incomplete version has no manifest; one that `rm` marked and then died on (nobody holds it) is
+    // finished here, else it would linger as "incomplete" and block every resume of its name (found by the
+    // torture harness, seed 1052).
+    const rmInterrupted = !v.complete && v.removing === true && !writing.has(v.id);
+    if (!rmInterrupted && (!v.complete || manifests.has(v.id))) continue;
     await index.removeVersion(v.id);
     known.delete(v.id);
     gone.push([v.id, null]);
@@ -102,7 +107,6 @@ export async function syncIndex(repo: Repository, onProgress?: ProgressListener)
   if (repo.writable) repo.trust.noteAttributes(repo.id, gone);
 
   // Manifests the index does not know (or knows only as interrupted while nobody is writing it).
-  const writing = new Set(repo.locks.liveLocks((r) => r.startsWith('version:')).map((l) => l.resource.slice('version:'.length)));
   const toImport = [...manifests.keys()].filter((id) => {
     const v = known.get(id);
     return !v || (!v.complete && !writing.has(id));
@@ -223,9 +227,11 @@ export function blockChecksumOf(name: string): Buffer | null {
 }
 
 async function syncAttributes(repo: Repository, report: SyncReport): Promise<void> {
+  const inStore = new Set<string>();
   for await (const e of repo.store.list(ObjectNames.attributesPrefix)) {
     const id = e.name.slice(ObjectNames.attributesPrefix.length);
     if (!isVersionId(id)) continue;
+    inStore.add(id);
     const v = repo.index.getVersion(id);
     if (!v || v.attributes_mtime === e.mtime || report.rolled_back.includes(id)) continue;
     const attrs = await readAttributes(repo, id).catch((err: unknown) => {
@@ -249,6 +255,14 @@ async function syncAttributes(repo: Repository, report: SyncReport): Promise<voi
       if (attrs.generation > mine) Object.assign(x, { tags: attrs.tags, protected: attrs.protected, expire: attrs.expire, valid: attrs.valid, attributes_generation: attrs.generation });
       x.attributes_mtime = e.mtime;
     });
+  }
+  // A first attributes write that never reached the store (killed or failed after the index took the new
+  // generation; writeAttributes clears attributes_mtime until the store has it): write it now, or an index
+  // rebuild would forget a protection (found by the torture harness, seed 30011).
+  if (!repo.writable) return;
+  for (const v of repo.index.allVersions()) {
+    if (inStore.has(v.id) || !v.complete || v.removing || !v.attributes_generation || v.attributes_mtime !== undefined) continue;
+    await writeAttributes(repo, v);
   }
 }
 

@@ -25,6 +25,9 @@ export interface VersionAttributes {
 export async function writeAttributes(repo: Repository, v: VersionRecord): Promise<void> {
   const next = await repo.index.updateVersion(v.id, (x) => {
     x.attributes_generation = (x.attributes_generation ?? 0) + 1;
+    // Until the store holds this generation, the next index sync must read the object and see it is older
+    // (a crash or power loss between here and the put left the old one, whose mtime it would otherwise trust).
+    x.attributes_mtime = undefined;
   });
   const attrs: VersionAttributes = {
     attributes_format: ATTRIBUTES_FORMAT,

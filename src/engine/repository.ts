@@ -23,6 +23,7 @@ import { Index } from '../index/index.js';
 import type { BlobStore } from '../store/blobstore.js';
 import { ObjectNames } from '../store/blobstore.js';
 import { DirectoryStore } from '../store/directory.js';
+import { injectFaultsFromEnv } from '../store/faulty.js';
 import { S3Store, s3Settings, type S3Config } from '../store/s3.js';
 import type { SyncReport } from './indexSync.js';
 import { StoreLeases } from './leases.js';
@@ -341,9 +342,10 @@ function validateBlockSize(n: number): void {
 
 /** Opens the blob store a --repo value names; `s3` is the [s3] configuration for s3:// repositories. */
 export function openStore(repo: string, s3?: Partial<S3Config>): BlobStore {
-  if (repo.startsWith('s3://')) return S3Store.fromUrl(repo, s3Settings(s3));
+  // injectFaultsFromEnv: a no-op unless the torture harness's test-only variables are set (src/store/faulty.ts)
+  if (repo.startsWith('s3://')) return injectFaultsFromEnv(S3Store.fromUrl(repo, s3Settings(s3)));
   const dir = repo.startsWith('file://') ? new URL(repo).pathname : repo;
-  return new DirectoryStore(path.resolve(dir));
+  return injectFaultsFromEnv(new DirectoryStore(path.resolve(dir)));
 }
 
 /** Where the LMDB index of a repository lives: inside the directory for directory stores, in [s3] state_dir/<id> for S3. */

@@ -48,17 +48,16 @@ export class DirectoryStore implements BlobStore {
     await this.ensureDir(tmpDir);
     await this.ensureDir(path.dirname(dest));
     const tmp = path.join(tmpDir, `${path.basename(dest)}.${process.pid}.${randomBytes(4).toString('hex')}`);
-    // Replacing an object the index may already rely on: its new bytes must be durable before the rename.
-    // A new object's fsync is deferred to sync(), which runs before the index refers to it.
     const replacing = await fs.stat(dest).then(
       () => true,
       () => false,
     );
+    const syncFirst = fsyncedBeforeRename(name, replacing);
     try {
       const fh = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
       try {
         await fh.writeFile(data);
-        if (replacing) await fh.sync();
+        if (syncFirst) await fh.sync();
       } finally {
         await fh.close();
       }
@@ -67,7 +66,7 @@ export class DirectoryStore implements BlobStore {
       await fs.rm(tmp, { force: true }).catch(() => undefined);
       throw describeSystemError(err, `Writing ${name} to the repository at ${this.root}`);
     }
-    if (!replacing) this.dirtyFiles.add(dest);
+    if (!syncFirst) this.dirtyFiles.add(dest);
     this.dirtyDirs.add(path.dirname(dest));
   }
 
@@ -233,6 +232,18 @@ async function* walk(root: string, rel: string, namesOnly: boolean): AsyncIterab
 }
 
 const SYNC_PARALLEL = 16;
+
+/**
+ * Whether put() fsyncs an object's bytes before renaming it into place (else sync() does, later).
+ * - Replacing an object the index may already rely on: its new bytes must be durable before the rename.
+ * - Objects found by listing rather than by a reference (manifests, attributes, keys, leases, gc): a crash
+ *   after the rename but before sync() must not leave one torn, since nothing tells it from a real one
+ *   (found by the torture harness: a torn manifest after a power loss stopped every later cleanup).
+ * - A new block object waits for sync(), which runs before the index refers to it: torn, it is unreferenced.
+ */
+export function fsyncedBeforeRename(name: string, replacing: boolean): boolean {
+  return replacing || !name.startsWith('data/');
+}
 
 /** fsync of a file or directory by path (Linux flushes the inode whichever descriptor asks). */
 export async function fsyncPath(p: string, directory = false): Promise<void> {
