@@ -78,27 +78,57 @@ const arena = new Arena(Arena.slotSizeFor(BS), 4);
 const slot0 = arena.view(0, BS);
 const slot1 = arena.view(1);
 const pooled = Buffer.allocUnsafeSlow(BS);
-row('read (page cache)', 'text', cpu(() => {
-  fs.readSync(fd, slot0, 0, BS, where.text);
-  slot0.copy(pooled);
-}), cpu(() => fs.readSync(fd, slot0, 0, BS, where.text)));
+row(
+  'read (page cache)',
+  'text',
+  cpu(() => {
+    fs.readSync(fd, slot0, 0, BS, where.text);
+    slot0.copy(pooled);
+  }),
+  cpu(() => fs.readSync(fd, slot0, 0, BS, where.text)),
+);
 
-row('zero detection', 'zero', cpu(() => isAllZero(blocks.zero)), cpu(() => isAllZero(blocks.zero)));
-row('checksum (HMAC-SHA-256)', 'text', cpu(() => blockChecksum(macKey, blocks.text)), cpu(() => blockChecksum(macKey, blocks.text)));
+row(
+  'zero detection',
+  'zero',
+  cpu(() => isAllZero(blocks.zero)),
+  cpu(() => isAllZero(blocks.zero)),
+);
+row(
+  'checksum (HMAC-SHA-256)',
+  'text',
+  cpu(() => blockChecksum(macKey, blocks.text)),
+  cpu(() => blockChecksum(macKey, blocks.text)),
+);
 
 const ws = new ZstdWorkspace(LEVEL, BS);
 const scratch = Buffer.allocUnsafeSlow(zstdBound(BS));
 const oneShot = (b) => zstdCompressSync(b, { params: { [zc.ZSTD_c_compressionLevel]: LEVEL }, pledgedSrcSize: b.length, chunkSize: b.length + (b.length >>> 7) + 128 * 1024 });
-row(`zstd -${LEVEL} compress`, 'text', cpu(() => oneShot(blocks.text)), cpu(() => ws.compressInto(blocks.text, scratch)));
+row(
+  `zstd -${LEVEL} compress`,
+  'text',
+  cpu(() => oneShot(blocks.text)),
+  cpu(() => ws.compressInto(blocks.text, scratch)),
+);
 
 for (const kind of ['text', 'random']) {
   const opts = { type: ObjectType.Block, compress: true, zstdLevel: LEVEL, context };
   // encodeBlockInPlace destroys the block: it is copied into its slot again each time (counted, ~0.3 ms)
-  row('seal (compress + encrypt + frame)', kind, cpu(() => encodeObject(blocks[kind], keys, opts)), cpu(() => (blocks[kind].copy(slot1, BLOCK_AT), encodeBlockInPlace(slot1, BLOCK_AT, BS, keys, opts, ws, scratch))));
+  row(
+    'seal (compress + encrypt + frame)',
+    kind,
+    cpu(() => encodeObject(blocks[kind], keys, opts)),
+    cpu(() => (blocks[kind].copy(slot1, BLOCK_AT), encodeBlockInPlace(slot1, BLOCK_AT, BS, keys, opts, ws, scratch))),
+  );
   const obj = encodeObject(blocks[kind], keys, opts);
   const raw = arena.view(2);
   // decodeBlockInPlace decrypts in place: the object is copied into its slot again each time (counted, ~0.3 ms)
-  row('open (decrypt + decompress)', kind, cpu(() => decodeObject(obj, keys, context, { maxPlain: BS })), cpu(() => (obj.copy(raw), decodeBlockInPlace(raw, obj.length, BS, keys, context, ws, scratch))));
+  row(
+    'open (decrypt + decompress)',
+    kind,
+    cpu(() => decodeObject(obj, keys, context, { maxPlain: BS })),
+    cpu(() => (obj.copy(raw), decodeBlockInPlace(raw, obj.length, BS, keys, context, ws, scratch))),
+  );
 }
 
 // main thread <-> worker: a 4 MiB block transferred there and back vs. a slot number

@@ -156,31 +156,52 @@ const table = (head, body, alignLeft = 1) => {
 
 let mutate = null;
 if (opt.mutate && existsSync(opt.mutate)) {
-  try { const { out: _o, hints: _h, ...m } = JSON.parse(readFileSync(opt.mutate, 'utf8')); mutate = m; } catch { /* informational only */ }
+  try {
+    const { out: _o, hints: _h, ...m } = JSON.parse(readFileSync(opt.mutate, 'utf8'));
+    mutate = m;
+  } catch {
+    /* informational only */
+  }
 }
 const runs = Number(opt.runs);
-const bsConfig = Object.fromEntries(opt['blocksafe-config'].split('\n').filter((l) => l.includes('='))
-  .map((l) => [l.slice(0, l.indexOf('=')).trim(), l.slice(l.indexOf('=') + 1).trim()]));
+const bsConfig = Object.fromEntries(
+  opt['blocksafe-config']
+    .split('\n')
+    .filter((l) => l.includes('='))
+    .map((l) => [l.slice(0, l.indexOf('=')).trim(), l.slice(l.indexOf('=') + 1).trim()]),
+);
 const out = [];
 out.push('');
-out.push(`blocksafe benchmark: image ${opt.size} (${imageBytes} bytes, mkimage.py seed 1), mutated copy: ` +
-  (mutate ? `${(mutate.fraction * 100).toFixed(2)} % in ${mutate.regions} regions of 64 KiB` : '1 % in 64 KiB regions'));
-out.push(`${runs} run(s)${runs > 1 ? ', medians' : ''}; WARM page cache (not dropped); shared ${opt.nproc}-core VM` +
-  (opt.load ? ` (load average before / after: ${opt.load})` : '') + ': absolute numbers drift, compare within one run.');
+out.push(
+  `blocksafe benchmark: image ${opt.size} (${imageBytes} bytes, mkimage.py seed 1), mutated copy: ` +
+    (mutate ? `${(mutate.fraction * 100).toFixed(2)} % in ${mutate.regions} regions of 64 KiB` : '1 % in 64 KiB regions'),
+);
+out.push(
+  `${runs} run(s)${runs > 1 ? ', medians' : ''}; WARM page cache (not dropped); shared ${opt.nproc}-core VM` +
+    (opt.load ? ` (load average before / after: ${opt.load})` : '') +
+    ': absolute numbers drift, compare within one run.',
+);
 out.push(opt.versions.split('\n').filter(Boolean).join('; '));
 if (Object.keys(bsConfig).length) {
   const keys = ['block_size', 'encryption', 'compression', 'compression_level', 'threads', 'queue_depth', 'direct_io'];
-  out.push('blocksafe settings: ' + keys.filter((k) => k in bsConfig).map((k) => `${k}=${bsConfig[k]}`).join(' ') +
-    (bsConfig.direct_io === 'true' ? ' (O_DIRECT: blocksafe reads the images from disk, the peers from the warm page cache)' : ''));
+  out.push(
+    'blocksafe settings: ' +
+      keys
+        .filter((k) => k in bsConfig)
+        .map((k) => `${k}=${bsConfig[k]}`)
+        .join(' ') +
+      (bsConfig.direct_io === 'true' ? ' (O_DIRECT: blocksafe reads the images from disk, the peers from the warm page cache)' : ''),
+  );
 }
 out.push('MiB/s = image size / wall time; CPU = user + sys; peak RSS from /usr/bin/time; repo = du -sb after the step.');
 out.push('');
-out.push(table(
-  ['tool', 'step', 'MiB/s', 'wall s', 'CPU s', 'peak RSS MiB', 'repo MiB'],
-  rows.map((r) => [TOOL_LABEL[r.tool] ?? r.tool, STEP_LABEL[r.step] + (r.status === 'ok' ? '' : ' FAIL'), fmt(r.mib_per_s),
-    fmt(r.wall_s, 2), fmt(r.cpu_s, 2), fmt(r.peak_rss_mib), fmt(r.repo_mib)]),
-  2,
-));
+out.push(
+  table(
+    ['tool', 'step', 'MiB/s', 'wall s', 'CPU s', 'peak RSS MiB', 'repo MiB'],
+    rows.map((r) => [TOOL_LABEL[r.tool] ?? r.tool, STEP_LABEL[r.step] + (r.status === 'ok' ? '' : ' FAIL'), fmt(r.mib_per_s), fmt(r.wall_s, 2), fmt(r.cpu_s, 2), fmt(r.peak_rss_mib), fmt(r.repo_mib)]),
+    2,
+  ),
+);
 for (const r of rows.filter((x) => x.status !== 'ok')) {
   out.push(`FAIL ${TOOL_LABEL[r.tool] ?? r.tool} ${STEP_LABEL[r.step]}: ${r.failures.join('; ')}`);
 }
@@ -197,34 +218,50 @@ if (peersPresent.length && tools.includes('blocksafe')) {
     ['restore CPU time', 'restore_cpu'],
     ['peak RSS (max of steps)', 'peak_rss'],
   ];
-  out.push(table(['ratio', ...peersPresent.map((p) => TOOL_LABEL[p])],
-    metrics.map(([label, k]) => [label, ...peersPresent.map((p) => (ratios[p][k] === null ? '-' : fmt(ratios[p][k], 2) + 'x'))])));
+  out.push(
+    table(
+      ['ratio', ...peersPresent.map((p) => TOOL_LABEL[p])],
+      metrics.map(([label, k]) => [label, ...peersPresent.map((p) => (ratios[p][k] === null ? '-' : fmt(ratios[p][k], 2) + 'x'))]),
+    ),
+  );
 }
 out.push('');
 out.push('SPEC targets');
 out.push('');
-out.push(table(['target', 'value', 'result'], targets.map((t) => [t.target, fmt(t.value, 2), t.result])));
+out.push(
+  table(
+    ['target', 'value', 'result'],
+    targets.map((t) => [t.target, fmt(t.value, 2), t.result]),
+  ),
+);
 if (opt['hints-supported'] === '0') out.push('\n(blocksafe backup has no --hints/--from yet: hinted incremental not measured)');
 out.push('');
 console.log(out.join('\n'));
 
-writeFileSync(opt.out, JSON.stringify({
-  meta: {
-    date: new Date().toISOString(),
-    image_size: opt.size,
-    image_bytes: imageBytes,
-    runs,
-    aggregate: 'median',
-    page_cache: 'warm (not dropped)',
-    nproc: Number(opt.nproc) || opt.nproc,
-    load_average_before_after: opt.load || null,
-    versions: opt.versions.split('\n').filter(Boolean),
-    blocksafe_config: Object.keys(bsConfig).length ? bsConfig : null,
-    hints_supported: { '1': true, '0': false }[opt['hints-supported']] ?? null,
-    mutation: mutate,
-  },
-  rows,
-  ratios_blocksafe_over_peer: ratios,
-  targets,
-}, null, 2) + '\n');
+writeFileSync(
+  opt.out,
+  JSON.stringify(
+    {
+      meta: {
+        date: new Date().toISOString(),
+        image_size: opt.size,
+        image_bytes: imageBytes,
+        runs,
+        aggregate: 'median',
+        page_cache: 'warm (not dropped)',
+        nproc: Number(opt.nproc) || opt.nproc,
+        load_average_before_after: opt.load || null,
+        versions: opt.versions.split('\n').filter(Boolean),
+        blocksafe_config: Object.keys(bsConfig).length ? bsConfig : null,
+        hints_supported: { 1: true, 0: false }[opt['hints-supported']] ?? null,
+        mutation: mutate,
+      },
+      rows,
+      ratios_blocksafe_over_peer: ratios,
+      targets,
+    },
+    null,
+    2,
+  ) + '\n',
+);
 console.log(`(written ${opt.out})`);

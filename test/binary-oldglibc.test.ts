@@ -37,11 +37,12 @@ function unavailable(): string | undefined {
 }
 const why = unavailable();
 const maybe = why && process.env.CI !== 'true' ? test.serial.skip : test.serial;
-if (why) test.serial(`old-glibc check ${process.env.CI === 'true' ? 'cannot run under CI' : 'skipped'}: ${why}`, (t) => {
-  if (process.env.CI === 'true') t.fail(`the Debian 11 check must run in CI: ${why}`);
-  else t.log(`skipped: ${why}`);
-  t.is(typeof why, 'string');
-});
+if (why)
+  test.serial(`old-glibc check ${process.env.CI === 'true' ? 'cannot run under CI' : 'skipped'}: ${why}`, (t) => {
+    if (process.env.CI === 'true') t.fail(`the Debian 11 check must run in CI: ${why}`);
+    else t.log(`skipped: ${why}`);
+    t.is(typeof why, 'string');
+  });
 
 /** The cached root of `suite`, built when missing. */
 function debianRoot(suite: string): { dir: string; seconds: number; cached: boolean } {
@@ -110,7 +111,12 @@ for (const suite of SUITES) {
     t.like(versions[0], { name: 'root-lv', valid: true, size: 16 * MiB });
     const id = versions[0]!.id;
     ok(['restore', '--repo', '/mnt/R', id, '/mnt/restored.img'], { env: secret });
-    t.is(createHash('sha256').update(fs.readFileSync(path.join(work, 'restored.img'))).digest('hex'), createHash('sha256').update(image).digest('hex'));
+    t.is(
+      createHash('sha256')
+        .update(fs.readFileSync(path.join(work, 'restored.img')))
+        .digest('hex'),
+      createHash('sha256').update(image).digest('hex'),
+    );
     const scrub = JSON.parse(ok(['scrub', '--repo', '/mnt/R', '--all', '--json'], { env: secret })) as { blocks_checked: number; damaged: unknown[] };
     t.true(scrub.blocks_checked >= 2, `scrub checked ${scrub.blocks_checked} blocks`);
     t.deepEqual(scrub.damaged, []);

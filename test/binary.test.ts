@@ -125,7 +125,9 @@ test.serial('the executable runs alone: no node on PATH, nothing but itself in i
     t.is(ok(blocksafe(PROBE()), 'ls').trim(), '[]');
     ls.push(Number(process.hrtime.bigint() - start) / 1e6);
   }
-  t.log(`size ${(size / 1e6).toFixed(1)} MB; --version: median ${median.toFixed(0)} ms (min ${times[0]!.toFixed(0)}); ls of an empty repository: first start (extracting the addons) ${ls[0]!.toFixed(0)} ms, then ${ls[1]!.toFixed(0)} ms`);
+  t.log(
+    `size ${(size / 1e6).toFixed(1)} MB; --version: median ${median.toFixed(0)} ms (min ${times[0]!.toFixed(0)}); ls of an empty repository: first start (extracting the addons) ${ls[0]!.toFixed(0)} ms, then ${ls[1]!.toFixed(0)} ms`,
+  );
   t.true(size < 150e6, `the executable is ${size} bytes`);
   // Start-up time is a benchmark figure (bench/run.sh prints it), not a test: a loaded machine says nothing about it.
 
@@ -207,7 +209,11 @@ test.serial('mount from the binary: a version as a file over FUSE (root), read b
   const v = JSON.parse(ok(blocksafe(['backup', '--repo', repo, source, 'vol', '--json'], {}, { cwd: work }), 'backup')) as { id: string };
   const mnt = path.join(work, 'mnt');
   fs.mkdirSync(mnt);
-  const isMounted = () => fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === mnt);
+  const isMounted = () =>
+    fs
+      .readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .some((l) => l.split(' ')[4] === mnt);
   const child = spawn(ctx.bin, ['mount', '--repo', repo, mnt, v.id], { cwd: work, env: { PATH: ctx.path, HOME: ctx.home }, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
@@ -451,13 +457,18 @@ process.stdout.write(String(loads));
       c.on('close', (code) => resolve({ code, out }));
     });
 
-  for (const [mode, file] of [['path', naiveMarker], ['descriptor', marker]] as const) {
+  for (const [mode, file] of [
+    ['path', naiveMarker],
+    ['descriptor', marker],
+  ] as const) {
     const attack = startAttacker(a, a.dir, entry.file);
     await attack.racing;
     const v = await runVictim(mode, file);
     const swaps = await attack.stop(); // raced for the whole run of the victim
     const lost = fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).length : 0;
-    t.log(`${mode === 'path' ? 'check by path, then dlopen the path (before)' : 'one descriptor: checked, hashed, dlopen(/proc/self/fd/N)'}: ${v.code === 0 ? v.out : `crashed (exit ${v.code}, signal or ld.so assertion)`} loads while the attacker made ${swaps} swaps; the planted library ran ${lost} times`);
+    t.log(
+      `${mode === 'path' ? 'check by path, then dlopen the path (before)' : 'one descriptor: checked, hashed, dlopen(/proc/self/fd/N)'}: ${v.code === 0 ? v.out : `crashed (exit ${v.code}, signal or ld.so assertion)`} loads while the attacker made ${swaps} swaps; the planted library ran ${lost} times`,
+    );
     t.true(swaps > 0, `the attacker really raced (${swaps} swaps)`);
     // The path-based loader is only measured (it loses some rounds, and may even crash in ld.so when a
     // file is rewritten under it); the descriptor-based one must never lose.
@@ -485,8 +496,8 @@ raceTest('the binary run as root never uses a cache directory another user contr
 
   // sudo -E: XDG_CACHE_HOME (or HOME) is the attacker's: skipped, the addons go to $TMPDIR/blocksafe-0.
   const repo = path.join(tmp, 'R');
-  ok(blocksafe(['init', '--repo', repo, '--encryption', 'none'], { ...env, XDG_CACHE_HOME: a.dir }), 'init with the attacker\'s XDG_CACHE_HOME');
-  t.is(ok(blocksafe(['ls', '--repo', repo, '--json'], { ...env, HOME: a.dir }), 'ls with the attacker\'s HOME').trim(), '[]');
+  ok(blocksafe(['init', '--repo', repo, '--encryption', 'none'], { ...env, XDG_CACHE_HOME: a.dir }), "init with the attacker's XDG_CACHE_HOME");
+  t.is(ok(blocksafe(['ls', '--repo', repo, '--json'], { ...env, HOME: a.dir }), "ls with the attacker's HOME").trim(), '[]');
   t.true(fs.existsSync(path.join(tmp, 'blocksafe-0', 'native', lmdb.sha256.slice(0, 16), lmdb.file)));
 
   // An explicit BLOCKSAFE_CACHE_DIR of another user: one line, nothing loaded.

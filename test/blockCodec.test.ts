@@ -29,7 +29,10 @@ function openInPlace(object: Buffer, size: number, keys: CodecKeys, ws: ZstdWork
   return Buffer.from(mem.subarray(at, at + size));
 }
 
-for (const [name, keys] of [['encrypted', encrypted], ['unencrypted', plainKeys]] as const) {
+for (const [name, keys] of [
+  ['encrypted', encrypted],
+  ['unencrypted', plainKeys],
+] as const) {
   test(`${name}: in-place seal and open round trip and agree with encodeObject/decodeObject`, (t) => {
     const ws = new ZstdWorkspace(1, BS);
     for (const [kind, block] of Object.entries(blocks)) {

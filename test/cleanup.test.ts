@@ -8,19 +8,7 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 import { initRepo, makeImage, MiB, prngBytes, runCli, sha256File, type BlockSpec, type Image, type RepoFixture, type VersionJson } from './helpers.js';
-import {
-  cliJson,
-  dataBytes,
-  objects,
-  okJson,
-  overwriteAt,
-  shmDir,
-  type CheckJson,
-  type CleanupJson,
-  type DuJson,
-  type RestoreJson,
-  type ScrubJson,
-} from './lcHarness.js';
+import { cliJson, dataBytes, objects, okJson, overwriteAt, shmDir, type CheckJson, type CleanupJson, type DuJson, type RestoreJson, type ScrubJson } from './lcHarness.js';
 import { killOnTeardown, pausePoints, spawnCli as spawnCliAt } from './cliHarness.js';
 
 const BS = MiB;
@@ -70,14 +58,18 @@ test('rm + cleanup --grace 0 frees exactly the space du called exclusive; the ot
   t.is(u1.referenced_bytes, u1.exclusive_bytes + u1.shared_bytes);
   t.is(du.unreferenced_bytes, 0);
   const before = await sizes(repo.dir);
-  t.is(du.stored_bytes, [...before.values()].reduce((a, b) => a + b, 0), 'du stored_bytes = the size of data/');
+  t.is(
+    du.stored_bytes,
+    [...before.values()].reduce((a, b) => a + b, 0),
+    'du stored_bytes = the size of data/',
+  );
   t.true(u1.exclusive_bytes > 0 && u1.shared_bytes > 0, 'precondition: v1 has both exclusive and shared blocks');
 
   const rm = await okJson<{ removed: string[] }>(repo, ['rm', v1.id]);
   t.deepEqual(rm.removed, [v1.id]);
   t.deepEqual(await sizes(repo.dir), before, 'rm alone deletes no block');
   const duRm = await okJson<DuJson>(repo, ['du']);
-  t.is(duRm.unreferenced_bytes, u1.exclusive_bytes, 'after rm, v1\'s exclusive blocks are unreferenced');
+  t.is(duRm.unreferenced_bytes, u1.exclusive_bytes, "after rm, v1's exclusive blocks are unreferenced");
   const stats = await okJson<{ versions: { id: string }[] }>(repo, ['stats']);
   t.deepEqual(stats.versions.map((v) => v.id).sort(), [v2.id, v3.id].sort(), 'the removed version is gone from the stats listing');
 
@@ -89,7 +81,10 @@ test('rm + cleanup --grace 0 frees exactly the space du called exclusive; the ot
   t.is(c.bytes_freed, u1.exclusive_bytes, 'cleanup reports the exclusive bytes as freed');
   const beforeTotal = [...before.values()].reduce((a, b) => a + b, 0);
   t.is(beforeTotal - (await dataBytes(repo.dir)), u1.exclusive_bytes, 'data/ shrank by exactly the exclusive bytes');
-  t.is(deleted.reduce((n, h) => n + before.get(h)!, 0), u1.exclusive_bytes);
+  t.is(
+    deleted.reduce((n, h) => n + before.get(h)!, 0),
+    u1.exclusive_bytes,
+  );
   for (const h of after.keys()) t.is(after.get(h), before.get(h), 'no remaining object changed');
 
   const duAfter = await okJson<DuJson>(repo, ['du']);
@@ -145,7 +140,11 @@ test('with a grace period the first cleanup only marks; deletion happens once th
   t.is(deleted.length, 4, 'the 4 blocks nobody uses again are deleted after the grace period');
   t.is(early.deleted + late.deleted, 4);
   t.is(late.waiting, 0);
-  t.is(early.bytes_freed + late.bytes_freed, deleted.reduce((n, h) => n + before.get(h)!, 0), 'bytes_freed = the size of the deleted objects');
+  t.is(
+    early.bytes_freed + late.bytes_freed,
+    deleted.reduce((n, h) => n + before.get(h)!, 0),
+    'bytes_freed = the size of the deleted objects',
+  );
   t.is(await dataBytes(repo.dir), total - early.bytes_freed - late.bytes_freed);
   t.true(early.bytes_freed + late.bytes_freed < exclusive, 'less than all of v1: 2 of its blocks are in use again');
   await restoresIdentical(t, repo, dir, v3, again);

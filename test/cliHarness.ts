@@ -196,8 +196,7 @@ export async function pausePoints(t: { teardown(fn: () => unknown): void }) {
   return {
     env: (...steps: string[]) => ({ BLOCKSAFE_TEST_PAUSE_DIR: dir, BLOCKSAFE_TEST_PAUSE: steps.join(',') }),
     /** Resolves once the process reached `step`; false when it exited first. */
-    reached: (step: string, bg: { exited(): boolean }) =>
-      waitFor(`pause point ${step}`, () => (existsSync(file(step, 'reached')) ? true : bg.exited() ? false : undefined), 120_000, 20),
+    reached: (step: string, bg: { exited(): boolean }) => waitFor(`pause point ${step}`, () => (existsSync(file(step, 'reached')) ? true : bg.exited() ? false : undefined), 120_000, 20),
     go: (step: string) => fs.writeFile(file(step, 'go'), ''),
   };
 }

@@ -5,16 +5,7 @@ import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import test from 'ava';
 import { blockChecksum, CHECKSUM_BYTES, isAllZero } from '../src/codec/checksum.js';
-import {
-  createSlot,
-  newKeyring,
-  newMasterKey,
-  openKeyring,
-  openSlot,
-  sealKeyring,
-  unlockMasterKeys,
-  type ScryptParams,
-} from '../src/codec/keys.js';
+import { createSlot, newKeyring, newMasterKey, openKeyring, openSlot, sealKeyring, unlockMasterKeys, type ScryptParams } from '../src/codec/keys.js';
 import { Cipher, Compression, decodeObject, encodeObject, MAX_PLAIN, objectKeyId, ObjectType, zstdDeclaredSize, type CodecKeys } from '../src/codec/object.js';
 import { FormatError, IntegrityError, KeyError } from '../src/errors.js';
 import { backupJson, initRepo, listObjects, prngBytes, ROOT, runCli, tempDir, textBytes } from './helpers.js';
@@ -152,7 +143,13 @@ test('a wrong data key, an unknown key id and an unencrypted object in an encryp
   t.throws(() => decodeObject(plain, keys, ctx('k')), { instanceOf: IntegrityError, message: /not encrypted/ });
   // Key rotation: an object written under key 2 opens with a keyring holding keys 1 and 2.
   const k2 = randomBytes(32);
-  const both: CodecKeys = { currentKeyId: 2, dataKeys: new Map([[1, keys.dataKeys.get(1)!], [2, k2]]) };
+  const both: CodecKeys = {
+    currentKeyId: 2,
+    dataKeys: new Map([
+      [1, keys.dataKeys.get(1)!],
+      [2, k2],
+    ]),
+  };
   const obj2 = encodeObject(TEXT.subarray(0, 1000), both, { type: ObjectType.Block, compress: true, zstdLevel: 1, context: ctx('k') });
   t.is(objectKeyId(obj2), 2);
   t.true(decodeObject(obj, both, ctx('k')).plain.equals(TEXT.subarray(0, 1000)));
@@ -348,7 +345,8 @@ test('a zstd bomb is refused fast with an IntegrityError: expanding, claiming, o
 
 /** Runs `cmd` and returns its exit status, output and peak RSS (python3's getrusage of its children). */
 function withPeakRss(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
-  const py = 'import resource,subprocess,sys\nr=subprocess.run(sys.argv[1:])\nsys.stderr.write("\\nPEAK_RSS_KB=%d\\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(r.returncode)';
+  const py =
+    'import resource,subprocess,sys\nr=subprocess.run(sys.argv[1:])\nsys.stderr.write("\\nPEAK_RSS_KB=%d\\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(r.returncode)';
   const r = spawnSync('python3', ['-c', py, cmd, ...args], { encoding: 'utf8', cwd: opts.cwd, env: opts.env, timeout: 120_000 });
   const m = /PEAK_RSS_KB=(\d+)/.exec(r.stderr);
   if (!m) throw new Error(`no peak RSS from python3 (needed for this test): ${r.error?.message ?? ''}${r.stderr}`);

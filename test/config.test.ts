@@ -3,20 +3,7 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import test from 'ava';
-import {
-  assertCliError,
-  initRepo,
-  MiB,
-  prngBytes,
-  repoState,
-  ROOT,
-  runCli,
-  runJson,
-  runOk,
-  sha256File,
-  tempDir,
-  type VersionJson,
-} from './helpers.js';
+import { assertCliError, initRepo, MiB, prngBytes, repoState, ROOT, runCli, runJson, runOk, sha256File, tempDir, type VersionJson } from './helpers.js';
 
 const SYSTEM_CONFIG = '/etc/blocksafe/appliance.conf';
 
@@ -213,7 +200,9 @@ test('boolean options accept true and false (the spelling appliance.conf.example
   const dir = await tempDir(t);
   const defaults = await runJson<ConfigJson>(['config']);
   const bools = Object.entries(defaults.config).flatMap(([section, opts]) =>
-    Object.entries(opts).filter(([, v]) => typeof v === 'boolean').map(([key]) => [section, key] as const),
+    Object.entries(opts)
+      .filter(([, v]) => typeof v === 'boolean')
+      .map(([key]) => [section, key] as const),
   );
   t.true(bools.length > 0, 'there are boolean options');
   for (const value of [true, false]) {
@@ -234,7 +223,10 @@ test('[repository] repo lets commands run without --repo; --repo and BLOCKSAFE_R
   const id = (await runOk(['backup', '--config', conf, src, 'vol'])).stdout.trim();
   t.regex(id, /^[a-z0-9]+$/);
   const listed = await runJson<{ id: string }[]>(['ls', '--config', conf]);
-  t.deepEqual(listed.map((v) => v.id), [id]);
+  t.deepEqual(
+    listed.map((v) => v.id),
+    [id],
+  );
   const out = path.join(dir, 'out.img');
   await runOk(['restore', '--config', conf, id, out]);
   t.is(await sha256File(out), await sha256File(src));

@@ -81,7 +81,10 @@ test('wrong passphrase: exit 1, a message about the passphrase, repository and t
   // The right passphrase from a file (trailing newline ignored) works.
   await fs.writeFile(passFile, `${PASSPHRASE}\n`);
   const listed = await runJson<VersionJson[]>(['ls', ...repo.args, '--passphrase-file', passFile]);
-  t.deepEqual(listed.map((x) => x.id), [v.id]);
+  t.deepEqual(
+    listed.map((x) => x.id),
+    [v.id],
+  );
 });
 
 test('wrong or short key file: exit 1 / 2, repository unchanged', async (t) => {
@@ -318,7 +321,13 @@ test('damaged and missing block objects are detected on restore: exit 3, ranges 
   const repo = await initKeyFileRepo(path.join(dir, 'repo'));
   const v = await backupJson(repo, img.path, 'vol');
   const objs = await objectPaths(repo, img);
-  t.deepEqual([...(await listObjects(repo.dir))].sort(), objs.filter((o) => o !== null).map((o) => path.relative(repo.dir, o!)).sort());
+  t.deepEqual(
+    [...(await listObjects(repo.dir))].sort(),
+    objs
+      .filter((o) => o !== null)
+      .map((o) => path.relative(repo.dir, o!))
+      .sort(),
+  );
 
   // Block 1: one bit flipped inside the ciphertext; block 3: the header's format byte; blocks 5 and 6:
   // intact objects swapped (each under the other's name); tail: object gone. Blocks 0, 2 (zero) and 4 are fine.
@@ -345,7 +354,11 @@ test('damaged and missing block objects are detected on restore: exit 3, ranges 
   t.regex(r.stderr, /DAMAGED/);
   t.is((await fs.stat(out)).size, img.size);
   t.deepEqual(await differingBlocks(out, img), damagedBlocks, 'every undamaged block restored exactly');
-  for (const d of expected) t.true((await readRange(out, d.offset, d.length)).every((b) => b === 0), 'damaged ranges left unwritten');
+  for (const d of expected)
+    t.true(
+      (await readRange(out, d.offset, d.length)).every((b) => b === 0),
+      'damaged ranges left unwritten',
+    );
 
   const out2 = path.join(dir, 'out2.img');
   const j = await runCli(['restore', ...repo.args, v.id, out2, '--json']);

@@ -33,7 +33,7 @@ const FILES: Record<string, Buffer> = {
   'notes/deep/small.bin': prngBytes('ext4', 'small', 777),
   'twice/a.bin': prngBytes('ext4', 'same', 2 * MiB),
   'twice/b.bin': prngBytes('ext4', 'same', 2 * MiB),
-  'empty': Buffer.alloc(0),
+  empty: Buffer.alloc(0),
 };
 
 /** Builds a 32 MiB ext4 image from a directory tree (mkfs.ext4 -d, no root or mount needed). */

@@ -384,7 +384,7 @@ export async function run(cmd: string, args: readonly string[], opts: { cwd?: st
 export function runStatus(cmd: string, args: readonly string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     execFile(cmd, args, { maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : null) : 0;
+      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : null) : 0;
       resolve({ code, stdout, stderr });
     });
   });
@@ -406,10 +406,7 @@ export function testIf(available: boolean): typeof test | typeof test.skip {
 
 export function loopDevicesWork(): boolean {
   if (loopOk === undefined) {
-    loopOk =
-      process.getuid?.() === 0 &&
-      haveCommand('losetup') &&
-      spawnSync('losetup', ['-f'], { stdio: 'ignore' }).status === 0;
+    loopOk = process.getuid?.() === 0 && haveCommand('losetup') && spawnSync('losetup', ['-f'], { stdio: 'ignore' }).status === 0;
   }
   return loopOk;
 }

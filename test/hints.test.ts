@@ -155,7 +155,7 @@ test('blockHints: the partial last block counts as covered when its real bytes a
   t.deepEqual(asObject(blockHints([ext(3 * M, M, false)], M, size)), { 3: 'zero' });
 });
 
-test('blockHints: an extent that starts past the end, inside the partial last block\'s nominal range, touches nothing', (t) => {
+test("blockHints: an extent that starts past the end, inside the partial last block's nominal range, touches nothing", (t) => {
   // size 3.5 MiB: offsets from 3.5 MiB on do not exist, even though block 3 nominally spans up to 4 MiB.
   const size = 3 * M + 512 * K;
   const hints = blockHints([ext(3 * M + 768 * K, 64 * K, true), ext(3 * M + 600 * K, 64 * K, false)], M, size);

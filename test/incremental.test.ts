@@ -7,17 +7,7 @@
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
-import {
-  assertCliError,
-  backupJson as backupJsonBase,
-  initRepo,
-  MiB,
-  prngBytes,
-  runCli,
-  runJson,
-  sha256File,
-  type RepoFixture,
-} from './helpers.js';
+import { assertCliError, backupJson as backupJsonBase, initRepo, MiB, prngBytes, runCli, runJson, sha256File, type RepoFixture } from './helpers.js';
 import { fastTempDir, lsJson, type FullVersion, mkimage, nonZeroBlocks, randomFile, readHints, touchedBlocks, writeHints, type HintEntry } from './cliHarness.js';
 
 const BS = MiB; // 1 MiB blocks: many blocks per image, so the counts mean something
@@ -47,8 +37,7 @@ async function overwrite(file: string, offset: number, length: number, seed: str
   }
 }
 
-const backupJson = (repo: RepoFixture, source: string, name: string, extra: string[] = []) =>
-  backupJsonBase(repo, source, name, extra) as Promise<FullVersion>;
+const backupJson = (repo: RepoFixture, source: string, name: string, extra: string[] = []) => backupJsonBase(repo, source, name, extra) as Promise<FullVersion>;
 
 const count = (xs: Iterable<boolean>) => [...xs].filter(Boolean).length;
 
@@ -264,7 +253,10 @@ test('exists:false blocks are not read at all: data still in the source there is
   const expected = await fs.readFile(img);
   expected.fill(0, 2 * BS, 3 * BS);
   const got = await fs.readFile(target);
-  t.true(got.subarray(2 * BS, 3 * BS).every((b) => b === 0), 'the discarded block is restored as zeros');
+  t.true(
+    got.subarray(2 * BS, 3 * BS).every((b) => b === 0),
+    'the discarded block is restored as zeros',
+  );
   t.true(got.equals(expected), 'everything else is the source');
 });
 
@@ -382,7 +374,10 @@ test('a truncated hints file: exit 2, one clear line, no version created', async
   const msg = assertCliError(t, r, 2, /hints/i);
   t.true(msg.includes(hintsFile), 'names the file');
   t.regex(msg, /truncated|not valid JSON/i);
-  t.deepEqual((await lsJson(repo)).map((v) => v.id), [v1.id]);
+  t.deepEqual(
+    (await lsJson(repo)).map((v) => v.id),
+    [v1.id],
+  );
 
   // a missing hints file: a failure naming it, nothing created
   const missing = path.join(dir, 'missing.json');
@@ -393,5 +388,9 @@ test('a truncated hints file: exit 2, one clear line, no version created', async
   await fs.writeFile(path.join(dir, 'ok.json'), '[]');
   const r4 = await runCli(['backup', ...repo.args, img, 'fresh', '--hints', path.join(dir, 'ok.json')], { env: repo.env });
   assertCliError(t, r4, 2, /--from|base/);
-  t.deepEqual((await lsJson(repo)).map((v) => v.id), [v1.id], 'still only the first version');
+  t.deepEqual(
+    (await lsJson(repo)).map((v) => v.id),
+    [v1.id],
+    'still only the first version',
+  );
 });

@@ -49,7 +49,10 @@ test('tag add / tag rm change the tags; ls --tag filters; a bad tag is a usage e
   t.deepEqual(ids(await ls(repo, '--tag', 'keep')), [v1.id, v2.id].sort());
 
   const removed = await okJson<VersionJson>(repo, ['tag rm', v1.id, 'keep', 'nightly']);
-  t.deepEqual(removed.tags.filter((x) => !x.startsWith('b_')), ['audit-2026']);
+  t.deepEqual(
+    removed.tags.filter((x) => !x.startsWith('b_')),
+    ['audit-2026'],
+  );
   t.deepEqual(ids(await ls(repo, '--tag', 'keep')), [v2.id]);
   t.deepEqual(ids(await ls(repo, '--tag', 'nightly')), []);
 
@@ -133,11 +136,7 @@ test('expire sets and clears the expiry date; ls --expired lists exactly the ver
   assertCliError(t, await runCli(['expire', ...repo.args, v2.id, 'next tuesday'], { env: repo.env }), 2, /date/i);
   const after = await repoState(repo);
   t.deepEqual(after, before, 'a bad date changes nothing');
-  t.deepEqual(
-    (after.stats as { versions: { id: string }[] }).versions.map((v) => v.id).sort(),
-    [v1.id, v2.id, v3.id].sort(),
-    'expiry alone removes nothing',
-  );
+  t.deepEqual((after.stats as { versions: { id: string }[] }).versions.map((v) => v.id).sort(), [v1.id, v2.id, v3.id].sort(), 'expiry alone removes nothing');
 });
 
 test('min_age_days = 7: rm refuses a young version (nothing changes) unless --force', async (t) => {

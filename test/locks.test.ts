@@ -48,7 +48,10 @@ test('two backups of different names and a restore of a third version run at the
   const bb = await startHeld(t, STEP.backup, ['backup', ...repo.args, b, 'vol-b', '--json'], repo.env);
   const rc = await startHeld(t, STEP.restore, ['restore', ...repo.args, vc.id, target, '--json'], repo.env);
   const vs = await lsJson(repo);
-  t.true(['vol-a', 'vol-b'].every((n) => vs.some((v) => v.name === n && !v.complete)), 'both backups are under way');
+  t.true(
+    ['vol-a', 'vol-b'].every((n) => vs.some((v) => v.name === n && !v.complete)),
+    'both backups are under way',
+  );
   t.false(ba.exited() || bb.exited() || rc.exited());
   await Promise.all([ba.go(), bb.go(), rc.go()]);
 
@@ -126,7 +129,11 @@ test('rm of a version while it is restored: exit 4 naming the restore; a restore
   const other = await runCli(['restore', ...repo.args, v.id, path.join(dir, 'elsewhere.img'), '--json'], { env: repo.env });
   t.is(other.code, 0, `a restore of the same version to another target runs alongside: ${other.stderr}`);
   t.false(restore.exited(), 'the conflict was detected while the restore was running');
-  t.deepEqual((await lsJson(repo)).map((x) => x.id), [v.id], 'the version survived the refused rm');
+  t.deepEqual(
+    (await lsJson(repo)).map((x) => x.id),
+    [v.id],
+    'the version survived the refused rm',
+  );
   t.is(await sha256File(path.join(dir, 'elsewhere.img')), await sha256File(img));
 
   // The restore dies holding its locks: they are stale, so rm goes ahead.

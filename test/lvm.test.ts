@@ -43,8 +43,7 @@ const SYSTEM_PATH = `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 for (const f of readdirSync(BIN)) chmodSync(join(BIN, f), 0o755); // in case a checkout lost the modes
 
 /** Extents in units of 64 KiB pool blocks, as the fixture's comments describe them. */
-const blocks = (list: Array<[number, number, boolean]>): Extent[] =>
-  list.map(([b, n, exists]) => ({ offset: b * KiB64, length: n * KiB64, exists }));
+const blocks = (list: Array<[number, number, boolean]>): Extent[] => list.map(([b, n, exists]) => ({ offset: b * KiB64, length: n * KiB64, exists }));
 
 /** Night 1 (device 2) → night 2 (device 3) of pool-two-nights.xml. */
 const NIGHT1_TO_NIGHT2 = blocks([
@@ -180,7 +179,9 @@ test('merging: touching extents of one kind join, gaps and kind changes split, s
 });
 
 test('streaming: pushing one character at a time gives the same result; out-of-order ranges are sorted', (t) => {
-  const xml = wrap('<right_only>\n<range begin="9" data_begin="1" length="1"/>\n</right_only>\n<different>\n<range begin="2" left_data_begin="0" right_data_begin="3" length="2"/>\n<range begin="4" left_data_begin="5" right_data_begin="7" length="1"/>\n</different>\n');
+  const xml = wrap(
+    '<right_only>\n<range begin="9" data_begin="1" length="1"/>\n</right_only>\n<different>\n<range begin="2" left_data_begin="0" right_data_begin="3" length="2"/>\n<range begin="4" left_data_begin="5" right_data_begin="7" length="1"/>\n</different>\n',
+  );
   const p = new ThinDeltaParser(512);
   for (const ch of xml) p.push(ch);
   const expected = [
@@ -189,7 +190,13 @@ test('streaming: pushing one character at a time gives the same result; out-of-o
   ];
   t.deepEqual(p.end().extents, expected);
   t.deepEqual(parseThinDelta(xml, 512), expected);
-  t.deepEqual(mergeExtents([{ offset: 0, length: 1, exists: true }, { offset: 1, length: 1, exists: true }]), [{ offset: 0, length: 2, exists: true }]);
+  t.deepEqual(
+    mergeExtents([
+      { offset: 0, length: 1, exists: true },
+      { offset: 1, length: 1, exists: true },
+    ]),
+    [{ offset: 0, length: 2, exists: true }],
+  );
 });
 
 test('bad thin_delta output is refused rather than trusted', (t) => {
@@ -240,7 +247,7 @@ test('helpers: snapshot sizes, dm names, snapshot names, lvs lines, stderr lines
   ]);
   t.is(lastMeaningfulLine('  Volume group "x" not found\n  Cannot process volume group x\n'), 'Volume group "x" not found');
   t.is(lastMeaningfulLine('no current metadata snap\nUsage: thin_delta [options] <device or file>\nOptions:\n  {-V|--version}\n'), 'no current metadata snap');
-  t.is(lastMeaningfulLine('  Insufficient free space\n  Run `lvcreate --help\' for more information.\n'), 'Insufficient free space');
+  t.is(lastMeaningfulLine("  Insufficient free space\n  Run `lvcreate --help' for more information.\n"), 'Insufficient free space');
 });
 
 // ---------------------------------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ test('helpers: snapshot sizes, dm names, snapshot names, lvs lines, stderr lines
 const PREV = 'data-blocksafe-20240101020000';
 const NEW = 'data-blocksafe-20240102030405';
 const NOW = () => new Date(2024, 0, 2, 3, 4, 5);
-const LVS_ARGS = "--noheadings --nosuffix --units b --separator | -o lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,thin_id,chunk_size,lv_path";
+const LVS_ARGS = '--noheadings --nosuffix --units b --separator | -o lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,thin_id,chunk_size,lv_path';
 
 interface Sim {
   dir: string;
@@ -353,7 +360,7 @@ test('classic volume: the snapshot is removed even when the backup throws; finis
   t.deepEqual(sim.lvs(), ['data', PREV, 'plain', 'pool']);
 });
 
-test('lvcreate failure: one-line error with lvcreate\'s reason, nothing to remove', async (t) => {
+test("lvcreate failure: one-line error with lvcreate's reason, nothing to remove", async (t) => {
   const sim = await makeSim({ withMeta: false }); // no thin volume involved
   sim.fail('lvcreate', '  Volume group "vg0" has insufficient free space (10 extents): 256 required.\n  Run `lvcreate --help\' for more information.\n');
   const err = await t.throwsAsync(openLvmSource('lvm://vg0/plain', sim.opts), { instanceOf: BlocksafeError });
@@ -413,7 +420,13 @@ test('thin volume: hints from thin_delta between the kept and the new snapshot; 
   const next = await openLvmSource('lvm://vg0/data', { ...sim.opts, previousSnapshot: NEW, now: () => new Date(2024, 0, 3, 3, 0, 0) });
   // The kept snapshot (thin_id 3) against the new one (thin_id 4). The simulated pool metadata has no
   // device 4, so the real thin_delta fails there and this run falls back to a full read.
-  t.is(sim.calls().filter((c) => c.startsWith('thin_delta')).pop(), 'thin_delta -m --snap1 3 --snap2 4 /dev/mapper/vg0-pool_tmeta');
+  t.is(
+    sim
+      .calls()
+      .filter((c) => c.startsWith('thin_delta'))
+      .pop(),
+    'thin_delta -m --snap1 3 --snap2 4 /dev/mapper/vg0-pool_tmeta',
+  );
   t.is(next.hints, null);
   t.is(next.hintsUnavailable, 'thin_delta failed: Unable to find mapping tree for snap2 (4)');
   await next.finish(true);
@@ -535,13 +548,16 @@ test('lvremove is retried while the device is busy; a lasting failure names the 
 
   // When the backup failed too, its error wins and the cleanup problem becomes a warning.
   sim.warnings.length = 0;
-  await t.throwsAsync(withLvmSource('lvm://vg0/plain', { ...sim.opts, now: () => new Date(2024, 5, 1) }, async () => {
-    throw new Error('backup failed');
-  }), { message: 'backup failed' });
+  await t.throwsAsync(
+    withLvmSource('lvm://vg0/plain', { ...sim.opts, now: () => new Date(2024, 5, 1) }, async () => {
+      throw new Error('backup failed');
+    }),
+    { message: 'backup failed' },
+  );
   t.regex(sim.warnings.join('\n'), /remove it with `lvremove vg0\/plain-blocksafe-20240601000000`/);
 });
 
-test('resuming reuses the interrupted run\'s snapshot; a vanished one is a NotFoundError; leftovers are reported', async (t) => {
+test("resuming reuses the interrupted run's snapshot; a vanished one is a NotFoundError; leftovers are reported", async (t) => {
   const sim = await makeSim();
   const first = await openLvmSource('lvm://vg0/data', { ...sim.opts, previousSnapshot: PREV });
   // … the process is killed here: finish() never runs, the snapshot stays.
@@ -587,6 +603,10 @@ test('the CLI backs up lvm://VG/LV from a snapshot it removes afterwards (engine
     const r = await runCli(['backup', ...repo.args, 'lvm://vg0/plain', 'plain', ...extra], { env });
     assertCliError(t, r, 2, message);
   }
-  t.deepEqual((await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })).map((x) => x.id), [v.id], 'the refused backups created nothing');
+  t.deepEqual(
+    (await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })).map((x) => x.id),
+    [v.id],
+    'the refused backups created nothing',
+  );
   t.deepEqual(sim.lvs(), ['data', PREV, 'plain', 'pool'], 'and no snapshot');
 });

@@ -77,7 +77,12 @@ async function mount(t: ExecutionContext, repo: RepoFixture, dir: string, args: 
     if (mounted(dir)) await runStatus('umount', ['-l', dir]);
     if (proc.exitCode === null) proc.kill('SIGKILL');
   });
-  await until(`the mount on ${dir}`, () => mounted(dir), proc, () => stderr);
+  await until(
+    `the mount on ${dir}`,
+    () => mounted(dir),
+    proc,
+    () => stderr,
+  );
   return {
     dir,
     data: (id) => path.join(dir, 'by_id', id, 'data'),
@@ -199,7 +204,11 @@ fuseTest('--rw: writes are visible through the mount and gone after unmount; --k
   const stopped = await m.stop();
   t.is(stopped.code, 0, stopped.stderr);
   t.regex(stopped.stderr, /Discarded the overlay/);
-  t.deepEqual((await fs.readdir(dir)).filter((f) => f.endsWith('.overlay')), [], 'overlay file removed');
+  t.deepEqual(
+    (await fs.readdir(dir)).filter((f) => f.endsWith('.overlay')),
+    [],
+    'overlay file removed',
+  );
   await runOk(['restore', ...repo.args, v.id, path.join(dir, 'restored')], { env: repo.env });
   t.is(await sha256File(path.join(dir, 'restored')), image.sha256, 'the version is unchanged');
 
@@ -209,10 +218,19 @@ fuseTest('--rw: writes are visible through the mount and gone after unmount; --k
   const kept = await k.stop();
   t.is(kept.code, 0, kept.stderr);
   // --json: one object per line, as the TUI reads them.
-  const events = kept.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string; mountpoint?: string; read_only?: boolean; versions?: { id: string; data: string }[]; version?: { id: string } });
-  t.deepEqual(events.map((e) => e.event), ['mounted', 'kept', 'unmounted']);
+  const events = kept.stdout
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as { event: string; mountpoint?: string; read_only?: boolean; versions?: { id: string; data: string }[]; version?: { id: string } });
+  t.deepEqual(
+    events.map((e) => e.event),
+    ['mounted', 'kept', 'unmounted'],
+  );
   t.like(events[0], { mountpoint: mnt2, read_only: false });
-  t.deepEqual(events[0]!.versions!.map((x) => [x.id, x.data]), [[v.id, k.data(v.id)]]);
+  t.deepEqual(
+    events[0]!.versions!.map((x) => [x.id, x.data]),
+    [[v.id, k.data(v.id)]],
+  );
   const keptId = events[1]!.version!.id;
   const shown = JSON.parse((await runOk(['show', ...repo.args, '--json', keptId], { env: repo.env })).stdout) as VersionJson & { protected: boolean };
   t.is(shown.name, 'vol-edited');

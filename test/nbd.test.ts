@@ -179,7 +179,10 @@ async function startServer(t: ExecutionContext, repo: RepoFixture, args: string[
         proc.kill('SIGKILL');
         throw new Error(`blocksafe nbd did not stop within 20 s after SIGINT:\n${stderr}`);
       }
-      const events = stdout.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l));
+      const events = stdout
+        .split('\n')
+        .filter((l) => l.trim())
+        .map((l) => JSON.parse(l));
       return { code, stdout, stderr, events };
     },
   };
@@ -472,12 +475,19 @@ test('read-only: nbdinfo size and export list, nbdcopy and qemu-img byte-identic
     [bs, bs],
     [4 * bs, bs],
   ]);
-  t.is(map.reduce((n, e) => n + e.length, 0), f.image.size, 'the map covers the export');
+  t.is(
+    map.reduce((n, e) => n + e.length, 0),
+    f.image.size,
+    'the map covers the export',
+  );
   t.true(map.filter((e) => e.type === 0).every((e) => e.offset % bs === 0));
 
   const stopped = await srv.stop();
   t.is(stopped.code, 0, stopped.stderr);
-  t.deepEqual(stopped.events.map((e) => e.event), ['listening', 'stopped']);
+  t.deepEqual(
+    stopped.events.map((e) => e.event),
+    ['listening', 'stopped'],
+  );
 });
 
 test('protocol details: option errors, EPERM on read-only writes, EINVAL out of range, structured reads and block status', async (t) => {
@@ -521,7 +531,10 @@ test('protocol details: option errors, EPERM on read-only writes, EINVAL out of 
   t.teardown(() => s.close());
   t.is((await s.option(NBD.OPT_STRUCTURED_REPLY)).pop()!.type, NBD.REP_ACK);
   const lm = await s.option(NBD.OPT_LIST_META_CONTEXT, RawClient.metaData(f.disk.id, []));
-  t.deepEqual(lm.filter((x) => x.type === NBD.REP_META_CONTEXT).map((x) => x.data.subarray(4).toString()), ['base:allocation']);
+  t.deepEqual(
+    lm.filter((x) => x.type === NBD.REP_META_CONTEXT).map((x) => x.data.subarray(4).toString()),
+    ['base:allocation'],
+  );
   const sm = await s.option(NBD.OPT_SET_META_CONTEXT, RawClient.metaData(f.disk.id, ['base:allocation', 'x-other:thing']));
   const ctx = sm.find((x) => x.type === NBD.REP_META_CONTEXT)!;
   t.is(ctx.data.subarray(4).toString(), 'base:allocation');
@@ -632,12 +645,22 @@ test.serial('--rw: writes go to an overlay visible to readers of the same server
   t.true((await fs.readFile(merged)).equals(expected), 'reads merge overlay and backup');
   // The map follows: block 1 has a written granule now, block 3 reads as zeros.
   const map = JSON.parse((await run('nbdinfo', ['--map', '--json', srv.uri(f.disk.id)])).stdout) as { offset: number; length: number; type: number }[];
-  t.true(map.some((e) => e.type === 0 && e.offset <= bs + 100 && e.offset + e.length > bs + 100), 'written granule in a sparse block is data');
-  t.true(map.some((e) => e.type === 3 && e.offset <= 3 * bs && e.offset + e.length >= 4 * bs), 'zeroed block is a hole');
+  t.true(
+    map.some((e) => e.type === 0 && e.offset <= bs + 100 && e.offset + e.length > bs + 100),
+    'written granule in a sparse block is data',
+  );
+  t.true(
+    map.some((e) => e.type === 3 && e.offset <= 3 * bs && e.offset + e.length >= 4 * bs),
+    'zeroed block is a hole',
+  );
 
   const stopped = await srv.stop();
   t.is(stopped.code, 0, stopped.stderr);
-  t.deepEqual(stopped.events.map((e) => e.event), ['listening', 'stopped'], 'nothing kept without --keep-as');
+  t.deepEqual(
+    stopped.events.map((e) => e.event),
+    ['listening', 'stopped'],
+    'nothing kept without --keep-as',
+  );
   t.deepEqual(await listObjects(f.repo.dir), objectsBefore, 'no block objects added');
   const restored = path.join(out, 'restored.img');
   await runOk(['restore', ...f.repo.args, f.disk.id, restored], { env: f.repo.env });
@@ -729,7 +752,13 @@ test('nbdfuse → losetup → mount: files of an ext4 backup read back equal (ov
   await fuseExit;
   const stopped = await srv.stop();
   t.is(stopped.code, 0, stopped.stderr);
-  t.false(await fs.stat(socket).then(() => true, () => false), 'socket file removed');
+  t.false(
+    await fs.stat(socket).then(
+      () => true,
+      () => false,
+    ),
+    'socket file removed',
+  );
 });
 
 test('usage errors: --keep-as without --rw, several versions, unknown version, address in use', async (t) => {
@@ -884,8 +913,20 @@ test('default: a private Unix socket (0600 in a 0700 directory) that another loc
   const stopped = await srv.stop();
   t.is(stopped.code, 0, stopped.stderr);
   t.is(connections(), owners, 'the server never accepted a connection from the other user');
-  t.false(await fs.lstat(socket).then(() => true, () => false), 'socket removed');
-  t.false(await fs.lstat(dir).then(() => true, () => false), 'private directory removed');
+  t.false(
+    await fs.lstat(socket).then(
+      () => true,
+      () => false,
+    ),
+    'socket removed',
+  );
+  t.false(
+    await fs.lstat(dir).then(
+      () => true,
+      () => false,
+    ),
+    'private directory removed',
+  );
 });
 
 test('--socket PATH in a directory others can enter: the socket is still 0600 and refuses another user', async (t) => {
@@ -946,7 +987,10 @@ async function pskFile(dir: string, identity: string, name = 'keys.psk'): Promis
   requireTools('psktool');
   const file = path.join(dir, name);
   await run('psktool', ['-u', identity, '-p', file]);
-  const line = (await fs.readFile(file, 'utf8')).trim().split('\n').find((l) => l.startsWith(`${identity}:`))!;
+  const line = (await fs.readFile(file, 'utf8'))
+    .trim()
+    .split('\n')
+    .find((l) => l.startsWith(`${identity}:`))!;
   return { file, key: Buffer.from(line.slice(identity.length + 1), 'hex') };
 }
 

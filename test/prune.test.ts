@@ -80,12 +80,28 @@ test('a year of daily versions pruned with keep-daily 7, keep-weekly 4, keep-mon
   // Friday 2026-11-27; the year starts 2025-11-28, so the 13th month (November 2025) is not kept
   const explicit = [
     // the 7 newest days
-    '2026-11-21', '2026-11-22', '2026-11-23', '2026-11-24', '2026-11-25', '2026-11-26', '2026-11-27',
+    '2026-11-21',
+    '2026-11-22',
+    '2026-11-23',
+    '2026-11-24',
+    '2026-11-25',
+    '2026-11-26',
+    '2026-11-27',
     // Sundays closing the 3 weeks before this one (this week's newest is 11-27, last week's 11-22 is daily)
-    '2026-11-08', '2026-11-15',
+    '2026-11-08',
+    '2026-11-15',
     // last day of each of the 11 months before November 2026
-    '2025-12-31', '2026-01-31', '2026-02-28', '2026-03-31', '2026-04-30', '2026-05-31', '2026-06-30',
-    '2026-07-31', '2026-08-31', '2026-09-30', '2026-10-31',
+    '2025-12-31',
+    '2026-01-31',
+    '2026-02-28',
+    '2026-03-31',
+    '2026-04-30',
+    '2026-05-31',
+    '2026-06-30',
+    '2026-07-31',
+    '2026-08-31',
+    '2026-09-30',
+    '2026-10-31',
   ].map((d) => `v${d}`);
   try {
     for (const zone of [ZONE, 'America/New_York', 'Asia/Kolkata']) {
@@ -126,7 +142,10 @@ test('protected versions survive whatever the policy; others outside the policy 
   t.is(expected.length, 20 + 3, 'precondition: three protected versions the policy alone would remove');
   const plan = planPrune(vs, POLICY, now);
   t.deepEqual(
-    plan.filter((d) => d.keep).map((d) => d.version.id).sort(),
+    plan
+      .filter((d) => d.keep)
+      .map((d) => d.version.id)
+      .sort(),
     expected,
   );
   for (const id of protectedIds) t.true(plan.find((d) => d.version.id === id)!.reasons.includes('protected'), `${id}: reason "protected"`);
@@ -190,7 +209,13 @@ test('keep-last counts complete versions; an incomplete version is kept only whi
   vs.push(rec('stale-incomplete', new Date(2026, 10, 27, 3, 30), { complete: false }));
   vs.push(rec('resumable', new Date(2026, 10, 27, 7), { complete: false }));
   const plan = new Map(planPrune(vs, { ...NO_POLICY, last: 2 }, now).map((d) => [d.version.id, d]));
-  t.deepEqual([...plan.values()].filter((d) => d.keep).map((d) => d.version.id).sort(), ['h5', 'h6', 'resumable']);
+  t.deepEqual(
+    [...plan.values()]
+      .filter((d) => d.keep)
+      .map((d) => d.version.id)
+      .sort(),
+    ['h5', 'h6', 'resumable'],
+  );
   t.deepEqual(plan.get('h6')!.reasons, ['last 1'], 'the incomplete version does not take a keep-last slot');
   t.false(plan.get('stale-incomplete')!.keep);
 });
@@ -230,7 +255,10 @@ test('prune CLI: --dry-run prints the plan and removes nothing; the real run rem
   t.deepEqual(dry.names.map((n) => n.name).sort(), ['a', 'b']);
   const planA = new Map(dry.names.find((n) => n.name === 'a')!.versions.map((v) => [v.id, v]));
   t.deepEqual(dry.names.find((n) => n.name === 'a')!.policy, { ...NO_POLICY, last: 2 });
-  t.deepEqual([...planA.values()].filter((v) => !v.keep).map((v) => v.id), [a2.id]);
+  t.deepEqual(
+    [...planA.values()].filter((v) => !v.keep).map((v) => v.id),
+    [a2.id],
+  );
   t.true(planA.get(a1.id)!.keep);
   t.true(planA.get(a1.id)!.reasons.includes('protected'));
   t.true(dry.names.find((n) => n.name === 'b')!.versions.every((v) => v.keep));
@@ -255,7 +283,10 @@ test('prune CLI: per-name retention from the config, --name, and no policy at al
 
   const conf = await writeConfig(dir, 'retention.conf', '[retention]\nkeep_last = 1\n\n[retention.a]\nkeep_last = 3');
   const onlyB = await okJson<PruneJson>(repo, ['prune', '--name', 'b'], ['--config', conf]);
-  t.deepEqual(onlyB.names.map((n) => n.name), ['b']);
+  t.deepEqual(
+    onlyB.names.map((n) => n.name),
+    ['b'],
+  );
   t.deepEqual(onlyB.names[0]!.policy, { ...NO_POLICY, last: 1 }, '[retention] applies to b');
   t.deepEqual(onlyB.removed, [b1.id]);
   t.deepEqual(await idsOf(repo), [a1.id, a2.id, a3.id, a4.id, b2.id].sort());

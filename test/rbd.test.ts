@@ -220,7 +220,11 @@ rbdTest('full and incremental backups of rbd://POOL/IMAGE read only changed bloc
   t.is(v3.stats.blocks_referenced, c3.nonZeroUnchanged);
 
   const snaps = await snapNames(s.image);
-  t.deepEqual(snaps.filter((n) => n.startsWith('blocksafe-') && n !== 'blocksafe-manual' && n !== 'blocksafe-otherrepo1'), [`blocksafe-${v3.id}`], 'exactly one blocksafe snapshot of this chain is kept');
+  t.deepEqual(
+    snaps.filter((n) => n.startsWith('blocksafe-') && n !== 'blocksafe-manual' && n !== 'blocksafe-otherrepo1'),
+    [`blocksafe-${v3.id}`],
+    'exactly one blocksafe snapshot of this chain is kept',
+  );
   t.true(snaps.includes('blocksafe-otherrepo1'), "another repository's snapshot is never removed");
   t.true(snaps.includes('users-own'), "the user's snapshot is never removed");
   t.true(snaps.includes('blocksafe-manual'), 'a protected snapshot is never removed');
@@ -278,7 +282,10 @@ rbdTest('a user snapshot rbd://POOL/IMAGE@SNAP is read and left alone; a missing
   tampered.fill(0x5a, 17 * MiB, 17 * MiB + 4096);
   await pushChanges(s.dir, s.image, changed, tampered);
   const scrub = await runJson<{ source_differences: { block: number }[] }>(['scrub', ...s.repo.args, v3.id, '--source', `rbd://${POOL}/${s.image}`, '--json'], { env: s.env });
-  t.deepEqual(scrub.source_differences.map((d) => d.block), [Math.floor((17 * MiB) / BS)]);
+  t.deepEqual(
+    scrub.source_differences.map((d) => d.block),
+    [Math.floor((17 * MiB) / BS)],
+  );
 });
 
 rbdTest('namespaces: rbd://POOL/NAMESPACE/IMAGE backs up and restores byte-identical', async (t) => {
@@ -318,9 +325,17 @@ rbdTest('restore refuses an image with a watcher even with --force, and leaves i
   assertCliError(t, r, 1, /is in use \(watched by .*--force does not override/);
   const info = JSON.parse(await rbd('info', '--format', 'json', `${POOL}/${target}`)) as { size: number };
   t.is(info.size, 8 * MiB, 'the watched image was not resized');
-  t.true((await exportImage(s.dir, `${POOL}/${target}`)).every((b) => b === 0), 'nothing was written');
+  t.true(
+    (await exportImage(s.dir, `${POOL}/${target}`)).every((b) => b === 0),
+    'nothing was written',
+  );
   watcher.stdin!.end('\n'); // a clean unwatch (a killed watcher lingers until its timeout)
-  await waitFor('the watcher to go', async () => ((JSON.parse(await rbd('status', '--format', 'json', `${POOL}/${target}`)) as { watchers: unknown[] }).watchers.length === 0 ? true : undefined), 120_000, 200);
+  await waitFor(
+    'the watcher to go',
+    async () => ((JSON.parse(await rbd('status', '--format', 'json', `${POOL}/${target}`)) as { watchers: unknown[] }).watchers.length === 0 ? true : undefined),
+    120_000,
+    200,
+  );
   await runOk(['restore', ...s.repo.args, v.id, `rbd://${POOL}/${target}`, '--force'], { env: s.env });
   t.is(sha256(await exportImage(s.dir, `${POOL}/${target}`)), sha256(local));
 });
@@ -386,5 +401,8 @@ test('rbd runs without blocksafe secrets in its environment, with CEPH_ARGS and 
   t.false(env.includes('secret-pass'));
   t.false(env.includes('secret-key'));
   t.true(env.includes('CEPH_ARGS=--name client.x'));
-  t.is((await fs.readFile(`${dump}.args`, 'utf8')).trim(), '--cluster other --conf /etc/ceph/other.conf --keyring /etc/ceph/backup.keyring --id backup --client_mount_timeout 7 info --format json p/img');
+  t.is(
+    (await fs.readFile(`${dump}.args`, 'utf8')).trim(),
+    '--cluster other --conf /etc/ceph/other.conf --keyring /etc/ceph/backup.keyring --id backup --client_mount_timeout 7 info --format json p/img',
+  );
 });

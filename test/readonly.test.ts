@@ -30,7 +30,10 @@ test('a read-only repository lists and restores byte-identically; a backup into 
   t.is(ls.code, 0, ls.stderr);
   t.regex(ls.stderr, /read-only; using a temporary index/);
   const versions = JSON.parse(ls.stdout) as VersionJson[];
-  t.deepEqual(versions.map((x) => [x.id, x.tags.includes('keep')]), [[v.id, true]]);
+  t.deepEqual(
+    versions.map((x) => [x.id, x.tags.includes('keep')]),
+    [[v.id, true]],
+  );
 
   const out = path.join(dir, 'restored.img');
   const r = await runCli(['restore', ...args, v.id, out], { env: repo.env });
@@ -41,7 +44,10 @@ test('a read-only repository lists and restores byte-identically; a backup into 
   t.is(b.code, 1);
   t.regex(b.stderr.trim().split('\n').pop()!, /^blocksafe: .*read-only/);
   // Nothing was changed, and no temporary index is left behind.
-  t.deepEqual((await runJson<VersionJson[]>(['ls', '--repo', repo.dir], { env: repo.env })).map((x) => x.id), [v.id]);
+  t.deepEqual(
+    (await runJson<VersionJson[]>(['ls', '--repo', repo.dir], { env: repo.env })).map((x) => x.id),
+    [v.id],
+  );
   const leftovers = (await fs.readdir(process.env.TMPDIR ?? '/tmp')).filter((n) => n.startsWith('blocksafe-index-'));
   t.deepEqual(leftovers, []);
 });

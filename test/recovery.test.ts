@@ -97,8 +97,11 @@ test('index rebuild names the versions the previous index knew whose manifests t
   t.deepEqual(r.not_in_store, [{ id: lost.id, name: 'lost' }]);
   const text = await runCli(['index', 'rebuild', ...repo.args], { env: repo.env });
   t.is(text.code, 0);
-  t.notRegex(text.stdout, /WARNING/, 'the second rebuild compares with the first rebuild\'s index, which already lacked it');
-  t.deepEqual((await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })).map((v) => v.id), [kept.id]);
+  t.notRegex(text.stdout, /WARNING/, "the second rebuild compares with the first rebuild's index, which already lacked it");
+  t.deepEqual(
+    (await runJson<VersionJson[]>(['ls', ...repo.args], { env: repo.env })).map((v) => v.id),
+    [kept.id],
+  );
 });
 
 test('copy to another repository with other keys, then on to a third; a second copy sends nothing', async (t) => {
@@ -193,7 +196,10 @@ test('key slots: passphrase change, key-file slot alone, last slot kept', async 
   await fs.writeFile(keyFile, Buffer.alloc(64, 7));
   await runOk(['key', 'add', ...repo.args, '--new-key-file', keyFile], { env: { BLOCKSAFE_PASSPHRASE: 'new secret' } });
   const slots = await runJson<{ id: number; type: string }[]>(['key', 'list', ...repo.args], { env: { BLOCKSAFE_PASSPHRASE: 'new secret' } });
-  t.deepEqual(slots.map((s) => s.type), ['passphrase', 'keyfile']);
+  t.deepEqual(
+    slots.map((s) => s.type),
+    ['passphrase', 'keyfile'],
+  );
   // The key file alone opens the repository and restores.
   const out = path.join(dir, 'kf.img');
   await runOk(['restore', '--repo', repo.dir, '--key-file', keyFile, v.id, out]);

@@ -44,7 +44,11 @@ test('restore --fill-from takes a damaged block from another version; without it
   t.regex(r.stderr, /DAMAGED range\(s\), which read as zeros:/);
   for (let i = 0; i < 3; i++) {
     const data = await readRange(zeroed, i * MiB, MiB);
-    if (damagedBlocks.has(i)) t.true(data.every((x) => x === 0), `damaged block ${i} reads as zeros`);
+    if (damagedBlocks.has(i))
+      t.true(
+        data.every((x) => x === 0),
+        `damaged block ${i} reads as zeros`,
+      );
     else t.is(sha256(data), await blockOf(a.path, i));
   }
 

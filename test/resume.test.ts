@@ -141,7 +141,10 @@ test('a plain backup after an interrupted one (encrypted repo) notes --resume an
   t.truthy(fresh);
   t.true(fresh!.complete);
   t.is(fresh!.base, null, 'an incomplete version is never a base');
-  t.true(versions.some((v) => v.id === interrupted.id && !v.complete), 'the interrupted version is still there (resumable)');
+  t.true(
+    versions.some((v) => v.id === interrupted.id && !v.complete),
+    'the interrupted version is still there (resumable)',
+  );
   const target = path.join(dir, 'restored.img');
   await runJson(['restore', ...repo.args, id, target], { env: repo.env });
   t.is(await sha256File(target), await sha256File(source));

@@ -127,7 +127,10 @@ test('a second volume sharing blocks with the first stores only its new blocks',
   const vb = await backupJson(repo, b.path, 'b');
   t.like(vb.stats, { blocks_written: 2, blocks_deduplicated: 2 });
   t.is((await listObjects(repo.dir)).length, 5);
-  for (const [v, img] of [[va, a], [vb, b]] as const) {
+  for (const [v, img] of [
+    [va, a],
+    [vb, b],
+  ] as const) {
     const out = path.join(dir, `${v.name}.out`);
     await restoreTo(repo, v.id, out);
     t.is(await sha256File(out), img.sha256);
@@ -153,18 +156,27 @@ test('ls --json lists versions with the documented fields; dates carry the UTC o
   t.like(e1, { name: 'vol1', snapshot_name: 'nightly-1', size: img.size, block_size: 4 * MiB, valid: true, complete: true, protected: false });
   // The given tags, plus any automatic b_daily/b_weekly/b_monthly tags.
   t.true(e1.tags.includes('keep') && e1.tags.includes('b_daily'), `tags ${e1.tags}`);
-  t.deepEqual(e1.tags.filter((x) => !/^b_(daily|weekly|monthly)$/.test(x)), ['keep']);
+  t.deepEqual(
+    e1.tags.filter((x) => !/^b_(daily|weekly|monthly)$/.test(x)),
+    ['keep'],
+  );
   t.regex(e1.id, /^[a-z0-9]{4,}$/);
   t.regex(e1.date, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d)$/);
   const when = Date.parse(e1.date);
   t.true(when >= before - 2000 && when <= after + 2000, `date ${e1.date} is about now`);
   const e2 = all.find((v) => v.id === v2.id)!;
   t.like(e2, { name: 'vol2', snapshot_name: '' });
-  t.deepEqual(e2.tags.filter((x) => !/^b_(daily|weekly|monthly)$/.test(x)), []);
+  t.deepEqual(
+    e2.tags.filter((x) => !/^b_(daily|weekly|monthly)$/.test(x)),
+    [],
+  );
 
   // Filter by name.
   const only1 = await runJson<VersionJson[]>(['ls', 'vol1', ...repo.args], { env: repo.env });
-  t.deepEqual(only1.map((v) => v.id), [v1.id]);
+  t.deepEqual(
+    only1.map((v) => v.id),
+    [v1.id],
+  );
   t.deepEqual(await runJson(['ls', 'nothing-like-this', ...repo.args], { env: repo.env }), []);
 
   // Local time with the offset of the zone: the same instant in another zone.
@@ -214,7 +226,11 @@ test('--encryption none repository round trips (file:// source), including empty
   const repo = await initRepo(path.join(dir, 'repo'), { encryption: 'none' });
   const descriptor = JSON.parse(await fs.readFile(path.join(repo.dir, 'blocksafe.json'), 'utf8'));
   t.is(descriptor.encryption, 'none');
-  t.deepEqual((await fs.readdir(path.join(repo.dir, 'keys'))).filter((f) => f.startsWith('slot-')), [], 'no key slots');
+  t.deepEqual(
+    (await fs.readdir(path.join(repo.dir, 'keys'))).filter((f) => f.startsWith('slot-')),
+    [],
+    'no key slots',
+  );
   const v = await backupJson(repo, pathToFileURL(img.path).href, 'plain');
   t.is(v.size, img.size);
   t.like(v.stats, { blocks_written: 3, blocks_sparse: 1 });

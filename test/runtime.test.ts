@@ -39,7 +39,10 @@ testIf(old !== undefined)('an older node hands over to the pinned one (bin/block
   fs.writeFileSync(source, 'compressible text, needs zstd from node:zlib\n'.repeat(50_000));
   const cli = (...args: string[]) => spawnSync(old, [BIN, ...args], { cwd: ROOT, env: cliEnv(), encoding: 'utf8' });
   t.log(`handing over from ${old} (${spawnSync(old, ['-v'], { encoding: 'utf8' }).stdout.trim()})`);
-  for (const args of [['init', '--repo', path.join(dir, 'R'), '--encryption', 'none'], ['backup', '--repo', path.join(dir, 'R'), source, 'text']]) {
+  for (const args of [
+    ['init', '--repo', path.join(dir, 'R'), '--encryption', 'none'],
+    ['backup', '--repo', path.join(dir, 'R'), source, 'text'],
+  ]) {
     const r = cli(...args);
     t.is(r.status, 0, `${args[0]}: ${r.stderr}`);
   }

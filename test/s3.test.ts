@@ -177,7 +177,10 @@ test('backup and restore round trip, dedup across backups, rm then ls, cleanup o
   await runOk(['rm', ...repo.args, v1.id]);
   const ls = await runJson<VersionJson[]>(['ls', ...repo.args]);
   t.deepEqual(ls.map((v) => v.id).sort(), [v2.id, v3.id].sort());
-  t.false((await listKeys(repo.bucket, `${repo.prefix}/manifests/`)).some((k) => k.endsWith(`/${v1.id}`)), 'the manifest of the removed version is gone');
+  t.false(
+    (await listKeys(repo.bucket, `${repo.prefix}/manifests/`)).some((k) => k.endsWith(`/${v1.id}`)),
+    'the manifest of the removed version is gone',
+  );
 
   await runOk(['rm', ...repo.args, v3.id]);
   const result = await runJson<{ deleted: number }>(['cleanup', ...repo.args, '--grace', '0s']);
@@ -259,7 +262,10 @@ test('index rebuild of an S3 repository from the bucket alone (a new machine wit
   await fs.rm(repo.stateDir, { recursive: true, force: true });
   // Any command fills the new index from the bucket's manifests (the index is a cache of the store).
   const listed = await runJson<VersionJson[]>(['ls', ...repo.args]);
-  t.deepEqual(listed.map((x) => [x.id, x.protected, x.tags.includes('offsite')]), [[v.id, true, true]]);
+  t.deepEqual(
+    listed.map((x) => [x.id, x.protected, x.tags.includes('offsite')]),
+    [[v.id, true, true]],
+  );
   await fs.rm(repo.stateDir, { recursive: true, force: true });
   const r = await runJson<{ versions: number; missing_blocks: number }>(['index', 'rebuild', ...repo.args]);
   t.is(r.versions, 1);

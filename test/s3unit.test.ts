@@ -129,19 +129,47 @@ function fakeStore(fake: FakeS3, over: Partial<S3Settings> = {}, url = 's3://buc
 
 test('backoff grows exponentially, is capped, and is jittered within [d/2, d]', (t) => {
   const p = { baseDelayMs: 100, maxDelayMs: 1000 };
-  t.is(backoffDelay(0, p, () => 1), 100);
-  t.is(backoffDelay(0, p, () => 0), 50);
-  t.is(backoffDelay(1, p, () => 1), 200);
-  t.is(backoffDelay(3, p, () => 1), 800);
-  t.is(backoffDelay(4, p, () => 1), 1000, 'capped');
-  t.is(backoffDelay(40, p, () => 0), 500, 'capped, with jitter');
+  t.is(
+    backoffDelay(0, p, () => 1),
+    100,
+  );
+  t.is(
+    backoffDelay(0, p, () => 0),
+    50,
+  );
+  t.is(
+    backoffDelay(1, p, () => 1),
+    200,
+  );
+  t.is(
+    backoffDelay(3, p, () => 1),
+    800,
+  );
+  t.is(
+    backoffDelay(4, p, () => 1),
+    1000,
+    'capped',
+  );
+  t.is(
+    backoffDelay(40, p, () => 0),
+    500,
+    'capped, with jitter',
+  );
   const seen = new Set(Array.from({ length: 50 }, () => backoffDelay(2, p)));
   t.true(seen.size > 10, 'random jitter');
   for (const d of seen) t.true(d >= 200 && d <= 400);
 });
 
 test('transient failures are retried, others are not', (t) => {
-  for (const e of [sdkError('InternalError', 500), sdkError('ServiceUnavailable', 503), sdkError('SlowDown', 503), sdkError('Whatever', 502), sdkError('TooManyRequestsException', 429), sdkError('RequestTimeout', 400), sdkError('Throttling', 400)]) {
+  for (const e of [
+    sdkError('InternalError', 500),
+    sdkError('ServiceUnavailable', 503),
+    sdkError('SlowDown', 503),
+    sdkError('Whatever', 502),
+    sdkError('TooManyRequestsException', 429),
+    sdkError('RequestTimeout', 400),
+    sdkError('Throttling', 400),
+  ]) {
     t.is(classifyFailure(e), 'service', e.name);
   }
   for (const code of ['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'EAI_AGAIN']) t.is(classifyFailure(netError(code)), 'network', code);
@@ -157,29 +185,37 @@ test('transient failures are retried, others are not', (t) => {
 test('withRetries: succeeds after transient errors, gives up after the configured retries, never retries fatal ones', async (t) => {
   let n = 0;
   const retried: string[] = [];
-  const v = await withRetries(FAST, async () => {
-    if (++n < 3) throw sdkError('SlowDown', 503);
-    return 'ok';
-  }, { onRetry: (i) => retried.push(`${i.attempt}:${i.kind}`) });
+  const v = await withRetries(
+    FAST,
+    async () => {
+      if (++n < 3) throw sdkError('SlowDown', 503);
+      return 'ok';
+    },
+    { onRetry: (i) => retried.push(`${i.attempt}:${i.kind}`) },
+  );
   t.is(v, 'ok');
   t.is(n, 3);
   t.deepEqual(retried, ['1:service', '2:service']);
 
   n = 0;
-  const e = await t.throwsAsync(withRetries(FAST, async () => {
-    n++;
-    throw netError('ECONNRESET');
-  }));
+  const e = await t.throwsAsync(
+    withRetries(FAST, async () => {
+      n++;
+      throw netError('ECONNRESET');
+    }),
+  );
   t.true(e instanceof RetriesExhausted);
   t.is((e as RetriesExhausted).attempts, FAST.retries + 1);
   t.is((e as RetriesExhausted).kind, 'network');
   t.is(n, FAST.retries + 1);
 
   n = 0;
-  const f = await t.throwsAsync(withRetries(FAST, async () => {
-    n++;
-    throw sdkError('AccessDenied', 403);
-  }));
+  const f = await t.throwsAsync(
+    withRetries(FAST, async () => {
+      n++;
+      throw sdkError('AccessDenied', 403);
+    }),
+  );
   t.is(n, 1);
   t.is((f as RetriesExhausted).kind, 'fatal');
 });
@@ -354,7 +390,11 @@ test('store: deletes go in batches of at most 1000 keys; failed keys of a batch 
   await store.delete(names);
   const sizes = fake.calls.filter((c) => c.cmd === 'DeleteObjects').map((c) => c.input.Delete.Objects.length);
   t.true(sizes.every((n) => n <= 1000));
-  t.deepEqual([...sizes].sort((a, b) => a - b), [2, 500, 500, 1000, 1000], 'three batches, one retried whole, one retried for its 2 failed keys');
+  t.deepEqual(
+    [...sizes].sort((a, b) => a - b),
+    [2, 500, 500, 1000, 1000],
+    'three batches, one retried whole, one retried for its 2 failed keys',
+  );
   t.deepEqual([...fake.objects.keys()], [store.key('keep')]);
 
   const smallFake = new FakeS3();

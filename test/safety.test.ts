@@ -78,7 +78,7 @@ test('a version being written cannot be removed: rm --force is refused with exit
   await scrubClean(t, repo);
 });
 
-test('cleanup after the index was lost, or replaced by an old copy, deletes nothing the store\'s manifests reference', async (t) => {
+test("cleanup after the index was lost, or replaced by an old copy, deletes nothing the store's manifests reference", async (t) => {
   const dir = await shmDir(t);
   const repo = await initKeyFileRepo(path.join(dir, 'repo'), { blockSize: '64K' });
   const a = await mixedImage(dir, 'a.img', 48, 'lostA');
@@ -203,7 +203,12 @@ test('backup, rm, prune, cleanup, scrub and rekey at once: each succeeds or is r
   await fs.copyFile(a.path, a2);
   for (const i of [5, 50, 100]) await overwriteAt(a2, i * BS, Buffer.alloc(BS, i));
   const source = new Map<string, string>();
-  for (const [img, name] of [[a.path, 'a'], [b.path, 'b'], [a.path, 'a']] as const) source.set((await runJson<VersionJson>(['backup', ...repo.args, img, name])).id, img);
+  for (const [img, name] of [
+    [a.path, 'a'],
+    [b.path, 'b'],
+    [a.path, 'a'],
+  ] as const)
+    source.set((await runJson<VersionJson>(['backup', ...repo.args, img, name])).id, img);
   const [oldA] = [...source.keys()];
 
   // Two backups stop at their first commit; everything else runs while they hold their versions.
@@ -290,7 +295,11 @@ test('rekey while an NBD export with --rw --keep-as runs: reads after the rekey 
   srv.child.kill('SIGINT');
   const stopped = await srv.done;
   t.is(stopped.code, 0, stopped.stderr);
-  const kept = stopped.stdout.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l) as { event: string; version?: VersionJson }).find((e) => e.event === 'kept')?.version;
+  const kept = stopped.stdout
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as { event: string; version?: VersionJson })
+    .find((e) => e.event === 'kept')?.version;
   if (!kept) return t.fail(`no kept version: ${stopped.stdout} ${stopped.stderr}`);
   const restored = path.join(dir, 'kept.img');
   await runOk(['restore', ...repo.args, kept.id, restored]);

@@ -132,7 +132,11 @@ async function damageFoundMarkedHealed(t: ExecutionContext, kind: Damage, opts: 
   t.is(s1.code, 3, `scrub exits 3 after a ${kind}`);
   t.is(s1.json.blocks_selected, all.size);
   t.is(s1.json.blocks_checked, all.size);
-  t.deepEqual(s1.json.damaged.map((d) => d.checksum), [victim], 'exactly the damaged block is listed');
+  t.deepEqual(
+    s1.json.damaged.map((d) => d.checksum),
+    [victim],
+    'exactly the damaged block is listed',
+  );
   t.regex(s1.json.damaged[0]!.reason, REASON[kind]);
   t.deepEqual(s1.json.invalidated_versions, [vA.id], 'the version using the block is marked invalid');
   t.deepEqual(s1.json.invalid_versions, [vA.id], 'the other volume stays valid');
@@ -191,12 +195,9 @@ async function emptyHints(dir: string): Promise<string> {
 
 test('bit flip in a block object of an encrypted repository (passphrase): found, marked, restore writes the rest, next backup heals', (t) =>
   damageFoundMarkedHealed(t, 'bitflip', { encrypted: true }));
-test('truncated block object: found, marked, restore writes the rest, next backup (with hints "unchanged") heals', (t) =>
-  damageFoundMarkedHealed(t, 'truncate', { healWithHints: true }));
-test('deleted block object: check and scrub find it, marked, restore writes the rest, next backup heals', (t) =>
-  damageFoundMarkedHealed(t, 'delete', { listInvalid: true }));
-test('block object replaced by another valid object (no encryption: only the checksum catches it): found, marked, healed', (t) =>
-  damageFoundMarkedHealed(t, 'replace', { restoreHealed: true }));
+test('truncated block object: found, marked, restore writes the rest, next backup (with hints "unchanged") heals', (t) => damageFoundMarkedHealed(t, 'truncate', { healWithHints: true }));
+test('deleted block object: check and scrub find it, marked, restore writes the rest, next backup heals', (t) => damageFoundMarkedHealed(t, 'delete', { listInvalid: true }));
+test('block object replaced by another valid object (no encryption: only the checksum catches it): found, marked, healed', (t) => damageFoundMarkedHealed(t, 'replace', { restoreHealed: true }));
 
 test('--percent 25 run 4 times reads every block exactly once; the 5th run starts a new cycle with the oldest-verified blocks', async (t) => {
   const dir = await shmDir(t);
@@ -271,7 +272,10 @@ test('a block shared by several versions is selected and read once; a damaged sh
   t.not(victim, '', 'found the object of the duplicated block 0');
   const s = await cliJson<ScrubJson>(repo, ['scrub', '--all']);
   t.is(s.code, 3);
-  t.deepEqual(s.json.damaged.map((d) => d.checksum), [victim]);
+  t.deepEqual(
+    s.json.damaged.map((d) => d.checksum),
+    [victim],
+  );
   t.deepEqual([...s.json.invalidated_versions].sort(), [v1.id, v2.id, v3.id].sort());
   t.deepEqual(await validity(repo), { [v1.id]: false, [v2.id]: false, [v3.id]: false });
   const r = await cliJson<RestoreJson>(repo, ['restore', v2.id, path.join(dir, 'r.img')]);

@@ -106,7 +106,6 @@ loopTest('a disk with a mounted partition is refused', async (t) => {
   await run('mount', [part, mnt]);
   t.teardown(() => runStatus('umount', [mnt]));
   await restoreRefused(t, repo, versionId, dev, new RegExp(`Target ${dev} is in use: its partition ${partName} is mounted on ${mnt}\\.`));
-
 });
 
 loopTest('an active swap file and a file open for writing by another process are refused; readers are not', async (t) => {

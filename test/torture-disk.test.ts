@@ -149,8 +149,16 @@ diskTest('full disks: backup, restore, cleanup, copy and index rebuild each hit 
   r = await runCli(['index', 'rebuild', ...args]);
   assertNoSpace(t, r, 'index rebuild');
   await fs.rm(filler);
-  t.deepEqual((await runJson<{ id: string }[]>(['ls', ...args])).map((v) => v.id), before.map((v) => v.id), 'the index still lists the same versions');
+  t.deepEqual(
+    (await runJson<{ id: string }[]>(['ls', ...args])).map((v) => v.id),
+    before.map((v) => v.id),
+    'the index still lists the same versions',
+  );
   await runOk(['index', 'rebuild', ...args]);
-  t.deepEqual((await runJson<{ id: string }[]>(['ls', ...args])).map((v) => v.id), before.map((v) => v.id), 'rebuilt index: same versions');
+  t.deepEqual(
+    (await runJson<{ id: string }[]>(['ls', ...args])).map((v) => v.id),
+    before.map((v) => v.id),
+    'rebuilt index: same versions',
+  );
   await consistent(t, args, sources, dir);
 });

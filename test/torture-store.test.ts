@@ -22,7 +22,16 @@ test('the spec without its guard is refused with one line (exit 2), by the CLI t
 test('the Nth put fails with ENOSPC, the Nth get comes back bit-flipped; others are untouched; the log counts them', async (t) => {
   const dir = await tempDir(t);
   const log = path.join(dir, 'faults.log');
-  const store = injectFaultsFromEnv(new DirectoryStore(path.join(dir, 'repo')), env({ faults: [{ op: 'put', nth: 2, kind: 'enospc' }, { op: 'get', nth: 1, kind: 'bitflip' }], log }));
+  const store = injectFaultsFromEnv(
+    new DirectoryStore(path.join(dir, 'repo')),
+    env({
+      faults: [
+        { op: 'put', nth: 2, kind: 'enospc' },
+        { op: 'get', nth: 1, kind: 'bitflip' },
+      ],
+      log,
+    }),
+  );
   const a = Buffer.alloc(100, 1);
   await store.put('data/aa/a', a);
   await t.throwsAsync(store.put('data/bb/b', a), { message: /no space left/ });

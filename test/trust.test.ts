@@ -239,16 +239,24 @@ test('2. an edited index (block map entries swapped, a block made sparse, protec
   const existingSha = await sha256File(existing);
 
   const edits: Array<[string, () => Promise<void>]> = [
-    ['block map entries 0 and 2 swapped', () => editMap(repo.dir, v.id, (e) => {
-      const a = Buffer.from(e(0));
-      e(2).copy(e(0));
-      a.copy(e(2));
-    })],
+    [
+      'block map entries 0 and 2 swapped',
+      () =>
+        editMap(repo.dir, v.id, (e) => {
+          const a = Buffer.from(e(0));
+          e(2).copy(e(0));
+          a.copy(e(2));
+        }),
+    ],
     ['block 1 made sparse', () => editMap(repo.dir, v.id, (e) => e(1).fill(0))],
-    ['protection removed and an expiry in the past', () => editVersionRecord(repo.dir, v.id, (r) => {
-      r.protected = false;
-      r.expire = '2001-01-01T00:00:00.000Z';
-    })],
+    [
+      'protection removed and an expiry in the past',
+      () =>
+        editVersionRecord(repo.dir, v.id, (r) => {
+          r.protected = false;
+          r.expire = '2001-01-01T00:00:00.000Z';
+        }),
+    ],
   ];
   for (const [what, edit] of edits) {
     await fs.writeFile(indexFile, pristine);
@@ -358,7 +366,11 @@ test('3. version ids never become paths: a crafted export for import and a craft
   t.deepEqual(rebuilt.damaged_manifests, [w.id]);
   t.is(rebuilt.versions, 0);
   const listed = await runCli(['ls', ...plain.args, '--json']);
-  if (listed.code === 0) t.false((JSON.parse(listed.stdout) as VersionJson[]).some((x) => x.id.includes('/') || x.id.includes('.')), 'no version with a path for an id');
+  if (listed.code === 0)
+    t.false(
+      (JSON.parse(listed.stdout) as VersionJson[]).some((x) => x.id.includes('/') || x.id.includes('.')),
+      'no version with a path for an id',
+    );
   // Naming it on the command line (what a later rm or prune would do) is refused too.
   for (const cmd of [['rm', '--force'], ['protect']]) {
     const r = await runCli([cmd[0]!, ...plain.args, ...cmd.slice(1), '../../victim']);
@@ -457,7 +469,10 @@ test('7. rekey --master: afterwards an old copy of the keyring and slots with th
   const { differingBlocks } = await import('./helpers.js');
   const elsewhere = await confWithState(iso.dir, 'elsewhere');
   const oldSlots = (await fs.readdir(oldKeys)).filter((f) => f.startsWith('slot-'));
-  for (const [what, keyring] of [['the current keyring', false], ['the old keyring', true]] as const) {
+  for (const [what, keyring] of [
+    ['the current keyring', false],
+    ['the old keyring', true],
+  ] as const) {
     const stolen = path.join(iso.dir, `stolen-${keyring}`);
     await fs.cp(repo.dir, stolen, { recursive: true });
     for (const f of await fs.readdir(path.join(stolen, 'keys'))) if (f.startsWith('slot-') || keyring) await fs.rm(path.join(stolen, 'keys', f));

@@ -14,7 +14,27 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import test, { type ExecutionContext } from 'ava';
-import { attachLoop, backupJson, flipBit, initKeyFileRepo, initRepo, listObjects, loopDevicesWork, makeImage, MiB, PASSPHRASE, readRange, ROOT, run as runCmd, runJson, runStatus, sha256File, tempDir, type ImageLayout, type VersionJson } from './helpers.js';
+import {
+  attachLoop,
+  backupJson,
+  flipBit,
+  initKeyFileRepo,
+  initRepo,
+  listObjects,
+  loopDevicesWork,
+  makeImage,
+  MiB,
+  PASSPHRASE,
+  readRange,
+  ROOT,
+  run as runCmd,
+  runJson,
+  runStatus,
+  sha256File,
+  tempDir,
+  type ImageLayout,
+  type VersionJson,
+} from './helpers.js';
 
 const execFileP = promisify(execFile);
 const ARTIFACTS = path.join(ROOT, 'test-artifacts', 'tui');
@@ -136,237 +156,243 @@ function bytesFrom(layout: ImageLayout, size: number, from: number): number {
   return n;
 }
 
-run('blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop past 50 % and resume from there, in-use targets refused, overwrite with typed name, device, damage zero-filled, exit codes', async (t) => {
-  t.timeout(300_000);
-  const dir = await tempDir(t, 'blocksafe-tui-');
-  // 1 MiB blocks keep the images small while a restore still has enough blocks to stop half-way.
-  const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '1M' });
-  const layout = (seed: string): ImageLayout => ({
-    blockSize: MiB,
-    seed,
-    blocks: ['random', 'zero', 'text', { dup: 0 }, 'random', 'random', 'text', 'random', 'random', 'zero', 'random', 'text'],
-    tail: { bytes: 123_457, kind: 'random' },
-  });
-  const v1Layout = layout('night-1');
-  const v1Image = await makeImage(path.join(dir, 'root-v1.img'), v1Layout);
-  const v2Image = await makeImage(path.join(dir, 'root-v2.img'), layout('night-2'));
-  const homeImage = await makeImage(path.join(dir, 'home.img'), { blockSize: MiB, seed: 'home', blocks: ['text', 'random', 'random'] });
-  const v1 = await backupJson(repo, v1Image.path, 'root', ['--tag', 'keep']);
-  const v2 = await backupJson(repo, v2Image.path, 'root');
-  // The objects home adds (all its blocks are its own): one of them is damaged later.
-  const before = new Set(await listObjects(repo.dir));
-  const home = await backupJson(repo, homeImage.path, 'home');
-  const homeObjects = (await listObjects(repo.dir)).filter((o) => !before.has(o));
-  t.is(homeObjects.length, 3, 'precondition: home has three objects of its own');
-  // The target is written at 1 MiB/s, so a restore of 12 MiB lasts long enough (~12 s) to be stopped past half-way.
-  const config = path.join(dir, 'ui.conf');
-  await fs.writeFile(config, '[pipeline]\nwrite_limit = 1M\n');
+run(
+  'blocksafe ui in tmux: unlock, list, restore to a file (sha256), stop past 50 % and resume from there, in-use targets refused, overwrite with typed name, device, damage zero-filled, exit codes',
+  async (t) => {
+    t.timeout(300_000);
+    const dir = await tempDir(t, 'blocksafe-tui-');
+    // 1 MiB blocks keep the images small while a restore still has enough blocks to stop half-way.
+    const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '1M' });
+    const layout = (seed: string): ImageLayout => ({
+      blockSize: MiB,
+      seed,
+      blocks: ['random', 'zero', 'text', { dup: 0 }, 'random', 'random', 'text', 'random', 'random', 'zero', 'random', 'text'],
+      tail: { bytes: 123_457, kind: 'random' },
+    });
+    const v1Layout = layout('night-1');
+    const v1Image = await makeImage(path.join(dir, 'root-v1.img'), v1Layout);
+    const v2Image = await makeImage(path.join(dir, 'root-v2.img'), layout('night-2'));
+    const homeImage = await makeImage(path.join(dir, 'home.img'), { blockSize: MiB, seed: 'home', blocks: ['text', 'random', 'random'] });
+    const v1 = await backupJson(repo, v1Image.path, 'root', ['--tag', 'keep']);
+    const v2 = await backupJson(repo, v2Image.path, 'root');
+    // The objects home adds (all its blocks are its own): one of them is damaged later.
+    const before = new Set(await listObjects(repo.dir));
+    const home = await backupJson(repo, homeImage.path, 'home');
+    const homeObjects = (await listObjects(repo.dir)).filter((o) => !before.has(o));
+    t.is(homeObjects.length, 3, 'precondition: home has three objects of its own');
+    // The target is written at 1 MiB/s, so a restore of 12 MiB lasts long enough (~12 s) to be stopped past half-way.
+    const config = path.join(dir, 'ui.conf');
+    await fs.writeFile(config, '[pipeline]\nwrite_limit = 1M\n');
 
-  await fs.rm(ARTIFACTS, { recursive: true, force: true });
-  const tm = new Tmux(t, cleanEnv());
-  const cmd = `cd ${ROOT} && ${COMMAND} ui --repo ${repo.dir} --config ${config}; echo "EXIT=$?"`;
-  await tm.start(cmd, 100, 30);
+    await fs.rm(ARTIFACTS, { recursive: true, force: true });
+    const tm = new Tmux(t, cleanEnv());
+    const cmd = `cd ${ROOT} && ${COMMAND} ui --repo ${repo.dir} --config ${config}; echo "EXIT=$?"`;
+    await tm.start(cmd, 100, 30);
 
-  // Unlock with the passphrase typed into the UI (nothing in the environment).
-  await tm.waitFor('This repository is encrypted.');
-  await tm.type('wrong passphrase');
-  await tm.keys('Enter');
-  let s = await tm.waitFor("Error: Wrong passphrase: it opens none of the repository's key slots.");
-  t.false(s.includes('wrong passphrase'), 'the passphrase is never shown');
-  await tm.shot('unlock-wrong-passphrase');
-  await tm.type(PASSPHRASE);
-  await tm.keys('Enter');
+    // Unlock with the passphrase typed into the UI (nothing in the environment).
+    await tm.waitFor('This repository is encrypted.');
+    await tm.type('wrong passphrase');
+    await tm.keys('Enter');
+    let s = await tm.waitFor("Error: Wrong passphrase: it opens none of the repository's key slots.");
+    t.false(s.includes('wrong passphrase'), 'the passphrase is never shown');
+    await tm.shot('unlock-wrong-passphrase');
+    await tm.type(PASSPHRASE);
+    await tm.keys('Enter');
 
-  // The list: grouped by volume, newest first, status words, details and the key help.
-  s = await tm.waitFor('3 versions of 2 volumes');
-  await tm.shot('versions');
-  t.regex(s, /== home \(1 version\)/);
-  t.regex(s, /== root \(2 versions\)/);
-  t.true(s.indexOf('== home') < s.indexOf('== root'));
-  t.true(s.indexOf(v2.id) < s.indexOf(v1.id), 'newest first');
-  t.regex(s, /date \(UTC[+-]\d\d:\d\d\)/);
-  t.regex(s, new RegExp(`${v1.id} \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d(:\\d\\d)? .*valid\\s+keep`));
-  t.regex(s, new RegExp(`${v2.id} .*valid \\(newest valid\\)`));
-  t.regex(s, /q quit/);
-  t.regex(s, /\? help/);
-  for (const line of s.split('\n')) t.true(line.length <= 100);
+    // The list: grouped by volume, newest first, status words, details and the key help.
+    s = await tm.waitFor('3 versions of 2 volumes');
+    await tm.shot('versions');
+    t.regex(s, /== home \(1 version\)/);
+    t.regex(s, /== root \(2 versions\)/);
+    t.true(s.indexOf('== home') < s.indexOf('== root'));
+    t.true(s.indexOf(v2.id) < s.indexOf(v1.id), 'newest first');
+    t.regex(s, /date \(UTC[+-]\d\d:\d\d\)/);
+    t.regex(s, new RegExp(`${v1.id} \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d(:\\d\\d)? .*valid\\s+keep`));
+    t.regex(s, new RegExp(`${v2.id} .*valid \\(newest valid\\)`));
+    t.regex(s, /q quit/);
+    t.regex(s, /\? help/);
+    for (const line of s.split('\n')) t.true(line.length <= 100);
 
-  // Restore a version to a new file.
-  const target1 = path.join(dir, 'restored-home.img');
-  await openRestore(tm, home.id);
-  await tm.shot('restore-target');
-  await tm.type(target1);
-  await tm.keys('Enter');
-  s = await tm.waitFor('Check before restoring');
-  t.regex(s, /A new file is created/);
-  await tm.shot('restore-summary');
-  await tm.keys('Enter');
-  s = await tm.waitFor(/Restoring .*ETA/s);
-  await tm.shot('restore-started');
-  s = await tm.waitFor('DONE: the restore finished and every block was verified.');
-  t.regex(s, /5 Result/);
-  await tm.shot('restore-done');
-  t.is(await sha256File(target1), homeImage.sha256, 'the restored file equals the backed-up image');
+    // Restore a version to a new file.
+    const target1 = path.join(dir, 'restored-home.img');
+    await openRestore(tm, home.id);
+    await tm.shot('restore-target');
+    await tm.type(target1);
+    await tm.keys('Enter');
+    s = await tm.waitFor('Check before restoring');
+    t.regex(s, /A new file is created/);
+    await tm.shot('restore-summary');
+    await tm.keys('Enter');
+    s = await tm.waitFor(/Restoring .*ETA/s);
+    await tm.shot('restore-started');
+    s = await tm.waitFor('DONE: the restore finished and every block was verified.');
+    t.regex(s, /5 Result/);
+    await tm.shot('restore-done');
+    t.is(await sha256File(target1), homeImage.sha256, 'the restored file equals the backed-up image');
 
-  // Stop a restore past half-way with Esc; the Check step then offers to resume at the same figure, and the
-  // resumed restore writes only what was missing. The result is exact.
-  await tm.keys('Enter');
-  await tm.waitFor('3 versions of');
-  const target2 = path.join(dir, 'restored-root.img');
-  await openRestore(tm, v1.id);
-  await tm.type(target2);
-  await tm.keys('Enter');
-  await tm.waitFor('Press Enter to start the restore');
-  await tm.keys('Enter');
-  await tm.waitFor(/Restoring .* (5\d|6\d|7\d|8\d)\.\d %/s);
-  await tm.shot('restore-progress');
-  await tm.keys('Escape');
-  await tm.waitFor('Stop the restore?');
-  await tm.keys('y');
-  s = await tm.waitFor(/STOPPED at .*\./);
-  await tm.shot('restore-stopped');
-  const stopped = /STOPPED at (\d+\.\d) % \((\d+) of (\d+) blocks\)/.exec(s);
-  t.truthy(stopped, s);
-  t.true(Number(stopped![1]) >= 50 && Number(stopped![1]) < 100, `stopped past half-way: ${stopped![1]} %`);
-  t.regex(s, /4 Restore STOPPED/);
-  t.notRegex(s, /4 Restore ok/);
-  await tm.keys('Enter');
-  await tm.waitFor('3 versions of');
-  await openRestore(tm, v1.id);
-  await tm.type(target2);
-  await tm.keys('Enter');
-  s = await tm.waitFor('An interrupted restore of this version to this target exists', DEADLINE_MS);
-  s = await tm.screen(true);
-  t.regex(s, new RegExp(`it resumes at ${stopped![1]} % \\(${stopped![2]} of ${stopped![3]} blocks\\)`), 'the Check step shows the STOPPED figure');
-  await tm.shot('resume-offered');
-  await tm.keys('r');
-  s = await tm.waitFor(/DONE: the restore finished|FINISHED WITH DAMAGE|did not finish/);
-  t.regex(s, /DONE/);
-  await tm.shot('restore-resumed-done');
-  t.is(await sha256File(target2), v1Image.sha256, 'the stopped and resumed restore is exact');
-  const resumedBytes = bytesFrom(v1Layout, v1Image.size, Number(stopped![2]));
+    // Stop a restore past half-way with Esc; the Check step then offers to resume at the same figure, and the
+    // resumed restore writes only what was missing. The result is exact.
+    await tm.keys('Enter');
+    await tm.waitFor('3 versions of');
+    const target2 = path.join(dir, 'restored-root.img');
+    await openRestore(tm, v1.id);
+    await tm.type(target2);
+    await tm.keys('Enter');
+    await tm.waitFor('Press Enter to start the restore');
+    await tm.keys('Enter');
+    await tm.waitFor(/Restoring .* (5\d|6\d|7\d|8\d)\.\d %/s);
+    await tm.shot('restore-progress');
+    await tm.keys('Escape');
+    await tm.waitFor('Stop the restore?');
+    await tm.keys('y');
+    s = await tm.waitFor(/STOPPED at .*\./);
+    await tm.shot('restore-stopped');
+    const stopped = /STOPPED at (\d+\.\d) % \((\d+) of (\d+) blocks\)/.exec(s);
+    t.truthy(stopped, s);
+    t.true(Number(stopped![1]) >= 50 && Number(stopped![1]) < 100, `stopped past half-way: ${stopped![1]} %`);
+    t.regex(s, /4 Restore STOPPED/);
+    t.notRegex(s, /4 Restore ok/);
+    await tm.keys('Enter');
+    await tm.waitFor('3 versions of');
+    await openRestore(tm, v1.id);
+    await tm.type(target2);
+    await tm.keys('Enter');
+    s = await tm.waitFor('An interrupted restore of this version to this target exists', DEADLINE_MS);
+    s = await tm.screen(true);
+    t.regex(s, new RegExp(`it resumes at ${stopped![1]} % \\(${stopped![2]} of ${stopped![3]} blocks\\)`), 'the Check step shows the STOPPED figure');
+    await tm.shot('resume-offered');
+    await tm.keys('r');
+    s = await tm.waitFor(/DONE: the restore finished|FINISHED WITH DAMAGE|did not finish/);
+    t.regex(s, /DONE/);
+    await tm.shot('restore-resumed-done');
+    t.is(await sha256File(target2), v1Image.sha256, 'the stopped and resumed restore is exact');
+    const resumedBytes = bytesFrom(v1Layout, v1Image.size, Number(stopped![2]));
 
-  // Restore another version over the existing file: only after typing its name.
-  await tm.keys('Enter');
-  await tm.waitFor('3 versions of');
-  await openRestore(tm, home.id);
-  await tm.type(target2);
-  await tm.keys('Enter');
-  s = await tm.waitFor('type its name');
-  t.regex(s, /OVERWRITTEN/);
-  await tm.type('restored');
-  await tm.keys('Enter');
-  s = await tm.waitFor('Error: You typed "restored", not "restored-root.img": nothing was written.');
-  await tm.shot('overwrite-wrong-name');
-  t.is(await sha256File(target2), v1Image.sha256, 'nothing written after a wrong name');
-  await tm.type('-root.img');
-  await tm.keys('Enter');
-  await tm.waitFor('DONE: the restore finished');
-  t.is(await sha256File(target2), homeImage.sha256, 'the file is now exactly the other version');
-
-  if (loopDevicesWork()) {
-    // The backing file of a mounted loop device, and the device: refused on the Target step, untouched.
-    const img = path.join(dir, 'mounted.img');
-    await fs.writeFile(img, Buffer.alloc(0));
-    await fs.truncate(img, 16 * MiB);
-    await runCmd('mkfs.ext4', ['-q', '-F', img]);
-    const mdev = await attachLoop(t, img);
-    const mnt = path.join(dir, 'mnt');
-    await fs.mkdir(mnt);
-    await runCmd('mount', [mdev, mnt]);
-    t.teardown(() => runStatus('umount', [mnt]));
-    const imgHash = await sha256File(img);
+    // Restore another version over the existing file: only after typing its name.
     await tm.keys('Enter');
     await tm.waitFor('3 versions of');
     await openRestore(tm, home.id);
-    await tm.type(img);
-    await tm.keys('Enter');
-    s = await tm.waitFor(`it backs loop device ${mdev} (mounted on ${mnt})`);
-    await tm.shot('refused-mounted-loop-file');
-    t.regex(s, /\[2 Target\]/);
-    await tm.keys('C-u');
-    await tm.type(mdev);
-    await tm.keys('Enter');
-    s = await tm.waitFor(`${mdev} cannot be used: mounted on ${mnt}`);
-    t.regex(s, /\[2 Target\]/);
-    await tm.keys('C-u', 'Escape');
-    t.is(await sha256File(img), imgHash, 'the mounted image is untouched');
-
-    // A block device from the list (a loop device over a file).
-    const backing = path.join(dir, 'disk.img');
-    await fs.writeFile(backing, Buffer.alloc(8 * MiB, 0xab)); // holds other data: not all zeros
-    const dev = await attachLoop(t, backing);
-    await tm.waitFor('3 versions of');
-    await openRestore(tm, home.id);
-    await tm.keys('Tab');
-    s = await tm.waitFor(dev);
-    await tm.shot('device-list');
-    t.regex(s, new RegExp(`${dev}\\s+8\\.00 MiB\\s+loop of .*yes \\(will be overwritten\\)`));
-    t.regex(s, new RegExp(`${mdev} .*NO: mounted on ${mnt}`));
-    await tm.keyUntil('Down', new RegExp(`> ${dev}\\b`));
+    await tm.type(target2);
     await tm.keys('Enter');
     s = await tm.waitFor('type its name');
-    t.regex(s, /ALL DATA on \/dev\/loop\d+ is lost/);
-    await tm.type(dev); // the whole path is accepted as well as the name
+    t.regex(s, /OVERWRITTEN/);
+    await tm.type('restored');
+    await tm.keys('Enter');
+    s = await tm.waitFor('Error: You typed "restored", not "restored-root.img": nothing was written.');
+    await tm.shot('overwrite-wrong-name');
+    t.is(await sha256File(target2), v1Image.sha256, 'nothing written after a wrong name');
+    await tm.type('-root.img');
     await tm.keys('Enter');
     await tm.waitFor('DONE: the restore finished');
-    t.is(await sha256File(dev, { start: 0, length: homeImage.size }), homeImage.sha256);
+    t.is(await sha256File(target2), homeImage.sha256, 'the file is now exactly the other version');
 
-    // A damaged block of home, restored over the device that holds other data: the damaged range is
-    // written as zeros (never left holding old data), the rest is exact, and the UI ends with exit code 3.
-    await fs.writeFile(backing, Buffer.alloc(8 * MiB, 0xab));
-    const victim = path.join(repo.dir, homeObjects[1]!);
-    const st = await fs.stat(victim);
-    await flipBit(victim, Math.floor(st.size / 2));
+    if (loopDevicesWork()) {
+      // The backing file of a mounted loop device, and the device: refused on the Target step, untouched.
+      const img = path.join(dir, 'mounted.img');
+      await fs.writeFile(img, Buffer.alloc(0));
+      await fs.truncate(img, 16 * MiB);
+      await runCmd('mkfs.ext4', ['-q', '-F', img]);
+      const mdev = await attachLoop(t, img);
+      const mnt = path.join(dir, 'mnt');
+      await fs.mkdir(mnt);
+      await runCmd('mount', [mdev, mnt]);
+      t.teardown(() => runStatus('umount', [mnt]));
+      const imgHash = await sha256File(img);
+      await tm.keys('Enter');
+      await tm.waitFor('3 versions of');
+      await openRestore(tm, home.id);
+      await tm.type(img);
+      await tm.keys('Enter');
+      s = await tm.waitFor(`it backs loop device ${mdev} (mounted on ${mnt})`);
+      await tm.shot('refused-mounted-loop-file');
+      t.regex(s, /\[2 Target\]/);
+      await tm.keys('C-u');
+      await tm.type(mdev);
+      await tm.keys('Enter');
+      s = await tm.waitFor(`${mdev} cannot be used: mounted on ${mnt}`);
+      t.regex(s, /\[2 Target\]/);
+      await tm.keys('C-u', 'Escape');
+      t.is(await sha256File(img), imgHash, 'the mounted image is untouched');
+
+      // A block device from the list (a loop device over a file).
+      const backing = path.join(dir, 'disk.img');
+      await fs.writeFile(backing, Buffer.alloc(8 * MiB, 0xab)); // holds other data: not all zeros
+      const dev = await attachLoop(t, backing);
+      await tm.waitFor('3 versions of');
+      await openRestore(tm, home.id);
+      await tm.keys('Tab');
+      s = await tm.waitFor(dev);
+      await tm.shot('device-list');
+      t.regex(s, new RegExp(`${dev}\\s+8\\.00 MiB\\s+loop of .*yes \\(will be overwritten\\)`));
+      t.regex(s, new RegExp(`${mdev} .*NO: mounted on ${mnt}`));
+      await tm.keyUntil('Down', new RegExp(`> ${dev}\\b`));
+      await tm.keys('Enter');
+      s = await tm.waitFor('type its name');
+      t.regex(s, /ALL DATA on \/dev\/loop\d+ is lost/);
+      await tm.type(dev); // the whole path is accepted as well as the name
+      await tm.keys('Enter');
+      await tm.waitFor('DONE: the restore finished');
+      t.is(await sha256File(dev, { start: 0, length: homeImage.size }), homeImage.sha256);
+
+      // A damaged block of home, restored over the device that holds other data: the damaged range is
+      // written as zeros (never left holding old data), the rest is exact, and the UI ends with exit code 3.
+      await fs.writeFile(backing, Buffer.alloc(8 * MiB, 0xab));
+      const victim = path.join(repo.dir, homeObjects[1]!);
+      const st = await fs.stat(victim);
+      await flipBit(victim, Math.floor(st.size / 2));
+      await tm.keys('Enter');
+      await tm.waitFor('3 versions of');
+      await openRestore(tm, home.id);
+      await tm.keys('Tab');
+      await tm.waitFor(dev);
+      await tm.keyUntil('Down', new RegExp(`> ${dev}\\b`));
+      await tm.keys('Enter');
+      await tm.waitFor('type its name');
+      await tm.type(path.basename(dev));
+      await tm.keys('Enter');
+      s = await tm.waitFor('FINISHED WITH DAMAGE');
+      await tm.shot('restore-damaged-device');
+      t.regex(s, /4 Restore DAMAGED/);
+      const dmg = /DAMAGED offset (\d+) /.exec(s);
+      t.truthy(dmg, s);
+      const off = Number(dmg![1]);
+      t.true(
+        (await readRange(dev, off, MiB)).every((b) => b === 0),
+        'the damaged range reads as zeros, not the old 0xab',
+      );
+      for (let i = 0; i * MiB < homeImage.size; i++) {
+        if (i * MiB === off) continue;
+        t.is(await sha256File(dev, { start: i * MiB, length: MiB }), await sha256File(homeImage.path, { start: i * MiB, length: MiB }), `block ${i} restored`);
+      }
+    } else if (process.env.CI === 'true') t.fail('loop devices are needed in CI');
+
+    // Resize to 80x24: everything still fits.
     await tm.keys('Enter');
     await tm.waitFor('3 versions of');
-    await openRestore(tm, home.id);
-    await tm.keys('Tab');
-    await tm.waitFor(dev);
-    await tm.keyUntil('Down', new RegExp(`> ${dev}\\b`));
-    await tm.keys('Enter');
-    await tm.waitFor('type its name');
-    await tm.type(path.basename(dev));
-    await tm.keys('Enter');
-    s = await tm.waitFor('FINISHED WITH DAMAGE');
-    await tm.shot('restore-damaged-device');
-    t.regex(s, /4 Restore DAMAGED/);
-    const dmg = /DAMAGED offset (\d+) /.exec(s);
-    t.truthy(dmg, s);
-    const off = Number(dmg![1]);
-    t.true((await readRange(dev, off, MiB)).every((b) => b === 0), 'the damaged range reads as zeros, not the old 0xab');
-    for (let i = 0; i * MiB < homeImage.size; i++) {
-      if (i * MiB === off) continue;
-      t.is(await sha256File(dev, { start: i * MiB, length: MiB }), await sha256File(homeImage.path, { start: i * MiB, length: MiB }), `block ${i} restored`);
-    }
-  } else if (process.env.CI === 'true') t.fail('loop devices are needed in CI');
+    await tm.run('resize-window', '-t', 'ui', '-x', '80', '-y', '24');
+    s = await tm.waitFor(/q quit\s*$/m);
+    await tm.waitFor((await tm.screen()).includes('── details') ? '── details' : 'versions of');
+    s = await tm.shot('versions-80x24');
+    for (const line of s.split('\n')) t.true(line.length <= 80, `line wider than 80 columns: ${line}`);
+    t.regex(s, /q quit/);
 
-  // Resize to 80x24: everything still fits.
-  await tm.keys('Enter');
-  await tm.waitFor('3 versions of');
-  await tm.run('resize-window', '-t', 'ui', '-x', '80', '-y', '24');
-  s = await tm.waitFor(/q quit\s*$/m);
-  await tm.waitFor((await tm.screen()).includes('── details') ? '── details' : 'versions of');
-  s = await tm.shot('versions-80x24');
-  for (const line of s.split('\n')) t.true(line.length <= 80, `line wider than 80 columns: ${line}`);
-  t.regex(s, /q quit/);
-
-  // Help, then quit: the terminal is back to the shell with a record of what was done.
-  await tm.keys('?');
-  await tm.waitFor('blocksafe · help');
-  await tm.shot('help');
-  await tm.keys('Escape');
-  await tm.waitFor('3 versions of');
-  await tm.keys('q');
-  const damaged = loopDevicesWork();
-  await tm.waitFor(damaged ? 'EXIT=3' : 'EXIT=0');
-  s = await tm.screen(true);
-  await tm.shot('after-quit');
-  t.false(s.includes('Filter:'), 'the UI is gone from the terminal');
-  t.regex(s, new RegExp(`Restored version ${home.id} .* every block verified`));
-  t.regex(s, new RegExp(`Restored version ${v1.id} .* every block verified; ${resumedBytes} bytes written by this run`), 'the resume wrote only the blocks after the checkpoint');
-  t.regex(s, /STOPPED at/);
-});
+    // Help, then quit: the terminal is back to the shell with a record of what was done.
+    await tm.keys('?');
+    await tm.waitFor('blocksafe · help');
+    await tm.shot('help');
+    await tm.keys('Escape');
+    await tm.waitFor('3 versions of');
+    await tm.keys('q');
+    const damaged = loopDevicesWork();
+    await tm.waitFor(damaged ? 'EXIT=3' : 'EXIT=0');
+    s = await tm.screen(true);
+    await tm.shot('after-quit');
+    t.false(s.includes('Filter:'), 'the UI is gone from the terminal');
+    t.regex(s, new RegExp(`Restored version ${home.id} .* every block verified`));
+    t.regex(s, new RegExp(`Restored version ${v1.id} .* every block verified; ${resumedBytes} bytes written by this run`), 'the resume wrote only the blocks after the checkpoint');
+    t.regex(s, /STOPPED at/);
+  },
+);
 
 run('blocksafe ui in tmux: bookkeeping and scrub from the list (protect, tag, scrub), as the CLI then sees them', async (t) => {
   t.timeout(120_000);
@@ -482,7 +508,10 @@ run('blocksafe ui in tmux: a repository that does not open exits 1; a long list 
     s = await tl.waitFor(`Error: Version ${last} is protected`);
     await tl.shot(`long-list-error-${columns}x${rows}`);
     const ls = s.split('\n');
-    t.true(ls.some((l) => l.startsWith(`> ${last} `)), `the selected row is visible at ${columns}x${rows}:\n${s}`);
+    t.true(
+      ls.some((l) => l.startsWith(`> ${last} `)),
+      `the selected row is visible at ${columns}x${rows}:\n${s}`,
+    );
     t.regex(s, /== gamma/, 'its group header too');
     for (const l of ls) t.true(l.length <= columns);
     await tl.keys('k', 'k');

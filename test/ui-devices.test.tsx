@@ -41,11 +41,7 @@ async function fakeSystem(root: string): Promise<{ sys: string; mountinfo: strin
   const mountinfo = path.join(root, 'mountinfo');
   await fs.writeFile(
     mountinfo,
-    [
-      '22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw',
-      '23 22 0:5 / /proc rw - proc proc rw',
-      '24 22 253:0 / /mnt/with\\040space rw - xfs /dev/mapper/vg0-restore rw',
-    ].join('\n') + '\n',
+    ['22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw', '23 22 0:5 / /proc rw - proc proc rw', '24 22 253:0 / /mnt/with\\040space rw - xfs /dev/mapper/vg0-restore rw'].join('\n') + '\n',
   );
   const swaps = path.join(root, 'swaps');
   await fs.writeFile(swaps, 'Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n/dev/sda2                               partition\t4194300\t\t0\t\t-2\n');

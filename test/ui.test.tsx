@@ -191,7 +191,10 @@ test.serial('an existing non-empty file also needs the typed name; Enter arrivin
   t.regex(frame, /type its name\s+old\.img/);
   r.stdin.write('old.img\r');
   frame = await waitForFrame(r, 'DONE');
-  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/work/old.img', force: true, resume: false }]);
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: '/work/old.img', force: true, resume: false }],
+  );
   r.unmount();
 });
 
@@ -217,7 +220,10 @@ test.serial('an interrupted restore of the same version is offered for resume', 
   t.regex(frame, /r resume/);
   await press(r, 'r');
   await waitForFrame(r, 'DONE');
-  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: false, resume: true }]);
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: '/dev/sdb', force: false, resume: true }],
+  );
   r.unmount();
 });
 
@@ -231,7 +237,10 @@ test.serial('starting over instead of resuming needs the typed name', async (t) 
   await waitForFrame(r, 'type its name');
   r.stdin.write('sdb\r');
   await waitForFrame(r, 'DONE');
-  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: true, resume: false }]);
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: '/dev/sdb', force: true, resume: false }],
+  );
   r.unmount();
 });
 
@@ -499,7 +508,10 @@ for (const [columns, rows] of [
     frame = await waitForFrame(r, 'Error: Version data0008 is protected');
     const ls = lines(frame);
     t.true(ls.length <= rows - 1, `at most ${rows - 1} lines, got ${ls.length}`);
-    t.true(ls.some((l) => /^> data0008 /.test(l)), 'the selected row is still shown');
+    t.true(
+      ls.some((l) => /^> data0008 /.test(l)),
+      'the selected row is still shown',
+    );
     t.true(ls.filter((l) => l.startsWith('Error:') || l.startsWith('unprotect')).length >= 1);
     // No row of the list went blank: the rows between the first and the last shown version are all versions.
     const first = ls.findIndex((l) => /^[ >] data00\d\d /.test(l));
@@ -587,7 +599,10 @@ test.serial('a device can be confirmed by its path too (/dev/sdb for sdb); Home/
   await waitForFrame(r, 'type its name');
   r.stdin.write('/dev/sdb\r');
   await waitForFrame(r, 'DONE');
-  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/dev/sdb', force: true, resume: false }]);
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: '/dev/sdb', force: true, resume: false }],
+  );
   r.unmount();
 });
 
@@ -640,7 +655,10 @@ test.serial('an INVALID version: damaged blocks are zeros by default, Tab choose
   frame = await waitForFrame(r, /Damaged blocks: taken from version root0003 \(root, .*\) where it has them\s+intact, else zeros\./);
   await press(r, KEY.enter);
   await waitForFrame(r, 'DONE');
-  t.deepEqual(backend.restores.map((x) => x.req), [{ target: '/work/r2.img', force: false, resume: false, fillFrom: 'root0003' }]);
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: '/work/r2.img', force: false, resume: false, fillFrom: 'root0003' }],
+  );
   r.unmount();
 });
 
@@ -673,7 +691,10 @@ test.serial('remove: the minimum age refuses before the id is asked; removing th
   t.regex(frame, /This is the ONLY version of solo: after removing it, solo cannot be restored at\s+all\./);
   single.r.unmount();
   r.unmount();
-  t.is(withoutCliHints('Version v is only 0.2 days old (minimum age for removal: 7 days); use --force to remove it anyway. Nothing was removed.'), 'Version v is only 0.2 days old (minimum age for removal: 7 days). Nothing was removed.');
+  t.is(
+    withoutCliHints('Version v is only 0.2 days old (minimum age for removal: 7 days); use --force to remove it anyway. Nothing was removed.'),
+    'Version v is only 0.2 days old (minimum age for removal: 7 days). Nothing was removed.',
+  );
 });
 
 test.serial('a repository that does not open: r lets another path be typed, and the UI opens it', async (t) => {

@@ -116,13 +116,24 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
         refusal: null,
         overwrites: false,
         warning: null,
-        interrupted: interrupted ? { target: abs, version: interrupted.version, blocks_done: interrupted.blocks_done, damaged: [], zeroed: true, sparse: false, started: '2026-11-27T02:30:00.000Z' } : null,
+        interrupted: interrupted
+          ? { target: abs, version: interrupted.version, blocks_done: interrupted.blocks_done, damaged: [], zeroed: true, sparse: false, started: '2026-11-27T02:30:00.000Z' }
+          : null,
         description: 'a new file in /work',
       };
       const dev = (o.devices ?? DEVICES).find((d) => d.path === abs);
       if (dev) {
         const refusal = dev.mountpoints.length ? `mounted on ${dev.mountpoints.join(', ')}` : dev.size < v.size ? 'too small' : null;
-        return { ...base, kind: 'block', name: dev.name, size: dev.size, overwrites: true, description: dev.model, refusal: refusal && `${abs} cannot be used: ${refusal}.`, contents: 'an ext4 filesystem labelled "old-root"' };
+        return {
+          ...base,
+          kind: 'block',
+          name: dev.name,
+          size: dev.size,
+          overwrites: true,
+          description: dev.model,
+          refusal: refusal && `${abs} cannot be used: ${refusal}.`,
+          contents: 'an ext4 filesystem labelled "old-root"',
+        };
       }
       if (abs.endsWith('/')) return { ...base, kind: 'directory', refusal: `${abs} is a folder; add a file name.` };
       if (abs in files) return { ...base, kind: 'file', size: files[abs]!, overwrites: files[abs]! > 0, description: 'an existing file' };
@@ -174,11 +185,7 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
   }
   if (o.withRemove) {
     b.removalRefusal = (v) =>
-      v.protected
-        ? `Version ${v.id} is protected.`
-        : o.tooYoung?.includes(v.id)
-          ? `Version ${v.id} is only 1.0 days old (minimum age for removal: 7 days). Nothing was removed.`
-          : null;
+      v.protected ? `Version ${v.id} is protected.` : o.tooYoung?.includes(v.id) ? `Version ${v.id} is only 1.0 days old (minimum age for removal: 7 days). Nothing was removed.` : null;
   }
   if (o.withLifecycle) {
     const update = (id: string, fn: (v: VersionRecord) => VersionRecord) => {

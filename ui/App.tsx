@@ -64,11 +64,7 @@ class Guard extends Component<{ children: ReactNode; onError: (e: unknown) => vo
   }
 }
 
-type Gate =
-  | { kind: 'opening' }
-  | { kind: 'passphrase'; error: string | null; unlocking: boolean }
-  | { kind: 'fatal'; error: string; retyping: boolean }
-  | { kind: 'ready'; backend: Backend };
+type Gate = { kind: 'opening' } | { kind: 'passphrase'; error: string | null; unlocking: boolean } | { kind: 'fatal'; error: string; retyping: boolean } | { kind: 'ready'; backend: Backend };
 
 function UnlockScreen({ location, error, unlocking, onSubmit }: { location: string; error: string | null; unlocking: boolean; onSubmit: (p: string) => void }) {
   const [pass, setPass] = useState('');
@@ -106,7 +102,18 @@ function UnlockScreen({ location, error, unlocking, onSubmit }: { location: stri
 
 function Message({ location, text, error, retype }: { location: string; text?: string; error?: string; retype?: boolean }) {
   return (
-    <Frame title={`blocksafe · ${location}`} keys={retype && error ? [['r', 'another path'], ['q', 'quit']] : [['q', 'quit']]} error={error}>
+    <Frame
+      title={`blocksafe · ${location}`}
+      keys={
+        retype && error
+          ? [
+              ['r', 'another path'],
+              ['q', 'quit'],
+            ]
+          : [['q', 'quit']]
+      }
+      error={error}
+    >
       <Text wrap="wrap">{text ?? (error ? `The repository could not be opened (the reason is below). ${retype ? 'Press r to type another path, or q to quit.' : 'Press q to quit.'}` : '')}</Text>
     </Frame>
   );
@@ -267,8 +274,7 @@ function Screens({ connect: firstConnect, location: firstLocation, relocate, onL
     noteUnfinished: () => undefined,
   };
 
-  const back = (notice: string | null, selected?: string | null) =>
-    setScreen((s) => ({ kind: 'list', notice, selected: selected ?? ('version' in s && s.version ? s.version.id : null) }));
+  const back = (notice: string | null, selected?: string | null) => setScreen((s) => ({ kind: 'list', notice, selected: selected ?? ('version' in s && s.version ? s.version.id : null) }));
 
   const onAction = (a: ListAction) => {
     if (a.kind === 'restore') setScreen({ kind: 'restore', version: a.version });

@@ -74,14 +74,7 @@ export function HelpScreen({ onClose }: { onClose: () => void }) {
     if (key.upArrow || key.pageUp) setScroll((s) => Math.max(0, s - (key.pageUp ? room : 1)));
   });
   return (
-    <Frame
-      title="blocksafe · help"
-      right="keys"
-      keys={[
-        ['Esc', 'close help'],
-        ...(maxScroll > 0 ? ([['↑↓', 'scroll']] as [string, string][]) : []),
-      ]}
-    >
+    <Frame title="blocksafe · help" right="keys" keys={[['Esc', 'close help'], ...(maxScroll > 0 ? ([['↑↓', 'scroll']] as [string, string][]) : [])]}>
       <Box flexDirection="column">
         {lines.slice(scroll, scroll + room).map((l, i) =>
           l.title ? (

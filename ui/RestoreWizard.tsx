@@ -45,9 +45,7 @@ function DevicePicker({ devices, index, needed, width, height }: { devices: Bloc
         {`    ${fit('device', nameW)} ${fitRight('size', 9)}  ${fit('model', modelW)}  can it be used?`}
       </Text>
       {devices.length === 0 ? (
-        <Text>
-          {'    '}No block devices with a medium were found. Plug the disk in and press r to look again.
-        </Text>
+        <Text>{'    '}No block devices with a medium were found. Plug the disk in and press r to look again.</Text>
       ) : (
         devices.slice(start, start + rows).map((d, i) => {
           const refusal = deviceRefusal(d, needed);
@@ -56,7 +54,7 @@ function DevicePicker({ devices, index, needed, width, height }: { devices: Bloc
             <Box key={d.path} width={width} height={1} overflow="hidden">
               <Text inverse={sel} bold={sel} dimColor={!!refusal && !sel} wrap="truncate-end">
                 {sel ? '  > ' : '    '}
-                {fit(d.path, nameW)} {fitRight(formatBytes(d.size), 9)}  {fit(d.model || '-', modelW)}
+                {fit(d.path, nameW)} {fitRight(formatBytes(d.size), 9)} {fit(d.model || '-', modelW)}
                 {'  '}
                 {refusal ? <Text color="red">{`NO: ${refusal}`}</Text> : <Text color="green">yes (will be overwritten)</Text>}
               </Text>
@@ -213,11 +211,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   const submitTyped = (target: TargetInfo, text: string) => {
     // The name, or the whole path (/dev/loop0 for loop0) as people often type it.
     if (text.trim() === target.name || text.trim() === target.path) return start(target, { force: true, resume: false });
-    setError(
-      text
-        ? `You typed "${text}", not "${target.name}": nothing was written. Type ${target.name} exactly.`
-        : `Type ${target.name} and press Enter to overwrite it, or Esc to go back.`,
-    );
+    setError(text ? `You typed "${text}", not "${target.name}": nothing was written. Type ${target.name} exactly.` : `Type ${target.name} and press Enter to overwrite it, or Esc to go back.`);
   };
 
   const start = (target: TargetInfo, opts: { force: boolean; resume: boolean }) => {
@@ -255,11 +249,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
         const last = snapshot();
         // Where a resume continues is the engine's checkpoint; the Check step shows the same figure.
         const stoppedAt =
-          err instanceof CancelledError && err.blocksDone !== undefined
-            ? resumePoint(err.blocksDone, blocks)
-            : last.progress
-              ? percent(last.progress.doneBytes, last.progress.totalBytes)
-              : '0.0 %';
+          err instanceof CancelledError && err.blocksDone !== undefined ? resumePoint(err.blocksDone, blocks) : last.progress ? percent(last.progress.doneBytes, last.progress.totalBytes) : '0.0 %';
         if (err instanceof CancelledError) {
           log(`Restore of ${what} STOPPED at ${stoppedAt}; the target is incomplete. Resume: blocksafe ui, or blocksafe restore --resume ${version.id} ${target.path}`);
           setPhase({ p: 'result', target, cancelled: true, durationMs, last, stoppedAt });
@@ -555,7 +545,9 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
               <Text color="red" bold wrap="wrap">
                 FINISHED WITH DAMAGE: {outcome.damaged.length} range(s) could not be restored; they read as zeros.
               </Text>
-              <Text wrap="wrap">Everything else of version {version.id} is on {phase.target.path}. An older or newer version may hold intact copies of these blocks.</Text>
+              <Text wrap="wrap">
+                Everything else of version {version.id} is on {phase.target.path}. An older or newer version may hold intact copies of these blocks.
+              </Text>
               {outcome.damaged.slice(0, Math.max(1, bodyHeight - 8)).map((d) => (
                 <Text key={d.offset} color="red" wrap="truncate-end">
                   DAMAGED offset {d.offset} ({formatBytes(d.offset)}), {formatBytes(d.length)}: {d.reason}

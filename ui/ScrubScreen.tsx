@@ -11,10 +11,7 @@ import { Frame, ProgressPanel, TextInput, type KeyHint } from './components.js';
 import { formatBytes, formatDuration, longDate, percent } from './format.js';
 import { useKeys, useProgress, useSession } from './hooks.js';
 
-type Phase =
-  | { p: 'setup' }
-  | { p: 'running'; confirmStop: boolean; stopping: boolean }
-  | { p: 'result'; result?: ScrubResult; cancelled?: boolean; error?: string; durationMs: number };
+type Phase = { p: 'setup' } | { p: 'running'; confirmStop: boolean; stopping: boolean } | { p: 'result'; result?: ScrubResult; cancelled?: boolean; error?: string; durationMs: number };
 
 export function ScrubScreen({ version, onExit }: { version: VersionRecord | null; onExit: (notice: string | null) => void }) {
   const { backend, size, active, quit, openHelp, setJob, log, noteIntegrityProblem } = useSession();
@@ -90,7 +87,9 @@ export function ScrubScreen({ version, onExit }: { version: VersionRecord | null
       }
       if (key.return || key.escape) {
         const r = phase.result;
-        return onExit(r ? (r.damaged.length ? `Scrub found ${r.damaged.length} DAMAGED block(s); affected versions are marked INVALID.` : `Scrub verified ${r.blocks_checked} blocks; none damaged.`) : null);
+        return onExit(
+          r ? (r.damaged.length ? `Scrub found ${r.damaged.length} DAMAGED block(s); affected versions are marked INVALID.` : `Scrub verified ${r.blocks_checked} blocks; none damaged.`) : null,
+        );
       }
       if (input === 'q') return quit();
       if (input === '?') return openHelp();
@@ -195,7 +194,9 @@ export function ScrubScreen({ version, onExit }: { version: VersionRecord | null
               </Text>
             ))}
             {r.invalid_versions.length > room ? <Text dimColor>{`  … and ${r.invalid_versions.length - room} more`}</Text> : null}
-            <Text dimColor wrap="wrap">They can still be restored: the damaged blocks are reported and skipped. The next backup of the volume heals them.</Text>
+            <Text dimColor wrap="wrap">
+              They can still be restored: the damaged blocks are reported and skipped. The next backup of the volume heals them.
+            </Text>
           </Box>
         ) : null}
         {r.damaged.slice(0, 3).map((d) => (

@@ -355,7 +355,10 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
     setSelectedId((prev) => {
       const list = shownRef.current;
       if (list.length === 0) return prev;
-      const i = Math.max(0, list.findIndex((v) => v.id === prev));
+      const i = Math.max(
+        0,
+        list.findIndex((v) => v.id === prev),
+      );
       return list[Math.max(0, Math.min(list.length - 1, i + delta))]!.id;
     });
     setError(null);

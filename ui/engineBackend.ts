@@ -222,7 +222,7 @@ class EngineBackend implements Backend {
         target: req.target,
         force: req.force,
         resume: req.resume,
-        fillFrom: req.fillFrom ? this.repo.index.getVersion(req.fillFrom) ?? undefined : undefined,
+        fillFrom: req.fillFrom ? (this.repo.index.getVersion(req.fillFrom) ?? undefined) : undefined,
         sparse: false,
         queueDepth: this.settings.queueDepth,
         writeThrottle: this.settings.writeThrottle,

@@ -32,7 +32,10 @@ const TOOLCHAIN = ['g++', 'make', 'python3'];
 function packageDir(name) {
   // Not require.resolve(`${name}/package.json`): lmdb's "exports" do not export it.
   const require = createRequire(path.join(ROOT, 'package.json'));
-  const dir = require.resolve.paths(name).map((d) => path.join(d, name)).find((d) => fs.existsSync(path.join(d, 'package.json')));
+  const dir = require.resolve
+    .paths(name)
+    .map((d) => path.join(d, name))
+    .find((d) => fs.existsSync(path.join(d, 'package.json')));
   if (!dir) throw new Error(`${name} is not installed (npm ci)`);
   return dir;
 }

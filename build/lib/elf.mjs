@@ -29,7 +29,13 @@ export function symbolVersionNeeds(file) {
   const sections = [];
   for (let i = 0; i < shnum; i++) {
     const o = shoff + i * shentsize;
-    sections.push({ type: b.readUInt32LE(o + 4), offset: Number(b.readBigUInt64LE(o + 0x18)), size: Number(b.readBigUInt64LE(o + 0x20)), link: b.readUInt32LE(o + 0x28), info: b.readUInt32LE(o + 0x2c) });
+    sections.push({
+      type: b.readUInt32LE(o + 4),
+      offset: Number(b.readBigUInt64LE(o + 0x18)),
+      size: Number(b.readBigUInt64LE(o + 0x20)),
+      link: b.readUInt32LE(o + 0x28),
+      info: b.readUInt32LE(o + 0x2c),
+    });
   }
   const needed = new Set();
   for (const s of sections.filter((x) => x.type === SHT_GNU_VERNEED)) {

@@ -380,7 +380,9 @@ function isNoExec(err) {
 }
 
 function oneLine(err) {
-  return String(err?.message ?? err).replace(/\s+/g, ' ').trim();
+  return String(err?.message ?? err)
+    .replace(/\s+/g, ' ')
+    .trim();
 }
 
 function sha256(bytes) {

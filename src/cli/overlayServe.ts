@@ -11,12 +11,7 @@ import { progressReporter } from './progressLine.js';
  * What `nbd --rw` and `mount --rw` share at the end of a session: the overlay of one export kept as a new
  * protected version (--keep-as), or the report that the overlays were discarded.
  */
-export async function keepOverlay(
-  repo: Repository,
-  pipeline: BlockPipeline,
-  exp: NbdExport,
-  opts: { keepAs: string; queueDepth: number; json: boolean },
-): Promise<void> {
+export async function keepOverlay(repo: Repository, pipeline: BlockPipeline, exp: NbdExport, opts: { keepAs: string; queueDepth: number; json: boolean }): Promise<void> {
   const v = exp.version;
   await exp.flush();
   const overlay = exp.overlay!;
@@ -33,8 +28,7 @@ export async function keepOverlay(
   if (opts.json) process.stdout.write(JSON.stringify({ event: 'kept', version: versionJson(kept) }) + '\n');
   else {
     process.stderr.write(
-      `Kept the overlay of ${v.id} as protected version ${kept.id} of "${kept.name}": ${kept.stats.blocks_written} new blocks stored, ` +
-        `${kept.stats.blocks_referenced} shared with ${v.id}.\n`,
+      `Kept the overlay of ${v.id} as protected version ${kept.id} of "${kept.name}": ${kept.stats.blocks_written} new blocks stored, ` + `${kept.stats.blocks_referenced} shared with ${v.id}.\n`,
     );
     process.stdout.write(`${kept.id}\n`);
   }

@@ -118,10 +118,12 @@ export function parseSlot(text: string, name: string): KeySlot {
     throw badSlot(name, 'not JSON');
   }
   if (typeof raw !== 'object' || raw === null) throw badSlot(name, 'not a JSON object');
-  if (typeof raw.format === 'number' && raw.format > SLOT_FORMAT) throw new FormatError(`Key slot ${name} has format ${raw.format}, newer than this blocksafe understands (${SLOT_FORMAT}); use a newer blocksafe.`);
+  if (typeof raw.format === 'number' && raw.format > SLOT_FORMAT)
+    throw new FormatError(`Key slot ${name} has format ${raw.format}, newer than this blocksafe understands (${SLOT_FORMAT}); use a newer blocksafe.`);
   const kdf = raw.kdf as Record<string, unknown> | undefined;
   const b64ok = (v: unknown, bytes?: number) => typeof v === 'string' && /^[A-Za-z0-9+/]*={0,2}$/.test(v) && (bytes === undefined || Buffer.from(v, 'base64').length === bytes);
-  if (raw.format !== SLOT_FORMAT || typeof raw.id !== 'number' || (raw.type !== 'passphrase' && raw.type !== 'keyfile') || !kdf || typeof kdf !== 'object') throw badSlot(name, 'missing or wrong fields');
+  if (raw.format !== SLOT_FORMAT || typeof raw.id !== 'number' || (raw.type !== 'passphrase' && raw.type !== 'keyfile') || !kdf || typeof kdf !== 'object')
+    throw badSlot(name, 'missing or wrong fields');
   if (!b64ok(kdf.salt) || Buffer.from(String(kdf.salt), 'base64').length < 16) throw badSlot(name, 'bad salt');
   if (kdf.name === 'scrypt') checkScrypt(kdf as { N: unknown; r: unknown; p: unknown }, name);
   else if (kdf.name !== 'hkdf-sha256') throw badSlot(name, `unknown key derivation "${String(kdf.name).slice(0, 20)}"`);
@@ -159,7 +161,7 @@ export function unlockMasterKeys(slots: KeySlot[], type: SlotType, secret: Uint8
     const master = openSlot(slot, secret);
     if (master) out.push({ masterKey: master, slot: slot.id });
   }
-  if (out.length === 0) throw new KeyError(type === 'passphrase' ? 'Wrong passphrase: it opens none of the repository\'s key slots.' : 'Wrong key file: it opens none of the repository\'s key slots.');
+  if (out.length === 0) throw new KeyError(type === 'passphrase' ? "Wrong passphrase: it opens none of the repository's key slots." : "Wrong key file: it opens none of the repository's key slots.");
   return out;
 }
 
@@ -226,7 +228,13 @@ export function parseKeyring(data: Uint8Array): Keyring {
   }
   const r = json.repository;
   const binding =
-    r && typeof r === 'object' && typeof r.id === 'string' && typeof r.encryption === 'string' && typeof r.block_size === 'number' && typeof r.compression === 'string' && typeof r.compression_level === 'number'
+    r &&
+    typeof r === 'object' &&
+    typeof r.id === 'string' &&
+    typeof r.encryption === 'string' &&
+    typeof r.block_size === 'number' &&
+    typeof r.compression === 'string' &&
+    typeof r.compression_level === 'number'
       ? { id: r.id, encryption: r.encryption, block_size: r.block_size, compression: r.compression, compression_level: r.compression_level }
       : null;
   if (json.format === 2 && !binding) throw new IntegrityError('The keyring (keys/keyring) is damaged: its repository binding is missing.');

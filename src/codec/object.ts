@@ -105,7 +105,6 @@ export function encodeObject(plain: Uint8Array, keys: CodecKeys, opts: EncodeOpt
   return Buffer.concat([header, body, cipher.getAuthTag()]);
 }
 
-
 /** AEAD input and output travel in pieces this large: below malloc's mmap threshold (128 KiB), so they are reused heap memory, not fresh pages per block. */
 const CIPHER_PIECE = 64 * 1024;
 

@@ -133,7 +133,10 @@ export class ZstdWorkspace {
       throw new IntegrityError('Object payload does not decompress.', { cause: err });
     }
     if (left === 0 && n === out.length && this.decompressor.hasMore()) left = 1;
-    if (left > 0) throw new IntegrityError(n === out.length ? `Object payload decompresses to more than the ${out.length} bytes it may have; decompression was stopped.` : 'Object payload has bytes after its zstd frame.');
+    if (left > 0)
+      throw new IntegrityError(
+        n === out.length ? `Object payload decompresses to more than the ${out.length} bytes it may have; decompression was stopped.` : 'Object payload has bytes after its zstd frame.',
+      );
     if (n !== out.length) throw new IntegrityError(`Object payload decompresses to ${n} bytes instead of ${out.length}.`);
     return n;
   }

@@ -11,8 +11,7 @@ export const BLOCK_AT = ALIGN;
 if (BLOCK_AT < OBJECT_HEADROOM) throw new Error('arena headroom is smaller than an object header');
 
 /** The WebAssembly global exists in Node but is not in the ES lib typings. */
-const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number; maximum: number; shared: boolean }) => { buffer: SharedArrayBuffer } } }).WebAssembly
-  .Memory;
+const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number; maximum: number; shared: boolean }) => { buffer: SharedArrayBuffer } } }).WebAssembly.Memory;
 
 /**
  * The block pipeline's one piece of block memory, shared by the main thread and the workers: a fixed number

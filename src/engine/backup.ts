@@ -95,14 +95,7 @@ async function runBackup(repo: Repository, pipeline: BlockPipeline, opts: Backup
   return base ? withLock(repo.locks, LockNames.version(base.id), 'shared', `Version ${base.id}`, run) : run();
 }
 
-async function runBackupOn(
-  repo: Repository,
-  pipeline: BlockPipeline,
-  opts: BackupOptions,
-  info: DeviceInfo,
-  writer: VersionWriter,
-  base: VersionRecord | null,
-): Promise<VersionRecord> {
+async function runBackupOn(repo: Repository, pipeline: BlockPipeline, opts: BackupOptions, info: DeviceInfo, writer: VersionWriter, base: VersionRecord | null): Promise<VersionRecord> {
   const bs = repo.blockSize;
   const blocks = writer.blocks;
   const hints = opts.hints && base ? blockHints(opts.hints, bs, info.size) : null;

@@ -273,7 +273,6 @@ function pipelineError(reply: { op: string; message?: string }): BlocksafeError 
   return new BlocksafeError(`Internal error in the block pipeline: ${reply.message ?? `unexpected reply ${reply.op}`}`);
 }
 
-
 /**
  * Runs `start(i)` for i in [0, count) with at most `depth` in flight and hands results to `finish` in
  * order. Memory is bounded by depth, whatever count is.

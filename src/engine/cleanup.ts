@@ -76,7 +76,9 @@ export async function cleanup(repo: Repository, graceMs: number): Promise<Cleanu
 /** A short grace period is for a repository where nothing writes: any writer, here or elsewhere, refuses it. */
 async function refuseShortGraceWithWriters(repo: Repository, graceMs: number): Promise<void> {
   const why = (holder: string) =>
-    new LockedError(`A grace period of ${formatDuration(graceMs)} (below ${formatDuration(GRACE_FLOOR_MS)}) is only allowed while nothing writes to the repository, but ${holder} is writing; nothing was deleted. Use a longer --grace, or wait.`);
+    new LockedError(
+      `A grace period of ${formatDuration(graceMs)} (below ${formatDuration(GRACE_FLOOR_MS)}) is only allowed while nothing writes to the repository, but ${holder} is writing; nothing was deleted. Use a longer --grace, or wait.`,
+    );
   const local = repo.locks.liveLocks((r) => r === LockNames.writer);
   if (local.length > 0) throw why(describeHolder(local[0]!));
   const remote = (await repo.locks.leases?.others()) ?? [];
@@ -221,7 +223,9 @@ async function collectReferences(repo: Repository): Promise<void> {
       manifest = await tryReadManifest(repo, id);
     } catch (err) {
       if (err instanceof IntegrityError) {
-        throw new IntegrityError(`Cleanup stopped before deleting anything: the manifest of version ${id} cannot be read (${err.message}); its blocks might be deleted otherwise. Check the repository (scrub, index rebuild).`);
+        throw new IntegrityError(
+          `Cleanup stopped before deleting anything: the manifest of version ${id} cannot be read (${err.message}); its blocks might be deleted otherwise. Check the repository (scrub, index rebuild).`,
+        );
       }
       throw err;
     }

@@ -70,7 +70,17 @@ export async function writeGcGeneration(repo: Repository, generation: number): P
 }
 
 export async function syncIndex(repo: Repository, onProgress?: ProgressListener): Promise<SyncReport> {
-  const report: SyncReport = { imported: [], vanished: [], damaged_manifests: [], foreign_names: [], rolled_back: [], protected_after_rollback: [], missing_manifests: [], missing_blocks: 0, dropped_block_records: 0 };
+  const report: SyncReport = {
+    imported: [],
+    vanished: [],
+    damaged_manifests: [],
+    foreign_names: [],
+    rolled_back: [],
+    protected_after_rollback: [],
+    missing_manifests: [],
+    missing_blocks: 0,
+    dropped_block_records: 0,
+  };
   const { index, store } = repo;
   const fresh = index.getMeta<number>('gc_generation') === undefined && isEmpty(repo);
 

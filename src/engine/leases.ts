@@ -93,7 +93,9 @@ export class StoreLeases {
         await this.write();
         const conflict = (await this.live()).find((l) => l.name !== this.name && conflicts(resource, mode, this.indexId, l.body));
         if (!conflict) return;
-        throw new LockedError(`${what} is locked by ${describeLease(conflict.body)} (a lease in the store, seen ${formatDuration(Math.max(0, this.storeNow - conflict.mtime))} ago); wait for it to finish, or stop that process.`);
+        throw new LockedError(
+          `${what} is locked by ${describeLease(conflict.body)} (a lease in the store, seen ${formatDuration(Math.max(0, this.storeNow - conflict.mtime))} ago); wait for it to finish, or stop that process.`,
+        );
       } catch (err) {
         this.dropOne(resource, mode);
         await this.write().catch(() => undefined);

@@ -112,9 +112,7 @@ export async function syncValidity(repo: Repository, ids: string[]): Promise<voi
 export function parseDate(text: string): Date | null {
   if (/^(never|none)$/i.test(text)) return null;
   const local = /^(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::(\d{2}))?)?$/.exec(text);
-  const d = local
-    ? new Date(Number(local[1]), Number(local[2]) - 1, Number(local[3]), Number(local[4] ?? 0), Number(local[5] ?? 0), Number(local[6] ?? 0))
-    : new Date(text);
+  const d = local ? new Date(Number(local[1]), Number(local[2]) - 1, Number(local[3]), Number(local[4] ?? 0), Number(local[5] ?? 0), Number(local[6] ?? 0)) : new Date(text);
   if (Number.isNaN(d.getTime())) throw new UsageError(`Invalid date "${text}": use YYYY-MM-DD, "YYYY-MM-DD HH:MM" (local time), ISO-8601, or "never".`);
   return d;
 }

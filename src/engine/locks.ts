@@ -221,7 +221,12 @@ export class LockManager {
   }
 
   private async beat(): Promise<void> {
-    await this.index.refreshLocks(this.held.filter((h) => h.resource !== LockNames.sweep), now()).catch(() => undefined);
+    await this.index
+      .refreshLocks(
+        this.held.filter((h) => h.resource !== LockNames.sweep),
+        now(),
+      )
+      .catch(() => undefined);
     await this.leases?.refresh();
   }
 

@@ -58,12 +58,7 @@ const INSTALL_HINT: Record<string, string> = {
 };
 
 /** Lines LVM prints that do not say what went wrong. */
-const NOISE = [
-  /leaked on \S+ invocation/,
-  /^Run `\S+ --help' for more information\.?$/,
-  /^Command failed\.?$/,
-  /^Cannot process volume group /,
-];
+const NOISE = [/leaked on \S+ invocation/, /^Run `\S+ --help' for more information\.?$/, /^Command failed\.?$/, /^Cannot process volume group /];
 
 /** The last line of stderr that says something (LVM ends many errors with generic lines). */
 export function lastMeaningfulLine(stderr: string): string {
@@ -190,9 +185,7 @@ export function snapshotSizeArgs(size: string): string[] {
   if (/^\d+(?:\.\d+)?[bBsSkKmMgGtTpPeE]?$/.test(s)) return ['--size', s];
   const pct = /^(\d+(?:\.\d+)?)%(ORIGIN|VG|FREE|PVS)$/i.exec(s);
   if (pct && Number(pct[1]) > 0) return ['--extents', `${pct[1]}%${pct[2]!.toUpperCase()}`];
-  throw new UsageError(
-    `Snapshot size "${size}" is not understood; give a size such as 5G or 512M, or a percentage such as 10%ORIGIN or 50%FREE.`,
-  );
+  throw new UsageError(`Snapshot size "${size}" is not understood; give a size such as 5G or 512M, or a percentage such as 10%ORIGIN or 50%FREE.`);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -332,9 +325,7 @@ export async function openLvmSource(uri: string, opts: OpenLvmOptions = {}): Pro
     snapName = opts.resumeSnapshot;
     const existing = rows.find((r) => r.name === snapName);
     if (!existing || !isBlocksafeSnapshotName(lv, snapName) || existing.origin !== lv) {
-      throw new NotFoundError(
-        `The snapshot "${vg}/${snapName}" of the interrupted backup no longer exists; start a new backup instead of resuming.`,
-      );
+      throw new NotFoundError(`The snapshot "${vg}/${snapName}" of the interrupted backup no longer exists; start a new backup instead of resuming.`);
     }
   } else {
     snapName = uniqueName(lv, (opts.now ?? (() => new Date()))(), new Set(rows.map((r) => r.name)));
@@ -354,9 +345,7 @@ export async function openLvmSource(uri: string, opts: OpenLvmOptions = {}): Pro
     created = true;
   }
 
-  const leftovers = rows.filter(
-    (r) => r.name !== snapName && r.name !== opts.previousSnapshot && r.origin === lv && isBlocksafeSnapshotName(lv, r.name),
-  );
+  const leftovers = rows.filter((r) => r.name !== snapName && r.name !== opts.previousSnapshot && r.origin === lv && isBlocksafeSnapshotName(lv, r.name));
   for (const r of leftovers) {
     warn(`snapshot ${vg}/${r.name} is left over from an earlier blocksafe run; remove it with \`lvremove ${vg}/${r.name}\` if no backup will resume from it.`);
   }
@@ -531,16 +520,7 @@ async function waitForDevice(path: string, waitMs: number): Promise<void> {
  * Changed extents between two thin devices of one pool, from a reserved metadata snapshot of the live pool:
  * reserve_metadata_snap → thin_delta -m → release_metadata_snap (always).
  */
-async function thinHints(
-  run: CommandRunner,
-  vg: string,
-  pool: string,
-  prevId: number,
-  newId: number,
-  chunkSize: number,
-  volumeSize: number,
-  warn: (m: string) => void,
-): Promise<Extent[]> {
+async function thinHints(run: CommandRunner, vg: string, pool: string, prevId: number, newId: number, chunkSize: number, volumeSize: number, warn: (m: string) => void): Promise<Extent[]> {
   const tpool = `${dmName(vg, pool)}-tpool`;
   const tmeta = `/dev/mapper/${dmName(vg, pool)}_tmeta`;
   try {
@@ -569,9 +549,7 @@ async function thinHints(
     try {
       await run('dmsetup', ['message', tpool, '0', 'release_metadata_snap']);
     } catch (err) {
-      warn(
-        `could not release the metadata snapshot of thin pool ${vg}/${pool} (${(err as Error).message.replace(/\.$/, '')}); release it with \`dmsetup message ${tpool} 0 release_metadata_snap\`.`,
-      );
+      warn(`could not release the metadata snapshot of thin pool ${vg}/${pool} (${(err as Error).message.replace(/\.$/, '')}); release it with \`dmsetup message ${tpool} 0 release_metadata_snap\`.`);
     }
   }
 }

@@ -73,7 +73,8 @@ export async function tryReadManifest(repo: Repository, versionId: string): Prom
     throw bad('header is not JSON');
   }
   if (typeof header?.manifest_format !== 'number') throw bad('no format');
-  if (header.manifest_format > MANIFEST_FORMAT) throw new FormatError(`Manifest ${versionId} has format ${header.manifest_format}, newer than this blocksafe understands (${MANIFEST_FORMAT}); use a newer blocksafe.`);
+  if (header.manifest_format > MANIFEST_FORMAT)
+    throw new FormatError(`Manifest ${versionId} has format ${header.manifest_format}, newer than this blocksafe understands (${MANIFEST_FORMAT}); use a newer blocksafe.`);
   const v = header.version;
   if (!v || v.id !== versionId) throw bad(`it describes version ${String(v?.id).slice(0, 20)}`);
   if (!Number.isSafeInteger(v.size) || v.size < 0 || v.block_size !== repo.blockSize || header.blocks !== Math.ceil(v.size / v.block_size)) throw bad('size fields');

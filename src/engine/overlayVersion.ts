@@ -31,13 +31,7 @@ export interface OverlayVersionOptions {
  * Same durability rules as a backup: the version is incomplete until its blocks, map and manifest are
  * durable. The caller holds the base version (shared lock); this takes the volume lock of `opts.name`.
  */
-export async function createOverlayVersion(
-  repo: Repository,
-  pipeline: BlockPipeline,
-  base: VersionRecord,
-  view: ChangedView,
-  opts: OverlayVersionOptions,
-): Promise<VersionRecord> {
+export async function createOverlayVersion(repo: Repository, pipeline: BlockPipeline, base: VersionRecord, view: ChangedView, opts: OverlayVersionOptions): Promise<VersionRecord> {
   validateName(opts.name);
   if (base.block_size !== repo.blockSize) throw new RefusedError(`Version ${base.id} has another block size than the repository; it cannot be the base of a new version.`);
   return withLock(repo.locks, LockNames.volume(opts.name), 'exclusive', `Volume "${opts.name}"`, () => run(repo, pipeline, base, view, opts));
@@ -46,32 +40,32 @@ export async function createOverlayVersion(
 async function run(repo: Repository, pipeline: BlockPipeline, base: VersionRecord, view: ChangedView, opts: OverlayVersionOptions): Promise<VersionRecord> {
   const fields = { name: opts.name, size: base.size, source: `nbd-overlay:${base.id}`, snapshotName: opts.snapshotName, tags: opts.tags, base: base.id, protected: true };
   return withVersionWriter(repo, pipeline, fields, async (writer) => {
-  const bs = base.block_size;
-  const baseCursor = repo.index.mapCursor(base.id, Math.ceil(base.size / bs));
-  await orderedWindow<BlockOutcome>(
-    writer.blocks,
-    opts.queueDepth,
-    async (i) => {
-      const offset = i * bs;
-      const length = Math.min(bs, base.size - offset);
-      if (!view.touches(offset, length)) {
-        const checksum = baseCursor.get(i);
+    const bs = base.block_size;
+    const baseCursor = repo.index.mapCursor(base.id, Math.ceil(base.size / bs));
+    await orderedWindow<BlockOutcome>(
+      writer.blocks,
+      opts.queueDepth,
+      async (i) => {
+        const offset = i * bs;
+        const length = Math.min(bs, base.size - offset);
+        if (!view.touches(offset, length)) {
+          const checksum = baseCursor.get(i);
+          if (!checksum) return { kind: 'sparse', length };
+          await pipeline.retain(checksum);
+          // A block the base lost to damage keeps the new version invalid too.
+          if (!repo.index.getBlock(checksum)?.valid) writer.version.valid = false;
+          return { kind: 'referenced', length, checksum };
+        }
+        const { data, checksum } = await pipeline.digest(await view.read(offset, length));
         if (!checksum) return { kind: 'sparse', length };
-        await pipeline.retain(checksum);
-        // A block the base lost to damage keeps the new version invalid too.
-        if (!repo.index.getBlock(checksum)?.valid) writer.version.valid = false;
-        return { kind: 'referenced', length, checksum };
-      }
-      const { data, checksum } = await pipeline.digest(await view.read(offset, length));
-      if (!checksum) return { kind: 'sparse', length };
-      const { record, written } = await pipeline.store(data, checksum);
-      return { kind: 'data', length, checksum, record, written };
-    },
-    async (i, out) => {
-      await writer.record(i, out);
-      opts.onProgress?.({ phase: 'saving overlay', doneBytes: Math.min(base.size, (i + 1) * bs), totalBytes: base.size, damaged: 0 });
-    },
-  );
-  return writer.finish();
+        const { record, written } = await pipeline.store(data, checksum);
+        return { kind: 'data', length, checksum, record, written };
+      },
+      async (i, out) => {
+        await writer.record(i, out);
+        opts.onProgress?.({ phase: 'saving overlay', doneBytes: Math.min(base.size, (i + 1) * bs), totalBytes: base.size, damaged: 0 });
+      },
+    );
+    return writer.finish();
   });
 }

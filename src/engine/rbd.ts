@@ -104,12 +104,15 @@ export function rbdError(err: unknown, spec: RbdSpec, s: CephSettings): Blocksaf
     );
   }
   if (/error opening pool|pool .* does not exist/i.test(stderr)) return new NotFoundError(`Ceph pool "${spec.pool}" does not exist; check the name with \`ceph osd pool ls\`.`);
-  if (/namespace .*does not exist/i.test(line) || (/namespace/i.test(line) && /\(2\) No such file/.test(line))) return new NotFoundError(`RBD namespace "${spec.pool}/${spec.namespace}" does not exist; check it with \`rbd namespace ls ${spec.pool}\`.`);
+  if (/namespace .*does not exist/i.test(line) || (/namespace/i.test(line) && /\(2\) No such file/.test(line)))
+    return new NotFoundError(`RBD namespace "${spec.pool}/${spec.namespace}" does not exist; check it with \`rbd namespace ls ${spec.pool}\`.`);
   if (/error opening image|image .*does not exist|\(2\) No such file or directory/.test(line)) {
     return new NotFoundError(`RBD image "${imageSpec(spec, null)}" does not exist; check the name with \`rbd ls ${spec.pool}${spec.namespace ? `/${spec.namespace}` : ''}\`.`);
   }
   if (/\(1\) Operation not permitted|\(13\) Permission denied/.test(stderr)) {
-    return new BlocksafeError(`Ceph refused access to ${imageSpec(spec, null)} (permission denied for client ${s.id || 'admin'}); check the client's caps (\`ceph auth get client.${s.id || 'admin'}\`) and keyring.`);
+    return new BlocksafeError(
+      `Ceph refused access to ${imageSpec(spec, null)} (permission denied for client ${s.id || 'admin'}); check the client's caps (\`ceph auth get client.${s.id || 'admin'}\`) and keyring.`,
+    );
   }
   return new BlocksafeError(`rbd failed on ${imageSpec(spec, null)}: ${line}`.replace(/\.?$/, '.'));
 }

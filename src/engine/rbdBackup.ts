@@ -86,8 +86,7 @@ async function run(repo: Repository, pipeline: BlockPipeline, client: RbdClient,
     }
     if (!base && why && !resume) opts.warn(`reading all of ${imageSpec(spec, source.snapshot)}: ${why}.`);
     const fields = { id, name: opts.name, size: source.size, source: rbdLabel(spec), snapshotName: source.snapshot, tags: opts.tags, base: base?.id ?? null };
-    const write = () =>
-      withVersionWriter(repo, pipeline, resume ?? fields, (writer) => readStream(repo, pipeline, client, spec, source.snapshot, base, writer, opts));
+    const write = () => withVersionWriter(repo, pipeline, resume ?? fields, (writer) => readStream(repo, pipeline, client, spec, source.snapshot, base, writer, opts));
     result = base ? await withLock(repo.locks, LockNames.version(base.id), 'shared', `Version ${base.id}`, write) : await write();
   } catch (err) {
     await source.finish(false);
@@ -153,7 +152,8 @@ async function readStream(
           try {
             data = await pipeline.load(entry, length);
           } catch (err) {
-            if (err instanceof IntegrityError) throw new IntegrityError(`Block ${i} of the base version ${base!.id} is damaged (${err.message}); run a full backup (\`--from\` another version) after \`blocksafe scrub\`.`);
+            if (err instanceof IntegrityError)
+              throw new IntegrityError(`Block ${i} of the base version ${base!.id} is damaged (${err.message}); run a full backup (\`--from\` another version) after \`blocksafe scrub\`.`);
             throw err;
           }
           for (const [from, to] of t.covered) t.data.copy(data, from, from, to);

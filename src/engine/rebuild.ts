@@ -66,7 +66,16 @@ export async function rebuildIndex(store: BlobStore, secret: SecretSource, index
 function summarize(repo: Repository, r: SyncReport): RebuildResult {
   let blocks = 0;
   for (const _ of repo.index.allBlocks()) blocks++;
-  return { versions: r.imported.length, blocks, missing_blocks: r.missing_blocks, damaged_manifests: r.damaged_manifests.map((d) => d.id), rolled_back: r.rolled_back, missing_manifests: r.missing_manifests, previous_index: null, not_in_store: [] };
+  return {
+    versions: r.imported.length,
+    blocks,
+    missing_blocks: r.missing_blocks,
+    damaged_manifests: r.damaged_manifests.map((d) => d.id),
+    rolled_back: r.rolled_back,
+    missing_manifests: r.missing_manifests,
+    previous_index: null,
+    not_in_store: [],
+  };
 }
 
 /** Complete versions of the index being replaced, best effort: it may be damaged (why it is rebuilt). */

@@ -30,7 +30,10 @@ export async function removeVersions(repo: Repository, versions: VersionRecord[]
       await repo.store.sync();
       await repo.index.removeVersion(v.id);
     }
-    repo.trust.noteAttributes(repo.id, versions.map((v) => [v.id, null]));
+    repo.trust.noteAttributes(
+      repo.id,
+      versions.map((v) => [v.id, null]),
+    );
   } finally {
     for (const l of locks) await l.release();
   }

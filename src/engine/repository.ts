@@ -98,7 +98,9 @@ export class Repository {
     private readonly afterClose?: () => void,
   ) {
     this.trust = new TrustStore(trustDir);
-    const leases = writable ? new StoreLeases(store, { encode: (n, p) => this.encodeMeta(ObjectType.Lock, p, n), decode: (n, r) => this.decodeMeta(ObjectType.Lock, r, n) }, index.indexId, lockSettings) : null;
+    const leases = writable
+      ? new StoreLeases(store, { encode: (n, p) => this.encodeMeta(ObjectType.Lock, p, n), decode: (n, r) => this.decodeMeta(ObjectType.Lock, r, n) }, index.indexId, lockSettings)
+      : null;
     this.locks = new LockManager(index, leases, lockSettings);
   }
 
@@ -115,9 +117,7 @@ export class Repository {
   }
 
   get codecKeys(): CodecKeys {
-    return this.descriptor.encryption === 'none'
-      ? { currentKeyId: 0, dataKeys: new Map() }
-      : { currentKeyId: this.keyring.currentKeyId, dataKeys: this.keyring.dataKeys };
+    return this.descriptor.encryption === 'none' ? { currentKeyId: 0, dataKeys: new Map() } : { currentKeyId: this.keyring.currentKeyId, dataKeys: this.keyring.dataKeys };
   }
 
   workerInit(): Omit<WorkerInit, 'arena' | 'arenaSlotSize'> {
@@ -297,8 +297,10 @@ export async function readDescriptor(store: BlobStore): Promise<Descriptor> {
   } catch {
     throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (not JSON).`);
   }
-  if (typeof d !== 'object' || d === null || d.format !== 'blocksafe-repository') throw new FormatError(`${store.location} is not a blocksafe repository (${ObjectNames.descriptor} has a foreign format).`);
-  if (!Number.isSafeInteger(d.format_version) || d.format_version < 1) throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (format_version ${JSON.stringify(d.format_version)}).`);
+  if (typeof d !== 'object' || d === null || d.format !== 'blocksafe-repository')
+    throw new FormatError(`${store.location} is not a blocksafe repository (${ObjectNames.descriptor} has a foreign format).`);
+  if (!Number.isSafeInteger(d.format_version) || d.format_version < 1)
+    throw new IntegrityError(`${ObjectNames.descriptor} in ${store.location} is damaged (format_version ${JSON.stringify(d.format_version)}).`);
   if (d.format_version > REPOSITORY_FORMAT) {
     throw new FormatError(`The repository at ${store.location} has format ${d.format_version}, newer than this blocksafe supports (${REPOSITORY_FORMAT}); use a newer blocksafe.`);
   }

@@ -63,7 +63,8 @@ async function prepareTarget(version: VersionRecord, target: string, force: bool
     try {
       fh = await fs.open(target, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o600);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new NotFoundError(`The directory ${path.dirname(path.resolve(target))} of the target does not exist; create it or choose another path.`);
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+        throw new NotFoundError(`The directory ${path.dirname(path.resolve(target))} of the target does not exist; create it or choose another path.`);
       throw describeSystemError(err, `Target ${target}`);
     }
     await fh.truncate(version.size);

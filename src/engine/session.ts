@@ -88,10 +88,14 @@ export function secretSource(opts: GlobalOptions, confirm = false, role: SecretR
       return { type: 'keyfile', value };
     }
     let pass: string;
-    if (passFile) pass = readSecretFile(passFile, 'Passphrase file').toString('utf8').replace(/\r?\n$/, '');
+    if (passFile)
+      pass = readSecretFile(passFile, 'Passphrase file')
+        .toString('utf8')
+        .replace(/\r?\n$/, '');
     else if (process.env[r.env] !== undefined) pass = process.env[r.env]!;
     else {
-      if (!prompt || (!process.stdin.isTTY && !existsSync('/dev/tty'))) throw new UsageError(`${r.prompt} needed but there is no terminal to ask on; set ${r.env}, or use ${r.flag} or the matching passphrase-file option.`);
+      if (!prompt || (!process.stdin.isTTY && !existsSync('/dev/tty')))
+        throw new UsageError(`${r.prompt} needed but there is no terminal to ask on; set ${r.env}, or use ${r.flag} or the matching passphrase-file option.`);
       pass = prompt(`${r.prompt}: `, `set ${r.env}, or use ${r.flag} or the matching passphrase-file option`);
       if (confirm && prompt(`${r.prompt} (again): `) !== pass) throw new UsageError('The two passphrases differ; nothing was changed.');
     }
@@ -121,7 +125,10 @@ export function reportSync(r: SyncReport | null, quiet = false): void {
   for (const id of r.missing_manifests) note(`version ${id}, which this machine saw before, has no manifest in the store (removed on another machine, or its manifest was deleted).`);
   const restored = r.rolled_back.filter((id) => !r.protected_after_rollback.includes(id));
   if (restored.length) note(`the attributes of ${restored.join(', ')} in the store were older than the index's (put back by someone?); the index's were written again.`);
-  if (r.protected_after_rollback.length) note(`the attributes of ${r.protected_after_rollback.join(', ')} in the store are older than ones this machine saw (put back by someone?); the newer state is unknown, so they are now protected: check them, then "blocksafe unprotect" if that is wrong.`);
+  if (r.protected_after_rollback.length)
+    note(
+      `the attributes of ${r.protected_after_rollback.join(', ')} in the store are older than ones this machine saw (put back by someone?); the newer state is unknown, so they are now protected: check them, then "blocksafe unprotect" if that is wrong.`,
+    );
   if (r.foreign_names.length) note(`${r.foreign_names.length} objects in manifests/ are not blocksafe manifests and were ignored (e.g. ${r.foreign_names[0]}).`);
   if (r.missing_blocks) note(`${r.missing_blocks} blocks named by manifests are missing from the store; their versions are marked invalid.`);
 }

@@ -20,7 +20,6 @@ export interface SystemRoots {
 
 const SYSTEM: SystemRoots = { sys: '/sys', proc: '/proc' };
 
-
 async function read(file: string): Promise<string> {
   try {
     return (await fs.readFile(file, 'utf8')).trim();

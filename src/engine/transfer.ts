@@ -60,13 +60,15 @@ function checkExport(data: unknown): ExportedVersion {
   }
   // Everything below becomes index entries, object names and dates: an export file is untrusted input.
   if (!isVersionId(v.id)) throw new FormatError(`The export names version "${String(v.id).slice(0, 40)}", which is not a version id (lowercase letters and digits); nothing was imported.`);
-  if (!Number.isSafeInteger(v.size) || v.size < 0 || !Number.isSafeInteger(v.block_size) || v.block_size <= 0) throw new FormatError('The export has an impossible size or block size; nothing was imported.');
+  if (!Number.isSafeInteger(v.size) || v.size < 0 || !Number.isSafeInteger(v.block_size) || v.block_size <= 0)
+    throw new FormatError('The export has an impossible size or block size; nothing was imported.');
   if (typeof v.name !== 'string' || typeof v.source !== 'string' || typeof v.snapshot_name !== 'string' || !Array.isArray(v.tags) || v.tags.some((t) => typeof t !== 'string')) {
     throw new FormatError('The export has malformed version fields (name, source, snapshot name or tags); nothing was imported.');
   }
   if (Number.isNaN(Date.parse(v.date)) || (v.expire !== null && Number.isNaN(Date.parse(String(v.expire))))) throw new FormatError('The export has a malformed date; nothing was imported.');
   if (v.base !== null && !isVersionId(v.base)) throw new FormatError('The export names a malformed base version; nothing was imported.');
-  if (e.blocks.length !== Math.ceil(v.size / v.block_size)) throw new FormatError(`The export lists ${e.blocks.length} blocks but its size needs ${Math.ceil(v.size / v.block_size)}; was it truncated?`);
+  if (e.blocks.length !== Math.ceil(v.size / v.block_size))
+    throw new FormatError(`The export lists ${e.blocks.length} blocks but its size needs ${Math.ceil(v.size / v.block_size)}; was it truncated?`);
   for (const b of e.blocks) if (b !== null && !/^[0-9a-f]{64}$/.test(b)) throw new FormatError(`The export has a malformed block checksum "${String(b).slice(0, 20)}".`);
   return e;
 }
@@ -141,50 +143,48 @@ export async function copyVersion(src: Repository, srcPipe: BlockPipeline, dst: 
   return withLock(src.locks, LockNames.version(v.id), 'shared', `Version ${v.id}`, () =>
     withLock(dst.locks, LockNames.volume(v.name), 'exclusive', `Volume "${v.name}" in the destination`, () =>
       withVersionWriter(dst, dstPipe, existing ?? { ...carriedFields(v), base: null, date: v.date }, async (writer) => {
-      const result: CopyResult = { version: writer.version, blocks_sent: 0, bytes_sent: 0, blocks_known: 0, already_there: false };
-      const cursor = src.index.mapCursor(v.id, Math.ceil(v.size / v.block_size));
-      const blocks = writer.blocks;
-      const translations: [Buffer, Buffer][] = [];
-      await orderedWindow<BlockOutcome>(
-        blocks,
-        opts.queueDepth,
-        async (i) => {
-          const length = Math.min(v.block_size, v.size - i * v.block_size);
-          const checksum = cursor.get(i);
-          if (!checksum) return { kind: 'sparse', length };
-          const known = dst.index.getTranslation(src.id, checksum);
-          if (known) {
-            await dstPipe.retain(known);
-            if (dst.index.getBlock(known)?.valid) return { kind: 'referenced', length, checksum: known };
-          }
-          const plain = await srcPipe.load(checksum, length);
-          const { data, checksum: mine } = await dstPipe.digest(plain);
-          if (!mine) return { kind: 'sparse', length };
-          translations.push([checksum, mine]);
-          const { record, written } = await dstPipe.store(data, mine);
-          return { kind: 'data', length, checksum: mine, record, written };
-        },
-        async (i, out) => {
-          if (out.kind === 'data' && out.written) {
-            result.blocks_sent++;
-            result.bytes_sent += out.record.stored;
-          } else if (out.kind !== 'sparse') result.blocks_known++;
-          await writer.record(i, out);
-          if (translations.length >= 256) await dst.index.putTranslations(src.id, translations.splice(0));
-          opts.onProgress?.({ phase: 'copy', doneBytes: Math.min(v.size, (i + 1) * v.block_size), totalBytes: v.size, damaged: 0 });
-        },
-        writer.first,
-      );
-      await dst.index.putTranslations(src.id, translations);
-      Object.assign(writer.version, { expire: v.expire, valid: v.valid });
-      result.version = await writer.finish({ stats: v.stats });
-      return result;
+        const result: CopyResult = { version: writer.version, blocks_sent: 0, bytes_sent: 0, blocks_known: 0, already_there: false };
+        const cursor = src.index.mapCursor(v.id, Math.ceil(v.size / v.block_size));
+        const blocks = writer.blocks;
+        const translations: [Buffer, Buffer][] = [];
+        await orderedWindow<BlockOutcome>(
+          blocks,
+          opts.queueDepth,
+          async (i) => {
+            const length = Math.min(v.block_size, v.size - i * v.block_size);
+            const checksum = cursor.get(i);
+            if (!checksum) return { kind: 'sparse', length };
+            const known = dst.index.getTranslation(src.id, checksum);
+            if (known) {
+              await dstPipe.retain(known);
+              if (dst.index.getBlock(known)?.valid) return { kind: 'referenced', length, checksum: known };
+            }
+            const plain = await srcPipe.load(checksum, length);
+            const { data, checksum: mine } = await dstPipe.digest(plain);
+            if (!mine) return { kind: 'sparse', length };
+            translations.push([checksum, mine]);
+            const { record, written } = await dstPipe.store(data, mine);
+            return { kind: 'data', length, checksum: mine, record, written };
+          },
+          async (i, out) => {
+            if (out.kind === 'data' && out.written) {
+              result.blocks_sent++;
+              result.bytes_sent += out.record.stored;
+            } else if (out.kind !== 'sparse') result.blocks_known++;
+            await writer.record(i, out);
+            if (translations.length >= 256) await dst.index.putTranslations(src.id, translations.splice(0));
+            opts.onProgress?.({ phase: 'copy', doneBytes: Math.min(v.size, (i + 1) * v.block_size), totalBytes: v.size, damaged: 0 });
+          },
+          writer.first,
+        );
+        await dst.index.putTranslations(src.id, translations);
+        Object.assign(writer.version, { expire: v.expire, valid: v.valid });
+        result.version = await writer.finish({ stats: v.stats });
+        return result;
       }),
     ),
   );
 }
-
-
 
 /** What a version keeps when it moves to another repository (import, copy). */
 function carriedFields(v: Pick<VersionRecord, 'id' | 'name' | 'size' | 'source' | 'snapshot_name' | 'tags' | 'protected'>) {

@@ -236,12 +236,7 @@ export class VersionWriter {
  * Runs `fn` with a writer for a new version (`fields`) or an interrupted one (a version record), and gives
  * up the writer's locks whatever happens; an interrupted run leaves the version incomplete and resumable.
  */
-export async function withVersionWriter<T>(
-  repo: Repository,
-  pipeline: BlockPipeline,
-  what: NewVersionFields | VersionRecord,
-  fn: (writer: VersionWriter) => Promise<T>,
-): Promise<T> {
+export async function withVersionWriter<T>(repo: Repository, pipeline: BlockPipeline, what: NewVersionFields | VersionRecord, fn: (writer: VersionWriter) => Promise<T>): Promise<T> {
   const writer = 'format' in what ? await VersionWriter.resume(repo, pipeline, what) : await VersionWriter.create(repo, pipeline, what);
   try {
     return await fn(writer);

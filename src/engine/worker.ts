@@ -82,7 +82,6 @@ function handle(req: WorkerRequest): { reply: WorkerReply; transfer: ArrayBuffer
   }
 }
 
-
 const tick = gcEvery(4);
 
 parentPort!.on('message', (req: WorkerRequest) => {

@@ -97,7 +97,16 @@ export class Index {
   }
 
   private rawTables(): MigrationTables {
-    return { root: this.root, meta: this.meta, versions: this.versions, blocks: this.blocks, maps: this.maps, restores: this.restores, gcCandidates: this.gcCandidates, translations: this.translations };
+    return {
+      root: this.root,
+      meta: this.meta,
+      versions: this.versions,
+      blocks: this.blocks,
+      maps: this.maps,
+      restores: this.restores,
+      gcCandidates: this.gcCandidates,
+      translations: this.translations,
+    };
   }
 
   /** Random id of this index: processes sharing it see each other's cleanup candidates (see cleanup.ts). */
@@ -512,8 +521,7 @@ const MIGRATIONS: Record<number, (t: MigrationTables, auth: IndexAuth) => void> 
     }
   },
   2: (t, auth) => {
-    const old = <V, K extends string | Buffer>(name: string, binaryKeys: boolean) =>
-      [...t.root.openDB<V, K>(name, binaryKeys ? { keyEncoding: 'binary' } : {}).getRange({})] as { key: K; value: V }[];
+    const old = <V, K extends string | Buffer>(name: string, binaryKeys: boolean) => [...t.root.openDB<V, K>(name, binaryKeys ? { keyEncoding: 'binary' } : {}).getRange({})] as { key: K; value: V }[];
     for (const { key, value } of old<VersionRecord, string>('versions', false)) t.versions.putSync(key, auth.sealJson('versions', key, value));
     for (const { key, value } of old<RestoreState, string>('restores', false)) t.restores.putSync(key, auth.sealJson('restores', key, { ...value, damaged: [] }));
     for (const { key, value } of old<GcCandidate, Buffer>('gc_candidates', true)) t.gcCandidates.putSync(key, auth.sealJson('gc_candidates', key, value));

@@ -92,7 +92,7 @@ export class Overlay {
     if (length <= 0) return false;
     const first = Math.floor(offset / GRANULE);
     const last = Math.floor((offset + length - 1) / GRANULE);
-    for (let g = first; g <= last; ) {
+    for (let g = first; g <= last;) {
       const rn = Math.floor(g / REGION_GRANULES);
       if (!this.regions.has(rn)) {
         g = (rn + 1) * REGION_GRANULES;
@@ -119,7 +119,7 @@ export class Overlay {
     if (length <= 0) return out;
     const first = Math.floor(offset / GRANULE);
     const lastG = Math.floor((end - 1) / GRANULE);
-    for (let g = first; g <= lastG; ) {
+    for (let g = first; g <= lastG;) {
       const rn = Math.floor(g / REGION_GRANULES);
       if (!this.regions.has(rn)) {
         const next = Math.min((rn + 1) * REGION_GRANULES, lastG + 1);

@@ -291,10 +291,7 @@ class Connection {
     if (this.server.verbose) this.server.log(`connection from ${this.peer}`);
     const { handshakeTimeoutMs } = this.server.limits;
     if (handshakeTimeoutMs > 0) {
-      this.handshakeTimer = setTimeout(
-        () => this.abort(`handshake not completed within ${handshakeTimeoutMs / 1000} s (handshake_timeout)`),
-        handshakeTimeoutMs,
-      ).unref();
+      this.handshakeTimer = setTimeout(() => this.abort(`handshake not completed within ${handshakeTimeoutMs / 1000} s (handshake_timeout)`), handshakeTimeoutMs).unref();
     }
     try {
       const n = await this.negotiate();

@@ -78,9 +78,13 @@ export class DirectoryStore implements BlobStore {
     try {
       // Batched: the kernel writes many objects back at once instead of one fsync per object in the pipeline.
       for (let i = 0; i < files.length; i += SYNC_PARALLEL) await Promise.all(files.slice(i, i + SYNC_PARALLEL).map((f) => fsyncPath(f)));
-      await Promise.all(dirs.map((d) => fsyncPath(d, true).catch((err: NodeJS.ErrnoException) => {
-        if (err.code !== 'ENOENT') throw err; // a directory removed meanwhile has nothing left to flush
-      })));
+      await Promise.all(
+        dirs.map((d) =>
+          fsyncPath(d, true).catch((err: NodeJS.ErrnoException) => {
+            if (err.code !== 'ENOENT') throw err; // a directory removed meanwhile has nothing left to flush
+          }),
+        ),
+      );
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
         throw new BlocksafeError(`An object written moments ago vanished from ${this.root} before it was flushed (deleted by another program?); nothing refers to it yet: run the command again.`);

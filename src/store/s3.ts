@@ -7,17 +7,7 @@ import ini from 'ini';
 import { BlocksafeError, NotFoundError, UsageError } from '../errors.js';
 import { Throttle } from '../util/throttle.js';
 import { checkObjectName, type BlobStore, type ListOptions, type ObjectInfo } from './blobstore.js';
-import {
-  classifyFailure,
-  formatMs,
-  httpStatus,
-  RetriesExhausted,
-  Semaphore,
-  StoreClosed,
-  withRetries,
-  type FailureKind,
-  type RetryPolicy,
-} from './s3retry.js';
+import { classifyFailure, formatMs, httpStatus, RetriesExhausted, Semaphore, StoreClosed, withRetries, type FailureKind, type RetryPolicy } from './s3retry.js';
 
 /**
  * Blob store in an S3-compatible bucket (AWS, Ceph RADOS Gateway, MinIO, …): the same object names as the
@@ -325,7 +315,11 @@ export class S3Store implements BlobStore {
     const what = `${op}${key !== undefined ? ` ${key}` : ''}`;
     const opts = { cause: last };
     if (kind === 'network' || kind === 'timeout') {
-      return new BlocksafeError(`S3 endpoint ${this.endpointLabel} is not reachable: ${describeCause(last)}${tries}; check that it is running and reachable, then retry (backup --resume continues an interrupted backup).`, undefined, opts);
+      return new BlocksafeError(
+        `S3 endpoint ${this.endpointLabel} is not reachable: ${describeCause(last)}${tries}; check that it is running and reachable, then retry (backup --resume continues an interrupted backup).`,
+        undefined,
+        opts,
+      );
     }
     if (name === 'NoSuchBucket' || (op === 'HeadBucket' && status === 404)) return this.missingBucket(opts);
     if (name === 'CredentialsProviderError' || /could not load credentials/i.test(e?.message ?? '')) {
@@ -336,7 +330,11 @@ export class S3Store implements BlobStore {
       return new UsageError(`S3 bucket "${this.bucket}" is not in region ${this.settings.region}${actual ? ` but in ${actual}` : ''} (${name}); set [s3] region${actual ? ` = ${actual}` : ''}.`, opts);
     }
     if (name === 'RequestTimeTooSkewed') {
-      return new BlocksafeError(`S3 endpoint ${this.endpointLabel} refused ${what}: the clock of this machine differs too much from the endpoint's; set the time (e.g. with NTP) and retry.`, undefined, opts);
+      return new BlocksafeError(
+        `S3 endpoint ${this.endpointLabel} refused ${what}: the clock of this machine differs too much from the endpoint's; set the time (e.g. with NTP) and retry.`,
+        undefined,
+        opts,
+      );
     }
     if (status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'Forbidden'].includes(name)) {
       const why = name && !['Unknown', 'UnknownError', 'Error', '403'].includes(name) ? name : 'HTTP 403';
@@ -347,13 +345,21 @@ export class S3Store implements BlobStore {
       );
     }
     if (kind === 'service') {
-      return new BlocksafeError(`S3 endpoint ${this.endpointLabel} kept failing ${what} (${name}${status ? `, HTTP ${status}` : ''})${tries}; try again later (nothing was lost; backup --resume continues an interrupted backup).`, undefined, opts);
+      return new BlocksafeError(
+        `S3 endpoint ${this.endpointLabel} kept failing ${what} (${name}${status ? `, HTTP ${status}` : ''})${tries}; try again later (nothing was lost; backup --resume continues an interrupted backup).`,
+        undefined,
+        opts,
+      );
     }
     return new BlocksafeError(`S3 ${what} at ${this.endpointLabel} failed: ${name}${status ? ` (HTTP ${status})` : ''}: ${(e?.message ?? String(last)).replace(/\s+/g, ' ')}`, undefined, opts);
   }
 
   private missingBucket(opts: { cause?: unknown }): NotFoundError {
-    return new NotFoundError(`S3 bucket "${this.bucket}" does not exist at ${this.endpointLabel}; check --repo, or create it with "blocksafe init --create-bucket --repo ${this.location}".`, undefined, opts);
+    return new NotFoundError(
+      `S3 bucket "${this.bucket}" does not exist at ${this.endpointLabel}; check --repo, or create it with "blocksafe init --create-bucket --repo ${this.location}".`,
+      undefined,
+      opts,
+    );
   }
 
   /**
@@ -493,10 +499,9 @@ export class S3Store implements BlobStore {
     let token: string | undefined;
     do {
       const page = (await this.call('ListObjectsV2', full || '/', (client, sdk, signal) =>
-        client.send(
-          new sdk.ListObjectsV2Command({ Bucket: this.bucket, ...(full ? { Prefix: full } : {}), MaxKeys: this.settings.listPage, ...(token ? { ContinuationToken: token } : {}) }),
-          { abortSignal: signal },
-        ),
+        client.send(new sdk.ListObjectsV2Command({ Bucket: this.bucket, ...(full ? { Prefix: full } : {}), MaxKeys: this.settings.listPage, ...(token ? { ContinuationToken: token } : {}) }), {
+          abortSignal: signal,
+        }),
       )) as { Contents?: { Key?: string; Size?: number; LastModified?: Date }[]; IsTruncated?: boolean; NextContinuationToken?: string };
       this.bucketChecked = true;
       for (const o of page.Contents ?? []) {
@@ -547,7 +552,15 @@ async function readBody(body: unknown, expected: number | undefined, signal: Abo
 function describeCause(err: unknown): string {
   const e = err as { message?: string; code?: string; name?: string; errors?: { message?: string }[] };
   // Node reports a refused dual-stack connect as an AggregateError without a message.
-  let msg = e?.message || e?.errors?.map((x) => x.message).filter(Boolean).join(', ') || e?.code || e?.name || String(err);
+  let msg =
+    e?.message ||
+    e?.errors
+      ?.map((x) => x.message)
+      .filter(Boolean)
+      .join(', ') ||
+    e?.code ||
+    e?.name ||
+    String(err);
   msg = msg.replace(/\s+/g, ' ').trim();
   const connect = /did not establish a connection .* timeout of (\d+) ms/.exec(msg);
   if (connect) msg = `no connection within ${formatMs(Number(connect[1]))}`;

@@ -1,14 +1,7 @@
 import { statSync } from 'node:fs';
 
 /** Environment variables holding secrets: never passed on to child processes (lvm, rbd, …). */
-const SECRET_VARIABLES = [
-  'BLOCKSAFE_PASSPHRASE',
-  'BLOCKSAFE_TO_PASSPHRASE',
-  'BLOCKSAFE_NEW_PASSPHRASE',
-  'AWS_SECRET_ACCESS_KEY',
-  'AWS_SESSION_TOKEN',
-  'AWS_ACCESS_KEY_ID',
-];
+const SECRET_VARIABLES = ['BLOCKSAFE_PASSPHRASE', 'BLOCKSAFE_TO_PASSPHRASE', 'BLOCKSAFE_NEW_PASSPHRASE', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_ACCESS_KEY_ID'];
 
 /** A copy of `env` without the secret variables. */
 export function childEnvironment(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {

@@ -129,11 +129,7 @@ export async function verifyRestore(w: World, v: LsVersion, repo: string, what: 
 }
 
 function describe(vs: LsVersion[]): string {
-  return JSON.stringify(
-    [...vs]
-      .sort((a, b) => a.id.localeCompare(b.id))
-      .map((v) => [v.id, v.name, v.complete ? 'c' : 'i', v.protected ? 'p' : '', [...v.tags].sort().join('+'), v.expire ?? '']),
-  );
+  return JSON.stringify([...vs].sort((a, b) => a.id.localeCompare(b.id)).map((v) => [v.id, v.name, v.complete ? 'c' : 'i', v.protected ? 'p' : '', [...v.tags].sort().join('+'), v.expire ?? '']));
 }
 
 const short = (c: string) => c.slice(0, 8);

@@ -55,10 +55,20 @@ const mix: Record<string, number> = {};
 for (const r of results) for (const [k, n] of Object.entries(r.mix)) mix[k] = (mix[k] ?? 0) + n;
 const byKind: Record<string, number> = {};
 for (const [k, n] of Object.entries(mix)) byKind[k.split(':')[1]!] = (byKind[k.split(':')[1]!] ?? 0) + n;
-process.stdout.write(`fault mix: ${Object.entries(byKind).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ${n}`).join(', ')}; by site: ${Object.entries(mix).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
+process.stdout.write(
+  `fault mix: ${Object.entries(byKind)
+    .sort((a, b) => b[1] - a[1])
+    .map(([k, n]) => `${k} ${n}`)
+    .join(', ')}; by site: ${Object.entries(mix)
+    .sort((a, b) => b[1] - a[1])
+    .map(([k, n]) => `${k} ${n}`)
+    .join(', ')}\n`,
+);
 const { KNOWN } = await import('./known.js');
 process.stdout.write(`known bugs not fixed: ${KNOWN.map((k) => k.id).join(', ') || 'none'} (test/torture/known.ts)\n`);
-process.stdout.write(`details: seeds ${seed}..${seed + schedules - 1}, ${sum((r) => r.steps)} steps, ${sum((r) => r.commands)} commands, ${sum((r) => r.crashes)} power losses, ${results.filter((r) => r.violations.length).length} failing schedules, ${secs} s\n`);
+process.stdout.write(
+  `details: seeds ${seed}..${seed + schedules - 1}, ${sum((r) => r.steps)} steps, ${sum((r) => r.commands)} commands, ${sum((r) => r.crashes)} power losses, ${results.filter((r) => r.violations.length).length} failing schedules, ${secs} s\n`,
+);
 if (process.env.TORTURE_PROFILE) {
   const { World } = await import('./world.js');
   for (const [k, [n, ms]] of World.profile) process.stdout.write(`profile: ${k}: ${n} runs, ${(ms / n).toFixed(0)} ms each\n`);

@@ -47,20 +47,65 @@ const OPS: [Op, number][] = [
 
 /** Which store operations each command does enough of to fail, and how far in. */
 const FAULT_SITES: Record<Op, [FaultOp, number][]> = {
-  backup: [['put', 30], ['sync', 2], ['list', 1]],
-  incremental: [['put', 6], ['get', 3], ['sync', 2]],
-  resume: [['put', 10], ['get', 2], ['sync', 2]],
+  backup: [
+    ['put', 30],
+    ['sync', 2],
+    ['list', 1],
+  ],
+  incremental: [
+    ['put', 6],
+    ['get', 3],
+    ['sync', 2],
+  ],
+  resume: [
+    ['put', 10],
+    ['get', 2],
+    ['sync', 2],
+  ],
   restore: [['get', 12]],
-  rm: [['delete', 1], ['put', 1], ['sync', 1]],
-  prune: [['delete', 1], ['sync', 1]],
-  cleanup: [['delete', 4], ['list', 2], ['put', 1], ['sync', 1]],
-  'cleanup-grace': [['list', 2], ['put', 1], ['sync', 1]],
+  rm: [
+    ['delete', 1],
+    ['put', 1],
+    ['sync', 1],
+  ],
+  prune: [
+    ['delete', 1],
+    ['sync', 1],
+  ],
+  cleanup: [
+    ['delete', 4],
+    ['list', 2],
+    ['put', 1],
+    ['sync', 1],
+  ],
+  'cleanup-grace': [
+    ['list', 2],
+    ['put', 1],
+    ['sync', 1],
+  ],
   scrub: [['get', 12]],
-  rekey: [['put', 20], ['get', 10], ['delete', 2], ['sync', 2]],
-  copy: [['put', 20], ['sync', 2]],
-  rebuild: [['get', 3], ['list', 2]],
-  protect: [['put', 1], ['sync', 1]],
-  tag: [['put', 1], ['sync', 1]],
+  rekey: [
+    ['put', 20],
+    ['get', 10],
+    ['delete', 2],
+    ['sync', 2],
+  ],
+  copy: [
+    ['put', 20],
+    ['sync', 2],
+  ],
+  rebuild: [
+    ['get', 3],
+    ['list', 2],
+  ],
+  protect: [
+    ['put', 1],
+    ['sync', 1],
+  ],
+  tag: [
+    ['put', 1],
+    ['sync', 1],
+  ],
 };
 
 export interface ScheduleOptions {
@@ -89,7 +134,9 @@ export async function runSchedule(seed: number, dir: string, opts: ScheduleOptio
     mix: w.faultMix(),
     crashes: w.crashes,
     violations: w.violations,
-    transcript: w.steps.map((s) => `  ${s.n}. ${s.what}${[s.fault, s.extra].map((f) => (f ? ` [fault ${f.op}#${f.nth} ${f.kind}${f.prefix ? ` ${f.prefix}` : ''}]` : '')).join('')}${s.result ? ` → ${s.result}` : ''}`).join('\n'),
+    transcript: w.steps
+      .map((s) => `  ${s.n}. ${s.what}${[s.fault, s.extra].map((f) => (f ? ` [fault ${f.op}#${f.nth} ${f.kind}${f.prefix ? ` ${f.prefix}` : ''}]` : '')).join('')}${s.result ? ` → ${s.result}` : ''}`)
+      .join('\n'),
   };
 }
 
@@ -99,8 +146,20 @@ function chooseFault(w: World, op: Op): Fault | undefined {
   const reads = site === 'get';
   const kind: FaultKind = w.rng.weighted<FaultKind>(
     reads
-      ? [['eio', 2], ['timeout', 1], ['short', 1], ['bitflip', 2], ['truncate', 1], ['powerloss', 2]]
-      : [['eio', 2], ['timeout', 1], ['enospc', 2], ['powerloss', 4]],
+      ? [
+          ['eio', 2],
+          ['timeout', 1],
+          ['short', 1],
+          ['bitflip', 2],
+          ['truncate', 1],
+          ['powerloss', 2],
+        ]
+      : [
+          ['eio', 2],
+          ['timeout', 1],
+          ['enospc', 2],
+          ['powerloss', 4],
+        ],
   );
   const fault: Fault = { op: site, nth: w.rng.int(1, maxNth), kind };
   if (site === 'put' && w.rng.chance(0.5) && (op === 'backup' || op === 'copy')) fault.prefix = 'data/';
@@ -259,7 +318,11 @@ async function step(w: World, op: Op): Promise<void> {
     // a power loss loses it
     rec.result += w.rng.chance(0.25) ? '; kill -9 only' : `; ${w.powerCut()}`;
     // The LMDB index is outside the model: sometimes it is lost, sometimes an older copy comes back.
-    const fate = w.rng.weighted([['kept', 2], ['lost', 1], ['stale', 1]] as const);
+    const fate = w.rng.weighted([
+      ['kept', 2],
+      ['lost', 1],
+      ['stale', 1],
+    ] as const);
     if (fate !== 'kept') {
       await fs.rm(path.join(w.repo, 'index'), { recursive: true, force: true });
       if (fate === 'stale' && existsSync(indexCopy)) await fs.cp(indexCopy, path.join(w.repo, 'index'), { recursive: true });
@@ -310,7 +373,10 @@ function judge(w: World, op: Op, r: CliResult, fault: Fault | undefined): void {
     return;
   }
   if (r.code === 0) return;
-  const lines = r.stderr.trim().split('\n').filter((l) => l && !l.startsWith('blocksafe: note:') && !l.startsWith('blocksafe: warning:'));
+  const lines = r.stderr
+    .trim()
+    .split('\n')
+    .filter((l) => l && !l.startsWith('blocksafe: note:') && !l.startsWith('blocksafe: warning:'));
   // exit 3 from restore/scrub/check: the damage is in the --json report on stdout, stderr may be empty
   if (r.code === 3 && lines.length === 0 && r.stdout.includes('"damaged"')) return;
   if (r.stderr.includes('\n    at ') || lines.length !== 1 || !lines[0]!.startsWith('blocksafe: ')) w.violation(`${op} failed without one clear error line: ${JSON.stringify(r.stderr.slice(0, 300))}`);

@@ -19,10 +19,11 @@ for await (const line of createInterface({ input: process.stdin })) {
   Object.assign(process.env, req.env);
   const out: string[] = [];
   const err: string[] = [];
-  const capture = (sink: string[]) => ((chunk: string | Uint8Array) => {
-    sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
-    return true;
-  }) as typeof process.stdout.write;
+  const capture = (sink: string[]) =>
+    ((chunk: string | Uint8Array) => {
+      sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
+      return true;
+    }) as typeof process.stdout.write;
   process.stdout.write = capture(out);
   process.stderr.write = capture(err);
   process.exitCode = undefined;

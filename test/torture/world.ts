@@ -232,5 +232,7 @@ function runWith(bin: string, args: string[], env: Record<string, string>): Prom
 }
 
 export async function sha256Of(file: string): Promise<string> {
-  return createHash('sha256').update(await fs.readFile(file)).digest('hex');
+  return createHash('sha256')
+    .update(await fs.readFile(file))
+    .digest('hex');
 }

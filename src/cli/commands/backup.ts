@@ -78,4 +78,3 @@ function offerResume(v: VersionRecord, name: string, json: boolean): boolean {
   if (!process.stdin.isTTY) process.stderr.write(`blocksafe: note: an interrupted backup of "${name}" exists (version ${v.id}); use --resume to continue it. Starting a new backup.\n`);
   return false;
 }
-

@@ -50,7 +50,8 @@ export function register(program: Command): void {
           out.write(`At ${percent} % per run a full cycle takes ${Math.ceil(100 / percent)} runs; ${result.blocks_due} blocks are still due in this cycle.\n`);
         }
         for (const d of result.damaged) out.write(`DAMAGED block ${d.checksum.slice(0, 16)}…: ${d.reason}\n`);
-        if (result.invalidated_versions.length) out.write(`Versions now INVALID: ${result.invalidated_versions.join(', ')} (still restorable except the damaged blocks; the next backup re-stores them).\n`);
+        if (result.invalidated_versions.length)
+          out.write(`Versions now INVALID: ${result.invalidated_versions.join(', ')} (still restorable except the damaged blocks; the next backup re-stores them).\n`);
         if (result.revalidated_versions.length) out.write(`Versions valid again: ${result.revalidated_versions.join(', ')}.\n`);
         for (const d of result.source_differences) out.write(`differs from the source: block ${d.block} (offset ${d.offset}, ${d.length} bytes)\n`);
         if (opts.source && result.source_differences.length === 0) out.write('The version equals the live source.\n');

@@ -5,16 +5,7 @@ import { BlocksafeError, NotFoundError, UsageError } from '../../errors.js';
 import { validateName } from '../../engine/backup.js';
 import { LockNames, type Lock } from '../../engine/locks.js';
 import { BlockCache, cacheCapacity } from '../../nbd/blockCache.js';
-import {
-  exportSecret,
-  exportUri,
-  formatAddress,
-  parseTcp,
-  prepareSocketPath,
-  privateSocketDir,
-  rmdirQuiet,
-  unlinkQuiet,
-} from '../../nbd/endpoint.js';
+import { exportSecret, exportUri, formatAddress, parseTcp, prepareSocketPath, privateSocketDir, rmdirQuiet, unlinkQuiet } from '../../nbd/endpoint.js';
 import { NbdExport } from '../../nbd/export.js';
 import { exportNames, selectVersions } from '../../nbd/exports.js';
 import { Overlay } from '../../nbd/overlay.js';
@@ -261,9 +252,7 @@ function announce(e: Endpoint, names: ReturnType<typeof exportNames>, rw: boolea
   const versions = names.filter((n) => !n.alias).length;
   const where = 'path' in e.address ? `Unix socket ${e.address.path} (only this user can connect)` : formatAddress(e.address);
   const how = e.psk ? `, TLS with the pre-shared keys of ${e.psk.file}` : e.secret ? ', WITHOUT TLS' : '';
-  const lines = [
-    `Serving ${versions} version${versions === 1 ? '' : 's'} ${rw ? 'read-write (writes go to a temporary overlay; the backup never changes)' : 'read-only'} on ${where}${how}:`,
-  ];
+  const lines = [`Serving ${versions} version${versions === 1 ? '' : 's'} ${rw ? 'read-write (writes go to a temporary overlay; the backup never changes)' : 'read-only'} on ${where}${how}:`];
   const width = Math.max(...names.map((n) => uri(n.name).length));
   for (const n of names) lines.push(`  ${uri(n.name).padEnd(width)}  ${n.description}`);
   if (e.secret) {

@@ -38,7 +38,7 @@ export function register(program: Command): void {
 
   program
     .command('export')
-    .description('write a version\'s metadata (tags, expiry, protection, block map) as JSON to FILE or - (stdout)')
+    .description("write a version's metadata (tags, expiry, protection, block map) as JSON to FILE or - (stdout)")
     .argument('<version>')
     .argument('<file>', 'output file, or - for standard output')
     .action(async (ref: string, file: string, _o: unknown, cmd: Command) => {
