@@ -542,7 +542,7 @@ async function pollUntil(what: string, probe: () => boolean): Promise<void> {
 const canMount = process.getuid?.() === 0 && existsSync('/dev/fuse');
 if (haveTmux && !canMount && process.env.CI === 'true') test('the Mount action of the UI is tested in CI (as root, with /dev/fuse)', (t) => t.fail('not root or no /dev/fuse'));
 
-(canMount ? run : test.serial.skip)('blocksafe ui in tmux: m mounts a version (its data file equals the image), u unmounts it; quitting while mounted unmounts first', async (t) => {
+(canMount ? run : test.serial.skip)('blocksafe ui in tmux: m mounts a version (its data file equals the image), u unmounts it; quitting or a closed terminal unmounts first', async (t) => {
   t.timeout(180_000);
   const dir = await tempDir(t, 'blocksafe-tui-mount-');
   // A passphrase typed into the UI: the mount child must get it from the UI (its environment), not the test.
