@@ -12,11 +12,12 @@ import { MountFailedError, type MountedVersion } from './backend.js';
 
 /**
  * How to run this blocksafe again: in the single executable process.execPath is blocksafe itself; under
- * Node it is node, and the script (bin/blocksafe.js) is process.argv[1].
+ * Node it is node, and the script (bin/blocksafe.js) is process.argv[1] (which the single executable sets to
+ * process.execPath).
  */
 export function selfCommand(): { file: string; args: string[] } {
   const script = process.argv[1];
-  if (script && /\.[cm]?js$/.test(script)) return { file: process.execPath, args: [script] };
+  if (script && script !== process.execPath && /\.[cm]?js$/.test(script)) return { file: process.execPath, args: [script] };
   return { file: process.execPath, args: [] };
 }
 
