@@ -4,12 +4,14 @@
  * text screenshots in test-artifacts/tui/. It unlocks the repository with a passphrase typed into the UI,
  * restores a version to a new file and checks its sha256, stops a restore half-way and resumes it, restores
  * over an existing file (typed confirmation) and — where loop devices work — to a block device chosen from
- * the list, then quits and checks the terminal is back to normal.
+ * the list, then quits and checks the terminal is back to normal. As root, the Mount action mounts a version
+ * (FUSE, a `blocksafe mount` child process) and unmounts it.
  *
  * The command under test is `node bin/blocksafe.js`, or $BLOCKSAFE_BIN (e.g. build/out/blocksafe) for the
  * single executable.
  */
 import { execFile, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
@@ -520,4 +522,76 @@ run('blocksafe ui in tmux: a repository that does not open exits 1; a long list 
     await tl.waitFor('EXIT=0');
     await tl.run('kill-server').catch(() => undefined);
   }
+});
+
+/** Whether `dir` is a mount point now (as /proc/self/mountinfo names it). */
+function isMountPoint(dir: string): boolean {
+  return readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .some((l) => l.split(' ')[4] === dir);
+}
+
+async function pollUntil(what: string, probe: () => boolean): Promise<void> {
+  const end = Date.now() + DEADLINE_MS;
+  while (!probe()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await poll();
+  }
+}
+
+const canMount = process.getuid?.() === 0 && existsSync('/dev/fuse');
+if (haveTmux && !canMount && process.env.CI === 'true') test('the Mount action of the UI is tested in CI (as root, with /dev/fuse)', (t) => t.fail('not root or no /dev/fuse'));
+
+(canMount ? run : test.serial.skip)('blocksafe ui in tmux: m mounts a version (its data file equals the image), u unmounts it; quitting or a closed terminal unmounts first', async (t) => {
+  t.timeout(180_000);
+  const dir = await tempDir(t, 'blocksafe-tui-mount-');
+  // A passphrase typed into the UI: the mount child must get it from the UI (its environment), not the test.
+  const repo = await initRepo(path.join(dir, 'repo'), { blockSize: '1M' });
+  const image = await makeImage(path.join(dir, 'disk.img'), { blockSize: MiB, seed: 'tui-mount', blocks: ['random', 'zero', 'text', { dup: 0 }], tail: { bytes: 54_321, kind: 'random' } });
+  const v = await backupJson(repo, image.path, 'disk');
+  const tm = new Tmux(t, cleanEnv());
+  await tm.start(`cd ${ROOT} && ${COMMAND} ui --repo ${repo.dir}; echo "EXIT=$?"`, 100, 30);
+  await tm.waitFor('This repository is encrypted.');
+  await tm.type(PASSPHRASE);
+  await tm.keys('Enter');
+  let s = await tm.waitFor('1 version of 1 volume');
+  t.regex(s, /m mount/);
+
+  await tm.keys('m');
+  s = await tm.waitFor(/MOUNTED read-only|Error:/);
+  await tm.shot('mounted');
+  const found = new RegExp(`(/\\S*blocksafe-mount-\\w+)/by_id/${v.id}/data`).exec(s);
+  t.truthy(found, s);
+  const mnt = found![1]!;
+  const data = `${mnt}/by_id/${v.id}/data`;
+  t.teardown(() => (isMountPoint(mnt) ? runStatus('umount', ['-l', mnt]).then(() => undefined) : undefined));
+  t.true(isMountPoint(mnt), `${mnt} is mounted`);
+  t.regex(s.replace(/\s+/g, ' '), new RegExp(`mount -o loop,ro ${data} /mnt`));
+  t.is((await runStatus('cmp', [data, image.path])).code, 0, 'the mounted data file equals the backed-up image');
+
+  // A file open in the mount: u says it is busy and leaves it mounted; closed, u unmounts.
+  const open = await fs.open(data, 'r');
+  await tm.keys('u');
+  s = await tm.waitFor(/Error: cannot unmount yet/);
+  await tm.shot('mount-busy');
+  t.regex(s.replace(/\s+/g, ' '), /press u again/);
+  t.true(isMountPoint(mnt), 'still mounted while busy');
+  await open.close();
+  await tm.keys('u');
+  s = await tm.waitFor(`Unmounted version ${v.id} from ${mnt}.`);
+  await pollUntil(`${mnt} to leave /proc/self/mountinfo`, () => !isMountPoint(mnt));
+  t.false(existsSync(mnt), 'the temporary directory is removed');
+  t.regex(s, /1 version of 1 volume/);
+
+  // Mounted again, then q: the UI unmounts before it ends.
+  await tm.keys('m');
+  s = await tm.waitFor('MOUNTED read-only');
+  const again = new RegExp(`(/\\S*blocksafe-mount-\\w+)/by_id/${v.id}/data`).exec(s)![1]!;
+  t.teardown(() => (isMountPoint(again) ? runStatus('umount', ['-l', again]).then(() => undefined) : undefined));
+  t.true(isMountPoint(again));
+  await tm.keys('q');
+  await tm.waitFor('EXIT=0');
+  t.false(isMountPoint(again), 'unmounted before the UI ended');
+  t.false(existsSync(again), 'its directory removed');
+  t.regex(await tm.screen(true), new RegExp(`Mounted version ${v.id} .* on ${again} and unmounted it`));
 });

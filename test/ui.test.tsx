@@ -732,3 +732,49 @@ test.serial('the list says how much of an INVALID version is damaged', async (t)
   t.notRegex(frame, /root0003 .*damaged/);
   r.unmount();
 });
+
+test.serial('m mounts the selected version: the data path and loop-mount hint are shown, u unmounts; errors are one line', async (t) => {
+  const { r, backend, logs } = await start({ withMount: true, unmountBusy: 'cannot unmount yet (target is busy); close the files in it.' }, 100, 30);
+  t.regex(r.lastFrame()!, /m mount/);
+  // home0002 (selected first) is incomplete: refused on the list, nothing mounted.
+  await press(r, 'm');
+  await waitForFrame(r, 'Error: Version home0002 is incomplete');
+  t.deepEqual(backend.mounts, []);
+  await press(r, KEY.down, 'm'); // home0001
+  let frame = await waitForFrame(r, 'MOUNTED read-only');
+  t.regex(frame.replace(/\s+/g, ' '), /\/tmp\/blocksafe-mount-home0001\/by_id\/home0001\/data/);
+  t.regex(frame.replace(/\s+/g, ' '), /mount -o loop,ro \/tmp\/blocksafe-mount-home0001\/by_id\/home0001\/data/);
+  t.deepEqual(backend.mounts, ['home0001']);
+  // Busy: the reason is shown, it stays mounted; u again unmounts.
+  await press(r, 'u');
+  frame = await waitForFrame(r, 'Error: cannot unmount yet (target is busy)');
+  t.regex(frame, /MOUNTED read-only/);
+  await press(r, 'u');
+  frame = await waitForFrame(r, 'Unmounted version home0001 from /tmp/blocksafe-mount-home0001.');
+  t.regex(frame, /versions of/);
+  t.deepEqual(backend.unmounts, ['home0001', 'home0001']);
+  t.true(logs.some((l) => l.includes('Mounted version home0001') && l.includes('unmounted it')));
+  r.unmount();
+
+  // Quitting while mounted unmounts first, then the app ends.
+  const q = await start({ withMount: true });
+  await press(q.r, KEY.down, 'm');
+  await waitForFrame(q.r, 'MOUNTED read-only');
+  await press(q.r, 'q');
+  t.true(await waitUnmounted(q.r), 'the app exited');
+  t.deepEqual(q.backend.unmounts, ['home0001']);
+
+  // The child's one-line error (not root) is shown as it is; Esc goes back.
+  const e = await start({ withMount: true, mountError: 'blocksafe mount needs root (it mounts a FUSE file system with mount(8)); run it as root.' });
+  await press(e.r, KEY.down, 'm');
+  frame = await waitForFrame(e.r, 'Error: blocksafe mount needs root');
+  t.regex(frame, /could not be mounted/);
+  await press(e.r, KEY.esc);
+  await waitForFrame(e.r, 'versions of');
+  e.r.unmount();
+
+  // Without the capability there is no m key.
+  const none = await start();
+  t.false(none.r.lastFrame()!.includes('m mount'));
+  none.r.unmount();
+});

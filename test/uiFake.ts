@@ -5,7 +5,18 @@
  */
 import { render } from 'ink-testing-library';
 import type { ReactElement } from 'react';
-import { CancelledError, type Backend, type BlockDevice, type Progress, type RestoreOutcome, type RestoreRequest, type TargetInfo, type VersionRecord } from '../ui/backend.js';
+import {
+  CancelledError,
+  MountFailedError,
+  type Backend,
+  type MountedVersion,
+  type BlockDevice,
+  type Progress,
+  type RestoreOutcome,
+  type RestoreRequest,
+  type TargetInfo,
+  type VersionRecord,
+} from '../ui/backend.js';
 import { confirmName } from '../ui/format.js';
 
 const MiB = 2 ** 20;
@@ -84,11 +95,19 @@ export interface FakeOptions {
   withLifecycle?: boolean;
   /** Versions the repository's minimum age keeps from being removed. */
   tooYoung?: string[];
+  withMount?: boolean;
+  /** Make mount fail with this message (the child's one line, e.g. "needs root"). */
+  mountError?: string;
+  /** The first unmount fails with this message (busy); the second succeeds. */
+  unmountBusy?: string;
 }
 
 export interface FakeBackend extends Backend {
   restores: { version: string; req: RestoreRequest }[];
   removed: string[];
+  /** Ids mounted, and ids unmounted, in order. */
+  mounts: string[];
+  unmounts: string[];
 }
 
 export function fakeBackend(o: FakeOptions = {}): FakeBackend {
@@ -97,9 +116,13 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
   const stepMs = o.stepMs ?? 5;
   const restores: FakeBackend['restores'] = [];
   const removed: string[] = [];
+  const mounts: string[] = [];
+  const unmounts: string[] = [];
   const b: FakeBackend = {
     restores,
     removed,
+    mounts,
+    unmounts,
     summary: { location: '/media/usb/blocksafe', encryption: 'chacha20-poly1305', blockSize: 4 * MiB },
     listVersions: () => [...versions].sort((x, y) => y.date.localeCompare(x.date)),
     versionUsage: async (v) => ({ blocks: 1000, storedBytes: v.size / 3, damagedBlocks: v.valid ? 0 : 2 }),
@@ -197,6 +220,30 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
       update(v.id, (x) => ({ ...x, tags: [...new Set([...x.tags, tag])] }));
     };
     b.removeTag = async (v, tag) => update(v.id, (x) => ({ ...x, tags: x.tags.filter((t) => t !== tag) }));
+  }
+  if (o.withMount) {
+    let busy = o.unmountBusy;
+    b.mount = async (v): Promise<MountedVersion> => {
+      mounts.push(v.id);
+      if (o.mountError) throw new MountFailedError(o.mountError);
+      const dir = `/tmp/blocksafe-mount-${v.id}`;
+      let end: (why: string | null) => void = () => undefined;
+      const ended = new Promise<string | null>((r) => (end = r));
+      return {
+        dir,
+        data: `${dir}/by_id/${v.id}/data`,
+        ended,
+        unmount: async () => {
+          unmounts.push(v.id);
+          if (busy) {
+            const why = busy;
+            busy = undefined;
+            throw new MountFailedError(why);
+          }
+          end(null);
+        },
+      };
+    };
   }
   return b;
 }

@@ -1,6 +1,6 @@
 /**
  * The blocksafe terminal UI: `blocksafe ui --repo …`, the 3 a.m. interface. App is the screen machine
- * (unlock → versions → restore / scrub / remove, help on top); runUi starts it on the terminal's alternate
+ * (unlock → versions → restore / scrub / remove / mount, help on top); runUi starts it on the terminal's alternate
  * screen and puts the terminal back however it ends.
  */
 import { EventEmitter } from 'node:events';
@@ -10,6 +10,7 @@ import type { GlobalOptions } from '../src/engine/session.js';
 import { errorText, type Backend, type Connect, type VersionRecord } from './backend.js';
 import { Frame, TextInput } from './components.js';
 import { HelpScreen } from './HelpScreen.js';
+import { MountScreen } from './MountScreen.js';
 import { KeyBusContext, SessionContext, useKeyRoot, useKeys, useTerminalSize, type Job, type Session } from './hooks.js';
 import { RemoveScreen } from './RemoveScreen.js';
 import { RestoreWizard } from './RestoreWizard.js';
@@ -22,7 +23,8 @@ type Screen =
   | { kind: 'restore'; version: VersionRecord }
   | { kind: 'scrub'; version: VersionRecord | null }
   | { kind: 'remove'; version: VersionRecord }
-  | { kind: 'tags'; version: VersionRecord };
+  | { kind: 'tags'; version: VersionRecord }
+  | { kind: 'mount'; version: VersionRecord };
 
 export interface AppProps {
   /** Opens the repository (asking for a passphrase through the callback when one is needed). */
@@ -281,6 +283,7 @@ function Screens({ connect: firstConnect, location: firstLocation, relocate, onL
     else if (a.kind === 'scrub') setScreen({ kind: 'scrub', version: a.version });
     else if (a.kind === 'scrub-all') setScreen({ kind: 'scrub', version: null });
     else if (a.kind === 'tags') setScreen({ kind: 'tags', version: a.version });
+    else if (a.kind === 'mount') setScreen({ kind: 'mount', version: a.version });
     else setScreen({ kind: 'remove', version: a.version });
   };
 
@@ -337,6 +340,8 @@ function Screens({ connect: firstConnect, location: firstLocation, relocate, onL
             <ScrubScreen version={screen.version} onExit={(n) => back(n)} />
           ) : screen.kind === 'tags' ? (
             <TagScreen version={screen.version} onExit={(n) => back(n)} />
+          ) : screen.kind === 'mount' ? (
+            <MountScreen version={screen.version} onExit={(n) => back(n)} />
           ) : (
             <RemoveScreen version={screen.version} onExit={(n) => back(n, n ? null : screen.version.id)} />
           )}

@@ -6,7 +6,7 @@ import { useKeys, useSession } from './hooks.js';
 
 type Section = [string, [string, string][]];
 
-export function helpSections(caps: { scrub: boolean; remove: boolean; protect: boolean; tags: boolean }): Section[] {
+export function helpSections(caps: { scrub: boolean; remove: boolean; protect: boolean; tags: boolean; mount?: boolean }): Section[] {
   return [
     [
       'Everywhere',
@@ -32,6 +32,7 @@ export function helpSections(caps: { scrub: boolean; remove: boolean; protect: b
           : []),
         ...(caps.protect ? ([['p', 'protect / unprotect the selected version (protected ones cannot be removed)']] as [string, string][]) : []),
         ...(caps.tags ? ([['t', 'add or remove tags of the selected version']] as [string, string][]) : []),
+        ...(caps.mount ? ([['m', 'mount the selected version read-only as files (root; u unmounts)']] as [string, string][]) : []),
         ...(caps.remove ? ([['x', 'remove the selected version (type its id to confirm)']] as [string, string][]) : []),
         ['R', 'reload the list'],
       ],
@@ -62,7 +63,7 @@ export function HelpScreen({ onClose }: { onClose: () => void }) {
   const { backend, size } = useSession();
   const [scroll, setScroll] = useState(0);
   const lines: { title?: string; key?: string; text?: string }[] = [];
-  for (const [title, entries] of helpSections({ scrub: !!backend.scrub, remove: !!backend.remove, protect: !!backend.setProtected, tags: !!backend.addTag })) {
+  for (const [title, entries] of helpSections({ scrub: !!backend.scrub, remove: !!backend.remove, protect: !!backend.setProtected, tags: !!backend.addTag, mount: !!backend.mount })) {
     lines.push({ title });
     for (const [key, text] of entries) lines.push({ key, text });
   }

@@ -272,7 +272,7 @@ export function VersionDetail({ v, usage, width, height }: { v: VersionRecord | 
   );
 }
 
-export type ListAction = { kind: 'restore' | 'scrub' | 'remove' | 'tags'; version: VersionRecord } | { kind: 'scrub-all' };
+export type ListAction = { kind: 'restore' | 'scrub' | 'remove' | 'tags' | 'mount'; version: VersionRecord } | { kind: 'scrub-all' };
 
 /** The versions screen: list + filter + detail, and the keys that start the other screens. */
 export function VersionsScreen({ onAction, initialSelected, notice }: { onAction: (a: ListAction) => void; initialSelected?: string | null; notice?: string | null }) {
@@ -441,6 +441,10 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
         return;
       }
       if (input === 't' && backend.addTag && selected) return onAction({ kind: 'tags', version: selected });
+      if (input === 'm' && backend.mount && selected) {
+        if (!selected.complete) return setError(`Version ${selected.id} is incomplete (its backup was interrupted) and cannot be mounted; pick another version.`);
+        return onAction({ kind: 'mount', version: selected });
+      }
       if ((input === 'x' || key.delete) && backend.remove) {
         if (!selected) return;
         if (selected.protected) return setError(`Version ${selected.id} is protected; it cannot be removed (unprotect it first). Nothing was removed.`);
@@ -463,6 +467,7 @@ export function VersionsScreen({ onAction, initialSelected, notice }: { onAction
         ...(backend.scrub ? ([['s', 'scrub']] as KeyHint[]) : []),
         ...(backend.setProtected ? ([['p', selected?.protected ? 'unprotect' : 'protect']] as KeyHint[]) : []),
         ...(backend.addTag ? ([['t', 'tags']] as KeyHint[]) : []),
+        ...(backend.mount ? ([['m', 'mount']] as KeyHint[]) : []),
         ...(backend.remove ? ([['x', 'remove']] as KeyHint[]) : []),
         ['?', 'help'],
         ['q', 'quit'],

@@ -85,6 +85,29 @@ export class CancelledError extends Error {
   }
 }
 
+/** A version mounted as files by a `blocksafe mount` child process (ui/mountChild.ts). */
+export interface MountedVersion {
+  /** The private temporary directory it is mounted on (removed after unmounting). */
+  dir: string;
+  /** The image file: DIR/by_id/<id>/data. */
+  data: string;
+  /** Settles when the mount has ended (unmounted, or its process died): null when cleanly, else why. */
+  ended: Promise<string | null>;
+  /**
+   * Unmounts (SIGINT to the child) and waits until the mount is gone and the directory removed. Rejects with
+   * MountFailedError when it is busy (it stays mounted; a second call detaches it lazily).
+   */
+  unmount(): Promise<void>;
+}
+
+/** A message of the mount child, shown as it is (it is written for users; its CLI hints apply as well). */
+export class MountFailedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'MountFailedError';
+  }
+}
+
 export interface Backend {
   readonly summary: RepositorySummary;
   /** Newest first. */
@@ -104,6 +127,8 @@ export interface Backend {
   setProtected?: (v: VersionRecord, on: boolean) => Promise<void>;
   addTag?: (v: VersionRecord, tag: string) => Promise<void>;
   removeTag?: (v: VersionRecord, tag: string) => Promise<void>;
+  /** Present only when the UI can run `blocksafe mount` (as a child process). */
+  mount?: (v: VersionRecord) => Promise<MountedVersion>;
   close(): Promise<void>;
 }
 
@@ -129,6 +154,7 @@ export function withoutCliHints(message: string): string {
 
 /** One line for the UI: the message of a blocksafe error, never a stack trace. */
 export function errorText(err: unknown): string {
+  if (err instanceof MountFailedError) return err.message;
   if (err instanceof Error) {
     // BlocksafeError messages are written for users; anything else gets a hint where to look.
     const isBlocksafe = 'exitCode' in err;

@@ -22,6 +22,7 @@ import { describeSystemError, KeyError, StoppedError, UsageError } from '../src/
 import type { VersionRecord } from '../src/index/records.js';
 import {
   CancelledError,
+  type MountedVersion,
   errorText,
   type Backend,
   type Connect,
@@ -34,6 +35,7 @@ import {
 } from './backend.js';
 import { describeContents } from './contents.js';
 import { deviceRefusal, listBlockDevices, type BlockDevice } from './devices.js';
+import { mountInChild } from './mountChild.js';
 import { confirmName, formatBytes } from './format.js';
 
 /** "~/x" → home, relative → absolute (against the directory the UI was started in). */
@@ -63,6 +65,8 @@ class EngineBackend implements Backend {
     location: string,
     /** rm's guard: versions younger than this many days are not removed ([lifecycle] min_age_days). */
     private readonly minAgeDays: number,
+    /** How a `blocksafe mount` child opens the same repository: its options, and the environment with the secret. */
+    private readonly child: ChildAccess,
   ) {
     this.summary = { location, encryption: repo.descriptor.encryption, blockSize: repo.blockSize };
   }
@@ -295,9 +299,39 @@ class EngineBackend implements Backend {
     await removeTags(this.repo, v.id, [tag]);
   };
 
-  close(): Promise<void> {
-    return this.repo.close();
+  private readonly mounts = new Set<MountedVersion>();
+
+  mount = async (v: VersionRecord) => {
+    const m = await mountInChild(v.id, this.child.args, this.child.env);
+    this.mounts.add(m);
+    void m.ended.then(() => this.mounts.delete(m));
+    return m;
+  };
+
+  async close(): Promise<void> {
+    // The screens unmount before the UI quits; this is the safety net for an end they did not see.
+    await Promise.all([...this.mounts].map((m) => m.unmount().catch(() => undefined)));
+    await this.repo.close();
   }
+}
+
+interface ChildAccess {
+  args: string[];
+  env: NodeJS.ProcessEnv;
+}
+
+/**
+ * The repository options for a child blocksafe. A passphrase typed into the UI goes to it in its environment
+ * (BLOCKSAFE_PASSPHRASE, readable only by the same user), never on its command line.
+ */
+function childAccess(opts: GlobalOptions, location: string, typedPassphrase: string | null): ChildAccess {
+  const args = ['--repo', location];
+  if (opts.config) args.push('--config', path.resolve(opts.config));
+  if (opts.keyFile) args.push('--key-file', path.resolve(opts.keyFile));
+  else if (opts.passphraseFile) args.push('--passphrase-file', path.resolve(opts.passphraseFile));
+  const env = { ...process.env };
+  if (typedPassphrase !== null) env.BLOCKSAFE_PASSPHRASE = typedPassphrase;
+  return { args, env };
 }
 
 /** How the UI opens the repository named by the global options; a passphrase is asked inside the UI. */
@@ -311,21 +345,25 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
     // A wrong passphrase in BLOCKSAFE_PASSPHRASE is not the end of the restore day: ask for it instead.
     if (!askInUi && !opts.keyFile && !opts.passphraseFile) {
       try {
-        return new EngineBackend(await openRepositoryAt(opts, location, secretSource(opts), true), settings, location, minAgeDays);
+        const repo = await openRepositoryAt(opts, location, secretSource(opts), true);
+        return new EngineBackend(repo, settings, location, minAgeDays, childAccess(opts, location, null));
       } catch (err) {
         if (!(err instanceof KeyError)) throw err;
         askInUi = true;
       }
     }
+    // The passphrase that opened the repository (the last one typed), for the mount child.
+    let typed: string | null = null;
     const secret: SecretSource = askInUi
       ? async () => {
           const pass = await askPassphrase();
           if (pass.length === 0) throw new UsageError('The passphrase is empty.');
+          typed = pass;
           return { type: 'passphrase', value: Buffer.from(pass, 'utf8') };
         }
       : secretSource(opts);
     const repo = await openRepositoryAt(opts, location, secret, true);
-    return new EngineBackend(repo, settings, location, minAgeDays);
+    return new EngineBackend(repo, settings, location, minAgeDays, childAccess(opts, location, typed));
   };
   return { location, connect };
 }
