@@ -1,6 +1,8 @@
 import { createOverlayVersion } from '../engine/overlayVersion.js';
 import type { BlockPipeline } from '../engine/blockPipeline.js';
 import type { Repository } from '../engine/repository.js';
+import { UsageError } from '../errors.js';
+import type { VersionRecord } from '../index/records.js';
 import type { NbdExport } from '../nbd/export.js';
 import { GRANULE } from '../nbd/overlay.js';
 import { formatBytes } from '../util/size.js';
@@ -57,4 +59,15 @@ export function waitForSignal(): Promise<NodeJS.Signals> & { cancel: () => void 
       process.off('SIGTERM', on);
     },
   });
+}
+
+/** --keep-as saves the overlay of exactly one version, under a volume name other than that version's. */
+export function checkKeepAs(versions: readonly VersionRecord[], keepAs: string | undefined, served: string): void {
+  if (!keepAs) return;
+  if (versions.length !== 1)
+    throw new UsageError(`--keep-as needs exactly one VERSION to ${served} (${versions.length} would be ${served === 'serve' ? 'served' : 'mounted'}); name the version to modify.`);
+  // Backups of a volume take its newest version as their base (and trust change hints against it).
+  if (keepAs === versions[0]!.name) {
+    throw new UsageError(`--keep-as needs a volume name other than "${keepAs}", so that backups of "${keepAs}" do not build on the edited copy; e.g. --keep-as ${keepAs}-edited.`);
+  }
 }

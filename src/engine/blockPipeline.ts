@@ -79,14 +79,29 @@ export class BlockPipeline {
    * whether this call wrote it. The slot stays the caller's, but its block is gone when this wrote it (sealed
    * in place).
    */
-  async storeSlot(slot: number, length: number, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
+  storeSlot(slot: number, length: number, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
+    return this.ensureStored(checksum, (hex) => this.writeSlot(slot, length, checksum, hex));
+  }
+
+  /**
+   * The one deduplication path of store() and storeSlot(): a valid record in the index, or a write of the
+   * same checksum already in flight, is used instead of writing; otherwise `write` runs and is shared with
+   * concurrent callers. `skip` runs when nothing is written (the caller's buffer is not needed).
+   */
+  private async ensureStored(checksum: Buffer, write: (hex: string) => Promise<BlockRecord>, skip?: () => void): Promise<{ record: BlockRecord; written: boolean }> {
     await this.retain(checksum);
     const known = this.repo.index.getBlock(checksum);
-    if (known && known.valid) return { record: known, written: false };
+    if (known && known.valid) {
+      skip?.();
+      return { record: known, written: false };
+    }
     const hex = checksum.toString('hex');
     const pending = this.inFlight.get(hex);
-    if (pending) return { record: await pending, written: false };
-    const job = this.writeSlot(slot, length, checksum, hex);
+    if (pending) {
+      skip?.();
+      return { record: await pending, written: false };
+    }
+    const job = write(hex);
     this.inFlight.set(hex, job);
     try {
       return { record: await job, written: true };
@@ -160,27 +175,12 @@ export class BlockPipeline {
    * Makes sure the block with this checksum is in the store. Returns the block record and whether this call
    * wrote it (false: deduplicated against the index or a concurrent write). The buffer is consumed.
    */
-  async store(data: Buffer, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
-    await this.retain(checksum);
-    const known = this.repo.index.getBlock(checksum);
-    if (known && known.valid) {
-      this.buffers.give(data);
-      return { record: known, written: false };
-    }
-    const hex = checksum.toString('hex');
-    const pending = this.inFlight.get(hex);
-    if (pending) {
-      this.buffers.give(data);
-      return { record: await pending, written: false };
-    }
-    const job = this.write(data, checksum, hex);
-    this.inFlight.set(hex, job);
-    try {
-      return { record: await job, written: true };
-    } catch (err) {
-      this.inFlight.delete(hex);
-      throw err;
-    }
+  store(data: Buffer, checksum: Buffer): Promise<{ record: BlockRecord; written: boolean }> {
+    return this.ensureStored(
+      checksum,
+      (hex) => this.write(data, checksum, hex),
+      () => this.buffers.give(data),
+    );
   }
 
   /** Writes the block again under the current data key (rekey), whatever the index says. */

@@ -13,7 +13,7 @@ import { NbdExport } from '../../nbd/export.js';
 import { selectVersions } from '../../nbd/exports.js';
 import { Overlay } from '../../nbd/overlay.js';
 import { withPipeline, type GlobalOptions } from '../context.js';
-import { keepOverlay, reportDiscarded, waitForSignal } from '../overlayServe.js';
+import { checkKeepAs, keepOverlay, reportDiscarded, waitForSignal } from '../overlayServe.js';
 
 const MiB = 2 ** 20;
 
@@ -55,12 +55,7 @@ type Pipeline = Parameters<Parameters<typeof withPipeline>[1]>[1];
 
 async function serve(repo: Repo, pipeline: Pipeline, queueDepth: number, mountpoint: string, refs: string[], opts: MountOptions): Promise<void> {
   const versions = selectVersions(repo, refs);
-  if (opts.keepAs && versions.length !== 1) {
-    throw new UsageError(`--keep-as needs exactly one VERSION to mount (${versions.length} would be mounted); name the version to modify.`);
-  }
-  if (opts.keepAs && opts.keepAs === versions[0]!.name) {
-    throw new UsageError(`--keep-as needs a volume name other than "${opts.keepAs}", so that backups of "${opts.keepAs}" do not build on the edited copy; e.g. --keep-as ${opts.keepAs}-edited.`);
-  }
+  checkKeepAs(versions, opts.keepAs, 'mount');
   const log = (m: string) => process.stderr.write(`blocksafe mount: ${m}\n`);
   const locks: Lock[] = [];
   const overlays: Overlay[] = [];

@@ -14,7 +14,7 @@ import { NbdServer, type ListenAddress, type NbdLimits } from '../../nbd/server.
 import { loadPskFile, type PskKeys } from '../../nbd/tls.js';
 import { parseDuration } from '../../util/size.js';
 import { config, withPipeline, type GlobalOptions } from '../context.js';
-import { keepOverlay, reportDiscarded, waitForSignal } from '../overlayServe.js';
+import { checkKeepAs, keepOverlay, reportDiscarded, waitForSignal } from '../overlayServe.js';
 
 interface NbdOptions extends GlobalOptions {
   socket?: string;
@@ -125,13 +125,7 @@ async function serve(
   opts: NbdOptions,
 ): Promise<void> {
   const versions = selectVersions(repo, refs);
-  if (opts.keepAs && versions.length !== 1) {
-    throw new UsageError(`--keep-as needs exactly one VERSION to serve (${versions.length} would be served); name the version to modify.`);
-  }
-  if (opts.keepAs && opts.keepAs === versions[0]!.name) {
-    // Backups of a volume take its newest version as their base (and trust change hints against it).
-    throw new UsageError(`--keep-as needs a volume name other than "${opts.keepAs}", so that backups of "${opts.keepAs}" do not build on the edited copy; e.g. --keep-as ${opts.keepAs}-edited.`);
-  }
+  checkKeepAs(versions, opts.keepAs, 'serve');
   const log = (m: string) => process.stderr.write(`blocksafe nbd: ${m}\n`);
   const locks: Lock[] = [];
   const overlays: Overlay[] = [];
