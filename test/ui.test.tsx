@@ -778,3 +778,79 @@ test.serial('m mounts the selected version: the data path and loop-mount hint ar
   t.false(none.r.lastFrame()!.includes('m mount'));
   none.r.unmount();
 });
+
+test.serial('rbd:// typed as the target: a new image is created thin, no confirmation; DONE says how to look at it', async (t) => {
+  const { r, backend } = await start({ stepMs: 2 }, 100, 30);
+  await press(r, KEY.down, KEY.enter); // home0001, 2 GiB
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('rbd://rbd/vm-101-disk-0\r');
+  let frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /Target\s+rbd:\/\/rbd\/vm-101-disk-0 \(a new RBD image in pool rbd\)/);
+  t.regex(frame, /A new RBD image of 2\.00 GiB \(2147483648 bytes\) is created, thin/);
+  t.regex(frame, /Press Enter to start the restore/);
+  t.false(frame.includes('type its name'));
+  await press(r, KEY.enter);
+  frame = await waitForFrame(r, 'DONE');
+  t.regex(frame, /Next: rbd map --read-only rbd\/vm-101-disk-0 attaches the image read-only/);
+  t.regex(frame, /The same from a script: blocksafe restore --repo \/media\/usb\/blocksafe home0001\s+rbd:\/\/rbd\/vm-101-disk-0/);
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: 'rbd://rbd/vm-101-disk-0', force: false, resume: false }],
+  );
+  r.unmount();
+});
+
+test.serial('rbd:// to an existing image: OVERWRITTEN, needs the image name typed; a wrong name writes nothing', async (t) => {
+  const { r, backend } = await start({ stepMs: 2, rbdImages: { 'rbd://rbd/vms/vm-7': { size: 30 * GiB } } }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.enter); // root0003, 20 GiB
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('rbd://rbd/vms/vm-7\r');
+  const frame = await waitForFrame(r, 'Check before restoring');
+  t.regex(frame, /The existing RBD image \(30\.0 GiB\) is OVERWRITTEN and resized to 20\.0 GiB; its current\s+contents are lost\./);
+  t.regex(frame, /type its name\s+vm-7\s+and press Enter/);
+  r.stdin.write('vm-8\r');
+  await waitForFrame(r, 'Error: You typed "vm-8", not "vm-7": nothing was written.');
+  t.deepEqual(backend.restores, []);
+  for (let i = 0; i < 4; i++) await press(r, KEY.backspace);
+  r.stdin.write('vm-7\r');
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: 'rbd://rbd/vms/vm-7', force: true, resume: false }],
+  );
+  r.unmount();
+});
+
+test.serial('rbd:// to an image with watchers (in use by a VM) is refused on the Target step, with no override', async (t) => {
+  const { r, backend } = await start({ rbdImages: { 'rbd://rbd/vm-busy': { size: 20 * GiB, watchers: ['10.0.0.5:0/123'] } } }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.enter);
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write('rbd://rbd/vm-busy\r');
+  const frame = await waitForFrame(r, /Error: RBD image rbd\/vm-busy is in use \(watched by 10\.0\.0\.5:0\/123/);
+  t.regex(frame, /not even with a typed confirmation/);
+  t.regex(frame, /\[2 Target\]/);
+  t.false(frame.includes('Check before restoring'));
+  t.deepEqual(backend.restores, []);
+  r.unmount();
+});
+
+test.serial('rbd:// resume: an interrupted restore to the image is offered; an INVALID version is not filled from another', async (t) => {
+  const uri = 'rbd://rbd/vm-2';
+  const { r, backend } = await start({ stepMs: 2, rbdImages: { [uri]: { size: 20 * GiB } }, interrupted: { [uri]: { version: 'root0002', blocks_done: 64 } } }, 100, 30);
+  await press(r, KEY.down, KEY.down, KEY.down, KEY.enter); // root0002, INVALID
+  await waitForFrame(r, 'Where should it be restored to?');
+  r.stdin.write(`${uri}\r`);
+  let frame = await waitForFrame(r, 'An interrupted restore of this version to this target exists');
+  t.regex(frame, /it resumes at 1\.3 % \(64 of 5120 blocks\)/);
+  t.regex(frame, /Damaged blocks: written as zeros\./);
+  t.false(frame.includes('Tab: fill them'));
+  await press(r, KEY.tab); // no fill for RBD targets: nothing changes
+  frame = await waitForFrame(r, 'Damaged blocks: written as zeros.');
+  await press(r, 'r');
+  await waitForFrame(r, 'DONE');
+  t.deepEqual(
+    backend.restores.map((x) => x.req),
+    [{ target: uri, force: false, resume: true }],
+  );
+  r.unmount();
+});

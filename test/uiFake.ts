@@ -81,7 +81,9 @@ export interface FakeOptions {
   devices?: BlockDevice[];
   /** Files that "exist": path → size. */
   files?: Record<string, number>;
-  /** Interrupted restores: target path → version id and blocks done. */
+  /** RBD images that "exist": rbd://POOL/IMAGE → size and watchers (addresses of clients that have it open). */
+  rbdImages?: Record<string, { size: number; watchers?: string[] }>;
+  /** Interrupted restores: target path (or rbd:// URI) → version id and blocks done. */
   interrupted?: Record<string, { version: string; blocks_done: number }>;
   /** Milliseconds per simulated block of progress (restore runs 20 steps). */
   stepMs?: number;
@@ -128,7 +130,7 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
     versionUsage: async (v) => ({ blocks: 1000, storedBytes: v.size / 3, damagedBlocks: v.valid ? 0 : 2 }),
     listDevices: () => o.devices ?? DEVICES,
     inspectTarget: async (path: string, v: VersionRecord): Promise<TargetInfo> => {
-      const abs = path.startsWith('/') ? path : `/work/${path}`;
+      const abs = path.startsWith('/') || path.startsWith('rbd://') ? path : `/work/${path}`;
       const interrupted = o.interrupted?.[abs];
       const base: TargetInfo = {
         path: abs,
@@ -144,6 +146,20 @@ export function fakeBackend(o: FakeOptions = {}): FakeBackend {
           : null,
         description: 'a new file in /work',
       };
+      if (abs.startsWith('rbd://')) {
+        // As the engine backend: a new image, an existing one (typed confirmation), or one in use (refused).
+        const image = o.rbdImages?.[abs];
+        const rbd = { ...base, name: confirmName(abs), kind: 'new-rbd' as const, description: `a new RBD image in pool ${abs.split('/')[2]}` };
+        if (!image) return rbd;
+        if (image.watchers?.length) {
+          return {
+            ...rbd,
+            kind: 'rbd',
+            refusal: `RBD image ${abs.slice(6)} is in use (watched by ${image.watchers.join(', ')}: a VM or a mapping has it open); it cannot be restored to, not even with a typed confirmation. Nothing was written.`,
+          };
+        }
+        return { ...rbd, kind: 'rbd', size: image.size, overwrites: true, description: 'an existing RBD image' };
+      }
       const dev = (o.devices ?? DEVICES).find((d) => d.path === abs);
       if (dev) {
         const refusal = dev.mountpoints.length ? `mounted on ${dev.mountpoints.join(', ')}` : dev.size < v.size ? 'too small' : null;

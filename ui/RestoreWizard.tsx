@@ -30,6 +30,10 @@ function resumePoint(done: number, blocks: number): string {
   return `${percent(done, blocks)} (${done} of ${blocks} block${blocks === 1 ? '' : 's'})`;
 }
 
+function isRbd(target: TargetInfo): boolean {
+  return target.kind === 'rbd' || target.kind === 'new-rbd';
+}
+
 function versionLine(v: VersionRecord): string {
   return `${v.id} · ${v.name} · ${longDate(v.date)} · ${formatBytes(v.size)} · ${statusWords(v).join(', ')}`;
 }
@@ -70,11 +74,15 @@ function Summary({ v, target }: { v: VersionRecord; target: TargetInfo }) {
   const effect =
     target.kind === 'new-file'
       ? 'A new file is created; nothing is overwritten.'
-      : target.kind === 'block'
-        ? `ALL DATA on ${target.path} is lost: its first ${formatBytes(v.size)} are overwritten with this version.`
-        : target.overwrites
-          ? `The existing file (${formatBytes(target.size)}) is OVERWRITTEN; its current contents are lost.`
-          : 'The existing file is empty; nothing is lost.';
+      : target.kind === 'new-rbd'
+        ? `A new RBD image of ${formatBytes(v.size)} (${v.size} bytes) is created, thin: only non-zero blocks are written.`
+        : target.kind === 'rbd'
+          ? `The existing RBD image (${formatBytes(target.size)}) is OVERWRITTEN and resized to ${formatBytes(v.size)}; its current contents are lost.`
+          : target.kind === 'block'
+            ? `ALL DATA on ${target.path} is lost: its first ${formatBytes(v.size)} are overwritten with this version.`
+            : target.overwrites
+              ? `The existing file (${formatBytes(target.size)}) is OVERWRITTEN; its current contents are lost.`
+              : 'The existing file is empty; nothing is lost.';
   return (
     <Box flexDirection="column">
       <Box>
@@ -128,7 +136,9 @@ function NextSteps({ target, command }: { target: TargetInfo; command: string | 
   const look =
     target.kind === 'block'
       ? `Next: fsck -n ${target.path} checks a filesystem without changing it; mount -o ro ${target.path} /mnt shows its files read-only.`
-      : `Next: losetup --find --show --read-only --partscan ${target.path} attaches the image read-only; then fsck -n or mount -o ro the device it prints.`;
+      : isRbd(target)
+        ? `Next: rbd map --read-only ${target.path.slice('rbd://'.length)} attaches the image read-only; then fsck -n or mount -o ro the device it prints.`
+        : `Next: losetup --find --show --read-only --partscan ${target.path} attaches the image read-only; then fsck -n or mount -o ro the device it prints.`;
   return (
     <Box flexDirection="column" marginTop={1}>
       <Text wrap="wrap">{look}</Text>
@@ -203,7 +213,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
   };
 
   const submitPath = (text: string) => {
-    if (!text.trim()) return setError('Type a file path first, e.g. /mnt/restore/disk.img (or press Tab to choose a block device).');
+    if (!text.trim()) return setError('Type a file path or rbd://POOL/IMAGE first, e.g. /mnt/restore/disk.img (or press Tab to choose a block device).');
     check(text);
   };
 
@@ -229,7 +239,7 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
       },
     });
     const what = `version ${version.id} (${version.name}, ${longDate(version.date)}) to ${target.path}`;
-    const req = { target: target.path, force: opts.force, resume: opts.resume, ...(fillFrom ? { fillFrom: fillFrom.id } : {}) };
+    const req = { target: target.path, force: opts.force, resume: opts.resume, ...(fillFrom && !isRbd(target) ? { fillFrom: fillFrom.id } : {}) };
     backend.restore(version, req, listener, controller.signal).then(
       (outcome) => {
         setJob(null);
@@ -300,7 +310,8 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
         case 'summary': {
           const { target } = phase;
           const sameInterrupted = target.interrupted?.version === version.id;
-          if (key.tab && fillCandidates.length) {
+          // Filling damaged blocks from another version is for files and devices only (the RBD restore has no fill).
+          if (key.tab && fillCandidates.length && !isRbd(target)) {
             // none → first candidate → … → none
             const i = fillFrom ? fillCandidates.findIndex((x) => x.id === fillFrom.id) : -1;
             return setFillFrom(i + 1 < fillCandidates.length ? fillCandidates[i + 1]! : null);
@@ -403,7 +414,13 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           <Text wrap="truncate-end">
             {mode === 'path' ? <Text bold>(*) </Text> : <Text dimColor>( ) </Text>}
             <Text bold={mode === 'path'}>A file: </Text>
-            <TextInput value={pathText} onChange={setPathText} onSubmit={submitPath} active={pathActive} placeholder={mode === 'path' ? 'type a path, e.g. /mnt/restore/disk.img' : ''} />
+            <TextInput
+              value={pathText}
+              onChange={setPathText}
+              onSubmit={submitPath}
+              active={pathActive}
+              placeholder={mode === 'path' ? 'type a path, e.g. /mnt/restore/disk.img, or rbd://POOL/IMAGE' : ''}
+            />
           </Text>
           <Text>
             {mode === 'device' ? <Text bold>(*) </Text> : <Text dimColor>( ) </Text>}
@@ -449,10 +466,10 @@ export function RestoreWizard({ version, onExit }: { version: VersionRecord; onE
           <Summary v={version} target={target} />
           {!version.valid ? (
             <Text wrap="wrap">
-              {fillFrom
+              {fillFrom && !isRbd(target)
                 ? `Damaged blocks: taken from version ${fillFrom.id} (${fillFrom.name}, ${longDate(fillFrom.date)}) where it has them intact, else zeros.`
                 : 'Damaged blocks: written as zeros.'}
-              {fillCandidates.length ? <Text dimColor>{' Tab: fill them from another version.'}</Text> : null}
+              {fillCandidates.length && !isRbd(target) ? <Text dimColor>{' Tab: fill them from another version.'}</Text> : null}
             </Text>
           ) : null}
           <Text> </Text>

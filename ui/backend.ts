@@ -13,12 +13,13 @@ export type { BlockDevice, Progress, VersionRecord };
 
 /** What a restore target is right now (checked again by the engine when the restore starts). */
 export interface TargetInfo {
-  /** Absolute path. */
+  /** Absolute path, or an `rbd://POOL/[NS/]IMAGE` URI. */
   path: string;
-  /** What the user will be asked to type before it is overwritten: the file's or device's name. */
+  /** What the user will be asked to type before it is overwritten: the file's, device's or RBD image's name. */
   name: string;
-  kind: 'new-file' | 'file' | 'block' | 'directory' | 'other';
-  /** Current size in bytes (file length, device capacity); 0 for a new file. */
+  /** `new-rbd`: an RBD image that does not exist yet (created thin); `rbd`: an existing one. */
+  kind: 'new-file' | 'file' | 'block' | 'new-rbd' | 'rbd' | 'directory' | 'other';
+  /** Current size in bytes (file length, device capacity, image size); 0 for a new file or image. */
   size: number;
   /** Mount points, for block devices. */
   mountpoints: string[];

@@ -11,11 +11,13 @@ import { blockDeviceSize, deviceNumber, mountsOf } from '../src/engine/device.js
 import type { Progress } from '../src/engine/progress.js';
 import { addTags, assertOldEnough, removeTags, setProtected as protectVersion } from '../src/engine/lifecycle.js';
 import { describeHolder, LockNames } from '../src/engine/locks.js';
+import { imageSpec, parseRbdUri, rbdLabel, type RbdClient } from '../src/engine/rbd.js';
+import { restoreToRbd } from '../src/engine/rbdRestore.js';
 import { assertRemovable, removeVersion } from '../src/engine/remove.js';
 import type { Repository, SecretSource } from '../src/engine/repository.js';
 import { restore as runRestore } from '../src/engine/restore.js';
 import { scrub as runScrub } from '../src/engine/scrub.js';
-import { config, openRepositoryAt, pipelineSettings, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/engine/session.js';
+import { config, openRepositoryAt, pipelineSettings, rbdClient, repoLocation, secretSource, type GlobalOptions, type PipelineSettings } from '../src/engine/session.js';
 import { targetUsers } from '../src/engine/targetInUse.js';
 import { listVersions } from '../src/engine/versions.js';
 import { describeSystemError, KeyError, StoppedError, UsageError } from '../src/errors.js';
@@ -67,6 +69,8 @@ class EngineBackend implements Backend {
     private readonly minAgeDays: number,
     /** How a `blocksafe mount` child opens the same repository: its options, and the environment with the secret. */
     private readonly child: ChildAccess,
+    /** The rbd command with the [ceph] settings, made when an rbd:// target is first typed. */
+    private readonly rbd: () => RbdClient,
   ) {
     this.summary = { location, encryption: repo.descriptor.encryption, blockSize: repo.blockSize };
   }
@@ -103,7 +107,48 @@ class EngineBackend implements Backend {
     return listBlockDevices();
   }
 
+  /** The target lock held live means a restore to it runs right now (another window, a script). */
+  private runningRefusal(key: string, shown: string): string | null {
+    const running = this.repo.locks.liveLocks((r) => r === LockNames.target(key));
+    return running[0] ? `${shown} is being restored right now by ${describeHolder(running[0])}; wait for it to finish or stop it there.` : null;
+  }
+
+  /** An rbd:// target: the same refusals as `restore` (the engine checks again when the restore starts). */
+  private async inspectRbd(input: string): Promise<TargetInfo> {
+    const uri = input.trim();
+    const info: TargetInfo = { path: uri, name: uri, kind: 'new-rbd', size: 0, mountpoints: [], refusal: null, overwrites: false, warning: null, interrupted: null, description: '' };
+    try {
+      const spec = parseRbdUri(uri, { snapshot: 'forbidden' });
+      const key = rbdLabel(spec);
+      info.path = key;
+      info.name = spec.image;
+      info.refusal = this.runningRefusal(key, key);
+      if (info.refusal) return info;
+      info.interrupted = this.repo.index.getRestoreState(key) ?? null;
+      const client = this.rbd();
+      const image = await client.info(spec, null);
+      if (!image) {
+        info.description = `a new RBD image in pool ${spec.pool}${spec.namespace ? `, namespace ${spec.namespace}` : ''}`;
+        return info;
+      }
+      const watchers = await client.watchers(spec);
+      if (watchers.length) {
+        info.kind = 'rbd';
+        info.refusal = `RBD image ${imageSpec(spec, null)} is in use (watched by ${watchers.join(', ')}: a VM or a mapping has it open); it cannot be restored to, not even with a typed confirmation. Nothing was written.`;
+        return info;
+      }
+      info.kind = 'rbd';
+      info.size = image.size;
+      info.overwrites = true;
+      info.description = `an existing RBD image of ${formatBytes(image.size)}`;
+    } catch (err) {
+      info.refusal = errorText(err);
+    }
+    return info;
+  }
+
   async inspectTarget(input: string, v: VersionRecord): Promise<TargetInfo> {
+    if (input.trim().startsWith('rbd://')) return this.inspectRbd(input);
     const abs = absoluteTarget(input);
     const info: TargetInfo = {
       path: abs,
@@ -125,11 +170,8 @@ class EngineBackend implements Backend {
     }
     // A restore state whose target lock is held live is a restore running right now (another window, a
     // script), not an interrupted one: it is neither resumed nor overwritten from here.
-    const running = this.repo.locks.liveLocks((r) => r === LockNames.target(real));
-    if (running[0]) {
-      info.refusal = `${abs} is being restored right now by ${describeHolder(running[0])}; wait for it to finish or stop it there.`;
-      return info;
-    }
+    info.refusal = this.runningRefusal(real, abs);
+    if (info.refusal) return info;
     info.interrupted = this.repo.index.getRestoreState(real) ?? null;
     let st;
     try {
@@ -222,7 +264,7 @@ class EngineBackend implements Backend {
   async restore(v: VersionRecord, req: RestoreRequest, onProgress: (p: Progress) => void, signal: AbortSignal): Promise<RestoreOutcome> {
     const pipeline = await this.pipeline();
     try {
-      const r = await runRestore(this.repo, pipeline, v, {
+      const options = {
         target: req.target,
         force: req.force,
         resume: req.resume,
@@ -232,7 +274,10 @@ class EngineBackend implements Backend {
         writeThrottle: this.settings.writeThrottle,
         onProgress,
         signal,
-      });
+      };
+      // The RBD restore has no fill; refused rather than silently writing zeros (the wizard does not offer it).
+      if (req.target.startsWith('rbd://') && options.fillFrom) throw new UsageError('Damaged blocks of an RBD restore cannot be filled from another version; they are written as zeros.');
+      const r = req.target.startsWith('rbd://') ? await restoreToRbd(this.repo, pipeline, this.rbd(), v, options) : await runRestore(this.repo, pipeline, v, options);
       return { bytesWritten: r.bytesWritten, damaged: r.damaged };
     } catch (err) {
       if (err instanceof StoppedError) throw new CancelledError(this.checkpointOf(req.target));
@@ -244,6 +289,7 @@ class EngineBackend implements Backend {
 
   /** Blocks of the interrupted restore to `target` that are on disk (its checkpoint): where a resume starts. */
   private checkpointOf(target: string): number | undefined {
+    if (target.startsWith('rbd://')) return this.repo.index.getRestoreState(target)?.blocks_done;
     let real = target;
     try {
       real = realpathSync(target);
@@ -340,13 +386,15 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
   const location = /^[a-z0-9]+:\/\//i.test(given) ? given : path.resolve(given);
   const settings = pipelineSettings(opts);
   const minAgeDays = config(opts).config.lifecycle.min_age_days;
+  let client: RbdClient | undefined;
+  const rbd = () => (client ??= rbdClient(opts));
   let askInUi = !opts.keyFile && !opts.passphraseFile && process.env.BLOCKSAFE_PASSPHRASE === undefined;
   const connect: Connect = async (askPassphrase) => {
     // A wrong passphrase in BLOCKSAFE_PASSPHRASE is not the end of the restore day: ask for it instead.
     if (!askInUi && !opts.keyFile && !opts.passphraseFile) {
       try {
         const repo = await openRepositoryAt(opts, location, secretSource(opts), true);
-        return new EngineBackend(repo, settings, location, minAgeDays, childAccess(opts, location, null));
+        return new EngineBackend(repo, settings, location, minAgeDays, childAccess(opts, location, null), rbd);
       } catch (err) {
         if (!(err instanceof KeyError)) throw err;
         askInUi = true;
@@ -363,7 +411,7 @@ export function engineConnect(opts: GlobalOptions): { location: string; connect:
         }
       : secretSource(opts);
     const repo = await openRepositoryAt(opts, location, secret, true);
-    return new EngineBackend(repo, settings, location, minAgeDays, childAccess(opts, location, typed));
+    return new EngineBackend(repo, settings, location, minAgeDays, childAccess(opts, location, typed), rbd);
   };
   return { location, connect };
 }

@@ -7,9 +7,10 @@
  * with watchers (open in a VM, mapped) is refused even with --force.
  *
  * The stream goes out in segments, one `rbd import-diff` each: when rbd exits 0 the segment is in the
- * cluster, and only then is the restore checkpoint moved past it. `--resume` continues at the checkpoint.
+ * cluster, and only then is the restore checkpoint moved past it. `--resume` continues at the checkpoint; an
+ * aborted `signal` stops the restore at the next checkpoint (StoppedError).
  */
-import { IntegrityError, NotFoundError, RefusedError, UsageError } from '../errors.js';
+import { IntegrityError, NotFoundError, RefusedError, StoppedError, UsageError } from '../errors.js';
 import { CHUNK_BLOCKS } from '../index/blockmap.js';
 import type { VersionRecord } from '../index/records.js';
 import { formatBytes } from '../util/size.js';
@@ -132,6 +133,10 @@ async function run(repo: Repository, pipeline: BlockPipeline, client: RbdClient,
     state.damaged = damaged.map((d) => ({ ...d }));
     await repo.index.putRestoreState(state);
     await pausePoint('restore.checkpoint');
+    // Stop (the UI's Stop key) between segments: everything up to the checkpoint is in the cluster.
+    if (opts.signal?.aborted && end < blocks) {
+      throw new StoppedError(`The restore of version ${version.id} to ${key} was stopped after ${end} of ${blocks} blocks; continue it with --resume.`);
+    }
   }
   await repo.index.removeRestoreState(key);
   return { version, target: opts.target, bytesWritten, damaged };

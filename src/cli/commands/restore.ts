@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { ExitCode } from '../../errors.js';
+import { ExitCode, UsageError } from '../../errors.js';
 import { restore } from '../../engine/restore.js';
 import { formatBytes } from '../../util/size.js';
 import { rbdClient, withPipeline, type GlobalOptions } from '../context.js';
@@ -54,6 +54,7 @@ export function register(program: Command): void {
           onProgress: progress.listener,
         };
         const version = repo.index.resolveVersion(ref);
+        if (target.startsWith('rbd://') && opts.fillFrom) throw new UsageError('--fill-from is not available for rbd:// targets yet: damaged blocks of an RBD restore read as zeros.');
         return target.startsWith('rbd://') ? restoreToRbd(repo, pipeline, rbdClient(opts), version, options) : restore(repo, pipeline, version, options);
       }).finally(() => {
         for (const s of signals) process.off(s, onSignal);
