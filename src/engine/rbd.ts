@@ -136,6 +136,11 @@ export interface ExportStream {
   /** Resolves when rbd exited 0; rejects with rbd's error otherwise. */
   done: Promise<void>;
   kill(): void;
+  /**
+   * Ends the stream after reading it failed. When the stream broke off (`broken`: rbd failed), rbd's own
+   * error says why: it is waited for (it has exited, or exits soon) and thrown in place of the caller's.
+   */
+  abandon(broken: boolean): Promise<void>;
 }
 
 /** A running `rbd import-diff -`: write the stream, then end(). */
@@ -257,7 +262,15 @@ export class RbdClient {
     if (fromSnap) args.push('--from-snap', fromSnap);
     args.push(imageSpec(spec, snap), '-');
     const { child, done } = this.spawnRbd(spec, args, 'ignore');
-    return { chunks: child.stdout![Symbol.asyncIterator]() as AsyncIterator<Buffer>, done, kill: () => child.kill('SIGKILL') };
+    const kill = () => child.kill('SIGKILL');
+    const abandon = async (broken: boolean) => {
+      try {
+        if (broken) await Promise.race([done, new Promise((r) => setTimeout(r, 5000).unref())]);
+      } finally {
+        kill();
+      }
+    };
+    return { chunks: child.stdout![Symbol.asyncIterator]() as AsyncIterator<Buffer>, done, kill, abandon };
   }
 
   /** `rbd import-diff - SPEC`: writes a diff stream into an existing image. */

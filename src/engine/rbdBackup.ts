@@ -172,9 +172,7 @@ async function readStream(
     await blocks.finish();
     await proc.done;
   } catch (err) {
-    // A stream that broke off because rbd failed: rbd's own error says why (it has exited, or exits soon).
-    if (err instanceof RbdDiffError) await Promise.race([proc.done, new Promise((r) => setTimeout(r, 5000).unref())]);
-    proc.kill();
+    await proc.abandon(err instanceof RbdDiffError);
     throw err;
   }
   return writer.finish({ autoTags: opts.autoTags });

@@ -48,8 +48,7 @@ export async function compareWithRbd(repo: Repository, pipeline: BlockPipeline, 
     await blocks.finish();
     await proc.done;
   } catch (err) {
-    if (err instanceof RbdDiffError) await Promise.race([proc.done, new Promise((r) => setTimeout(r, 5000).unref())]);
-    proc.kill();
+    await proc.abandon(err instanceof RbdDiffError);
     throw err;
   }
   return diffs;
